@@ -1,0 +1,102 @@
+"""Every FiRST-GGUF key and tensor name, and the format's defaults.
+
+This module is the one place that spells the strings of ``shared/FIRST.md`` section 2;
+the converter, the runtime bindings and the tests import them from here. It imports
+nothing heavy so that any part of the package can use it.
+"""
+
+from __future__ import annotations
+
+# Version of the FiRST-GGUF format this package reads and writes (`first.version`).
+FIRST_VERSION = 1
+
+# --- GGUF keys ---------------------------------------------------------------------------
+KEY_VERSION = "first.version"                       # u32
+KEY_ROUTER_HIDDEN_SIZE = "first.router.hidden_size"  # u32
+KEY_ROUTER_NORM_EPS = "first.router.norm_eps"        # f32
+KEY_ROUTER_THRESHOLD = "first.router.threshold"      # f32
+KEY_PROTECTED_LAYERS = "first.router.protected_layers"  # array[i32]
+KEY_AGGREGATION = "first.aggregation"               # string
+KEY_PREFILL = "first.prefill"                       # string
+KEY_TRAIN_SOURCE = "first.train.source"             # string
+
+FIRST_KEY_PREFIX = "first."
+
+# Keys every FiRST-GGUF carries, and the optional ones (provenance only).
+REQUIRED_KEYS = (
+    KEY_VERSION,
+    KEY_ROUTER_HIDDEN_SIZE,
+    KEY_ROUTER_NORM_EPS,
+    KEY_ROUTER_THRESHOLD,
+    KEY_PROTECTED_LAYERS,
+    KEY_AGGREGATION,
+    KEY_PREFILL,
+)
+OPTIONAL_KEYS = (KEY_TRAIN_SOURCE,)
+
+AGGREGATION_MEAN = "mean"
+AGGREGATIONS = (AGGREGATION_MEAN,)
+PREFILL_FULL = "full"
+PREFILLS = (PREFILL_FULL,)
+
+# --- Defaults ----------------------------------------------------------------------------
+DEFAULT_HIDDEN_SIZE = 64
+DEFAULT_NORM_EPS = 1e-6
+DEFAULT_THRESHOLD = 0.5
+
+
+def default_protected_layers(n_layer: int) -> list[int]:
+    """The first and the last layer always run."""
+    return [0, n_layer - 1] if n_layer > 1 else [0]
+
+
+# --- Per-layer router tensors ------------------------------------------------------------
+# Role -> name template. Shapes are given as GGUF `ne` (innermost first); the NumPy and
+# safetensors view of the same tensor is the reverse (e.g. W1 is (hidden, n_embd) there,
+# exactly a torch Linear(n_embd, hidden).weight).
+ROUTER_NORM = "norm"
+ROUTER_IN_WEIGHT = "in_weight"
+ROUTER_IN_BIAS = "in_bias"
+ROUTER_OUT_WEIGHT = "out_weight"
+ROUTER_OUT_BIAS = "out_bias"
+
+ROUTER_TENSORS = {
+    ROUTER_NORM: "blk.{bid}.first_router_norm.weight",
+    ROUTER_IN_WEIGHT: "blk.{bid}.first_router_in.weight",
+    ROUTER_IN_BIAS: "blk.{bid}.first_router_in.bias",
+    ROUTER_OUT_WEIGHT: "blk.{bid}.first_router_out.weight",
+    ROUTER_OUT_BIAS: "blk.{bid}.first_router_out.bias",
+}
+
+# Marker every router tensor name contains (after `blk.N.`), used to tell them apart
+# from the base model's tensors.
+ROUTER_NAME_MARKER = ".first_router_"
+
+
+def router_tensor_name(role: str, bid: int) -> str:
+    """Name of one router tensor of layer ``bid``."""
+    return ROUTER_TENSORS[role].format(bid=bid)
+
+
+def router_ne(role: str, n_embd: int, hidden: int) -> tuple[int, ...]:
+    """GGUF shape (``ne``, innermost first) of one router tensor."""
+    return {
+        ROUTER_NORM: (n_embd,),
+        ROUTER_IN_WEIGHT: (n_embd, hidden),
+        ROUTER_IN_BIAS: (hidden,),
+        ROUTER_OUT_WEIGHT: (hidden, 1),
+        ROUTER_OUT_BIAS: (1,),
+    }[role]
+
+
+def router_shape(role: str, n_embd: int, hidden: int) -> tuple[int, ...]:
+    """NumPy / safetensors / torch shape of one router tensor (the reverse of ``ne``)."""
+    return tuple(reversed(router_ne(role, n_embd, hidden)))
+
+
+# Roles whose tensor may be stored as F16 in a GGUF (every other one is F32).
+ROUTER_F16_ROLES = (ROUTER_IN_WEIGHT,)
+
+# --- Runtime (C API of the patched library) ---------------------------------------------
+# Prefix of every exported C symbol of the patch series.
+C_SYMBOL_PREFIX = "llama_first_"
