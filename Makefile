@@ -1,0 +1,26 @@
+# Two entry points (README): `make demo` and `make test`. Both are idempotent and reuse
+# the caches under ~/.cache/first-gguf (patched wheel, sdist, assembled models).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: setup demo test
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# The patched llama-cpp-python must be installed before this package: its pin
+# (llama-cpp-python==0.3.36) is then satisfied instead of building the stock sdist.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m first_gguf.build
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+	$(BIN)/python -m first_gguf.build
+
+demo: setup
+	$(BIN)/first-gguf demo
+
+test: setup
+	$(BIN)/python -m pytest -q

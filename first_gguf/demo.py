@@ -1,0 +1,87 @@
+"""The README's main job on a zoo model: fetch it, attach routers, inspect, generate.
+
+Until trained routers ship with the package, the routers are the deterministic untrained
+recipe of ``make_identity_routers`` (seed 0): they keep every layer, so the FiRST-GGUF
+must generate exactly what its base model generates, which the demo checks.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import gguf_router as gr
+from . import models
+from .errors import FirstError
+from .paths import cache_dir
+
+
+def _log(msg: str) -> None:
+    print(f"[first-gguf demo] {msg}", file=sys.stderr, flush=True)
+
+
+def demo_first_gguf(model: str, seed: int = 0) -> Path:
+    """The zoo model with recipe routers as a FiRST-GGUF in the cache (rebuilt only if stale)."""
+    base = models.fetch(model)
+    info = gr.inspect_gguf(base)
+    routers = gr.make_identity_routers(info["n_layer"], info["n_embd"], seed=seed)
+    out_dir = cache_dir() / "demo"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    router_file = gr.save_router_file(routers, out_dir / f"{model}.routers.safetensors", force=True)
+    out = out_dir / f"{model}.first.gguf"
+    if out.is_file() and out.stat().st_mtime >= base.stat().st_mtime and _same_routers(out, routers):
+        _log(f"reusing {out}")
+        return out
+    _log(f"attaching {router_file.name} to {base.name}")
+    return gr.attach_routers(base, gr.load_router_file(router_file), out, force=True)
+
+
+def _same_routers(path: Path, routers: gr.RouterSet) -> bool:
+    try:
+        have = gr.validate_first_gguf(path)
+    except FirstError:
+        return False
+    return have.metadata() == routers.metadata() and all(
+        np.array_equal(have.tensors[i][role], arr)
+        for i, layer in routers.tensors.items() for role, arr in layer.items())
+
+
+def generate(path: Path, prompt: str, max_tokens: int, threads: int | None) -> tuple[str, float]:
+    """Greedy completion of ``prompt`` on the patched library; returns (text, decode tok/s)."""
+    from llama_cpp import Llama
+
+    from .runtime import load
+
+    load()  # fails clearly on a stock llama-cpp-python
+    llm = Llama(model_path=str(path), n_ctx=512, n_threads=threads, verbose=False, seed=0)
+    t0 = time.perf_counter()
+    out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0)
+    dt = time.perf_counter() - t0
+    return out["choices"][0]["text"], out["usage"]["completion_tokens"] / dt
+
+
+def run_demo(model: str | None = None, prompt: str = "def fibonacci(n):", max_tokens: int = 32,
+             threads: int | None = None) -> dict:
+    """Fetch, attach, inspect and generate; prints the report to stdout.
+
+    Returns:
+        The completions of the FiRST-GGUF and of its base model, and their speeds.
+    """
+    from .runtime import runtime_info
+
+    model = model or models.DEFAULT_MODEL
+    path = demo_first_gguf(model)
+    print(gr.format_inspect(gr.inspect_gguf(path)))
+    rt = runtime_info()
+    print(f"\nruntime: {rt['library']} (format v{rt['format_version']}, build {rt['build_key']})")
+    text, speed = generate(path, prompt, max_tokens, threads)
+    base_text, base_speed = generate(models.fetch(model), prompt, max_tokens, threads)
+    print(f"\nprompt: {prompt!r}\nFiRST-GGUF ({speed:.1f} tok/s, every layer runs):\n{prompt}{text}")
+    same = "identical to" if text == base_text else "DIFFERENT from"
+    print(f"\nbase GGUF ({base_speed:.1f} tok/s): output {same} the FiRST-GGUF's")
+    if text != base_text:
+        raise FirstError(f"{path.name}: full-depth output differs from its base model's: {base_text!r}")
+    return {"text": text, "tok_s": speed, "base_text": base_text, "base_tok_s": base_speed}

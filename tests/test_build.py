@@ -1,0 +1,122 @@
+"""The patch pipeline: the series applies to a fresh sdist, idempotently; the installed
+library is the patched build of this checkout; a stock library gives a clear error."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from first_gguf import build, constants
+from first_gguf.errors import BuildError
+
+
+@pytest.fixture(scope="module")
+def sdist() -> Path:
+    return build.fetch_sdist(build.read_base(), build.cache_dir())
+
+
+def _patched_markers(tree: Path) -> dict[str, bool]:
+    src = tree / "vendor" / "llama.cpp" / "src"
+    return {
+        "llama-first.cpp": (src / "llama-first.cpp").is_file(),
+        "cmake hook": "llama-first.cpp" in (src / "CMakeLists.txt").read_text(),
+        "loader hook": "load_first_tensors(ml);" in (src / "llama-model.cpp").read_text(),
+        "common not forced": 'LLAMA_BUILD_COMMON ON CACHE BOOL "Build llama.cpp common library" FORCE'
+        not in (tree / "CMakeLists.txt").read_text(),
+    }
+
+
+def test_base_pins_the_sdist(sdist: Path) -> None:
+    base = build.read_base()
+    assert sdist.name == base.sdist_name
+    assert build.sha256_file(sdist) == base.sdist_sha256
+    assert len(base.llama_cpp_commit) == 40
+
+
+def test_series_applies_to_fresh_sdist_and_is_idempotent(sdist: Path, tmp_path: Path) -> None:
+    patches = build.patch_files()
+    assert [p.name[:4] for p in patches] == [f"{i:04d}" for i in range(1, len(patches) + 1)]
+    tree = build.extract_sdist(sdist, tmp_path / "x")
+    assert not any(_patched_markers(tree).values())
+    assert build.apply_patches(tree, patches) == ["applied"] * len(patches)
+    assert all(_patched_markers(tree).values()), _patched_markers(tree)
+    before = (tree / "vendor/llama.cpp/src/llama-model.cpp").read_bytes()
+    assert build.apply_patches(tree, patches) == ["already applied"] * len(patches)
+    assert (tree / "vendor/llama.cpp/src/llama-model.cpp").read_bytes() == before
+
+
+def test_series_applies_inside_an_enclosing_git_repo(sdist: Path, tmp_path: Path) -> None:
+    # Without the sdist's own .git, a plain `git apply` run in a subdirectory of another
+    # repository skips every path outside it; the ceiling must prevent that.
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    tree = build.extract_sdist(sdist, tmp_path / "nested" / "x")
+    shutil.rmtree(tree / ".git")
+    (tree / "vendor" / "llama.cpp" / ".git").unlink()
+    build.apply_patches(tree, build.patch_files())
+    assert all(_patched_markers(tree).values()), _patched_markers(tree)
+
+
+def test_stale_patch_fails_with_regenerate_hint(sdist: Path, tmp_path: Path) -> None:
+    tree = build.extract_sdist(sdist, tmp_path / "x")
+    cm = tree / "vendor" / "llama.cpp" / "src" / "CMakeLists.txt"
+    cm.write_text(cm.read_text().replace("llama-cparams.cpp", "llama-cparams-moved.cpp"))
+    with pytest.raises(BuildError, match=r"0001-.*does not apply.*regenerate against patches/BASE"):
+        build.apply_patches(tree, build.patch_files())
+
+
+def test_build_key_tracks_sdist_patches_and_flags(tmp_path: Path) -> None:
+    base, patches, args = build.read_base(), build.patch_files(), build.cmake_args("")
+    key = build.build_key(base, patches, args)
+    assert key == build.build_key(base, patches, list(args))
+    assert key != build.build_key(base, patches, [*args, "-DGGML_NATIVE=OFF"])
+    assert key != build.build_key(base, patches[:-1], args)
+    edited = tmp_path / patches[0].name
+    edited.write_bytes(patches[0].read_bytes() + b"\n")
+    assert key != build.build_key(base, [edited, *patches[1:]], args)
+    other = build.Base(base.version, "0" * 64, base.llama_cpp_commit)
+    assert key != build.build_key(other, patches, args)
+
+
+def test_wrong_sdist_hash_is_refused(tmp_path: Path) -> None:
+    base = build.read_base()
+    bad = build.Base(base.version, "0" * 64, base.llama_cpp_commit)
+    with pytest.raises(BuildError, match=r"sha256 .* does not match patches/BASE"):
+        build.fetch_sdist(bad, tmp_path)
+    assert not list((tmp_path / "sdist").glob("*.tar.gz"))
+
+
+def test_installed_library_is_this_checkouts_patched_build() -> None:
+    from first_gguf.runtime import load, runtime_info
+
+    lib = load()
+    assert lib.version() == constants.FIRST_VERSION
+    info = runtime_info()
+    print(info)
+    assert info["build_key"] == info["expected_key"], "run `make setup` (or `first-gguf build`)"
+    assert info["up_to_date"] is True
+
+
+def test_c_sources_spell_the_keys_of_constants() -> None:
+    patch = "".join(p.read_text() for p in build.patch_files())
+    keys = [*constants.REQUIRED_KEYS]
+    for key in keys:
+        assert f'"{key}"' in patch, key
+    for template in constants.ROUTER_TENSORS.values():
+        stem = template.split(".")[1]  # blk.{bid}.<stem>.weight
+        assert f'"blk.%d.{stem}"' in patch, stem
+
+
+@pytest.mark.slow
+def test_stock_library_gives_a_clear_error() -> None:
+    libdir = build.ensure_stock_library()
+    env = {**os.environ, "LLAMA_CPP_LIB_PATH": str(libdir)}
+    code = "from first_gguf.runtime import load; load()"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "first-gguf runtime not built" in proc.stderr and "first-gguf build" in proc.stderr, proc.stderr
+    assert "llama_first_version" in proc.stderr
