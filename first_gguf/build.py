@@ -171,22 +171,29 @@ def _git(args: list[str], cwd: Path, check: bool = True) -> subprocess.Completed
 
 
 def apply_patches(tree: Path, patches: list[Path]) -> list[str]:
-    """Apply ``patches`` to ``tree`` in order, skipping those already applied.
+    """Apply ``patches`` to ``tree`` in order; a patch already applied is not applied twice.
+
+    Later patches may edit what earlier ones added, so "already applied" is told by peeling:
+    from the last patch back, each one whose reverse applies is reverted (``git apply
+    --reverse --check``), then the whole series is applied forward again.
 
     Returns:
         One word per patch: "applied" or "already applied".
     """
+    peeled = set()
+    for patch in reversed(patches):
+        if _git(["apply", "--reverse", "--check", str(patch)], tree, check=False).returncode == 0:
+            _git(["apply", "--reverse", "--whitespace=nowarn", str(patch)], tree)
+            peeled.add(patch)
     states = []
     for patch in patches:
-        if _git(["apply", "--check", str(patch)], tree, check=False).returncode == 0:
-            _git(["apply", "--whitespace=nowarn", str(patch)], tree)
-            states.append("applied")
-        elif _git(["apply", "--reverse", "--check", str(patch)], tree, check=False).returncode == 0:
-            states.append("already applied")
-        else:
-            err = _git(["apply", "--check", str(patch)], tree, check=False).stderr.strip()
+        proc = _git(["apply", "--check", str(patch)], tree, check=False)
+        if proc.returncode != 0:
+            err = proc.stderr.strip()
             raise BuildError(f"patches/{patch.name} does not apply to {tree}: regenerate against "
                              f"patches/BASE (git: {err.splitlines()[0] if err else 'no output'})")
+        _git(["apply", "--whitespace=nowarn", str(patch)], tree)
+        states.append("already applied" if patch in peeled else "applied")
     return states
 
 

@@ -149,6 +149,28 @@ def version(as_json: bool) -> None:
 
 
 @cli.command()
+@click.argument("model", type=PathArg, required=False)
+@click.option("--skip-count", default=6, show_default=True, help="Middle layers the mask/pruned strategies skip.")
+@click.option("--repeats", default=5, show_default=True, help="Interleaved repeats of every strategy.")
+@click.option("--prompt-tokens", default=128, show_default=True)
+@click.option("--decode-tokens", default=64, show_default=True)
+@click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
+@click.option("--no-stock", is_flag=True, help="Skip the stock-library strategies (no stock build).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def bench(model: Path | None, skip_count: int, repeats: int, prompt_tokens: int, decode_tokens: int,
+          threads: int | None, no_stock: bool, as_json: bool) -> None:
+    """Decode/prefill speed of full, first, mask, pruned and stock, side by side."""
+    from . import bench as b
+    from .demo import demo_first_gguf
+    from .models import DEFAULT_MODEL
+
+    result = b.run_bench(model or demo_first_gguf(DEFAULT_MODEL), skip_count=skip_count, repeats=repeats,
+                         prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, threads=threads,
+                         stock=not no_stock)
+    click.echo(json.dumps(result, indent=1) if as_json else b.format_bench(result))
+
+
+@cli.command()
 @click.option("--model", default=None, help="Zoo model (default: the default model).")
 @click.option("--prompt", default="def fibonacci(n):", show_default=True)
 @click.option("--max-tokens", default=32, show_default=True)

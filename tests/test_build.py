@@ -107,7 +107,7 @@ def test_c_sources_spell_the_keys_of_constants() -> None:
     for key in keys:
         assert f'"{key}"' in patch, key
     for template in constants.ROUTER_TENSORS.values():
-        stem = template.split(".")[1]  # blk.{bid}.<stem>.weight
+        stem = template.split(".")[2]  # blk.{bid}.<stem>.weight
         assert f'"blk.%d.{stem}"' in patch, stem
 
 

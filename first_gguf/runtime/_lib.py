@@ -18,12 +18,49 @@ from ..errors import RuntimeNotBuiltError
 
 BUILD_HINT = "run `first-gguf build` (or `make setup`) in the first-gguf checkout"
 
+# enum llama_first_mode / enum llama_first_prefill (src/llama-first.h)
+MODE_FULL, MODE_FIRST, MODE_MASK = 0, 1, 2
+PREFILL_FULL, PREFILL_MASKED = 0, 1
+
+_ctx, _model = ctypes.c_void_p, ctypes.c_void_p
+_u8p, _f32p, _i32, _f32 = ctypes.POINTER(ctypes.c_uint8), ctypes.POINTER(ctypes.c_float), ctypes.c_int32, ctypes.c_float
+
 # (symbol, argtypes, restype)
 _PROTOTYPES: tuple[tuple[str, list[Any], Any], ...] = (
     # int32_t llama_first_version(void);
-    ("llama_first_version", [], ctypes.c_int32),
+    ("llama_first_version", [], _i32),
     # const char * llama_first_build_key(void);
     ("llama_first_build_key", [], ctypes.c_char_p),
+    # int32_t llama_first_model_router_hidden(const struct llama_model * model);
+    ("llama_first_model_router_hidden", [_model], _i32),
+    # int32_t llama_first_set_mode(struct llama_context * ctx, int32_t mode);
+    ("llama_first_set_mode", [_ctx, _i32], _i32),
+    # int32_t llama_first_get_mode(const struct llama_context * ctx);
+    ("llama_first_get_mode", [_ctx], _i32),
+    # int32_t llama_first_set_prefill(struct llama_context * ctx, int32_t kind);
+    ("llama_first_set_prefill", [_ctx, _i32], _i32),
+    # int32_t llama_first_get_prefill(const struct llama_context * ctx);
+    ("llama_first_get_prefill", [_ctx], _i32),
+    # int32_t llama_first_set_mask(struct llama_context * ctx, const uint8_t * run, int32_t n);
+    ("llama_first_set_mask", [_ctx, _u8p, _i32], _i32),
+    # int32_t llama_first_get_mask(const struct llama_context * ctx, uint8_t * run, int32_t n);
+    ("llama_first_get_mask", [_ctx, _u8p, _i32], _i32),
+    # int32_t llama_first_set_threshold(struct llama_context * ctx, float threshold);
+    ("llama_first_set_threshold", [_ctx, _f32], _i32),
+    # float llama_first_get_threshold(const struct llama_context * ctx);
+    ("llama_first_get_threshold", [_ctx], _f32),
+    # int32_t llama_first_begin_prefill(struct llama_context * ctx);
+    ("llama_first_begin_prefill", [_ctx], _i32),
+    # int32_t llama_first_add_prior(struct llama_context * ctx, const double * sums, int32_t n, int64_t n_tokens);
+    ("llama_first_add_prior", [_ctx, ctypes.POINTER(ctypes.c_double), _i32, ctypes.c_int64], _i32),
+    # int64_t llama_first_get_sums(const struct llama_context * ctx, double * sums, int32_t n);
+    ("llama_first_get_sums", [_ctx, ctypes.POINTER(ctypes.c_double), _i32], ctypes.c_int64),
+    # int32_t llama_first_end_prefill(struct llama_context * ctx);
+    ("llama_first_end_prefill", [_ctx], _i32),
+    # int32_t llama_first_get_probs(const struct llama_context * ctx, float * p, int32_t n);
+    ("llama_first_get_probs", [_ctx, _f32p, _i32], _i32),
+    # int32_t llama_first_get_prefill_tokens(const struct llama_context * ctx);
+    ("llama_first_get_prefill_tokens", [_ctx], _i32),
 )
 
 
@@ -41,6 +78,10 @@ class FirstLib:
     def build_key(self) -> str:
         """Key of the build (sdist, patch series, flags); ``dev-<commit>`` for dev builds."""
         return self.lib.llama_first_build_key().decode()
+
+    def __getattr__(self, name: str) -> Any:
+        # lib.set_mode(...) -> llama_first_set_mode(...), typed by _PROTOTYPES
+        return getattr(self.lib, f"llama_first_{name}")
 
 
 @functools.cache

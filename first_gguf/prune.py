@@ -1,0 +1,92 @@
+"""A GGUF with some blocks physically removed: the speed limit of layer skipping and the
+reference that ``mask`` mode with ``prefill=masked`` must match (FIRST.md section 3).
+
+Like ``llama-quantize --prune-layers``: the kept blocks are renumbered 0..k-1, the block
+count and any per-layer array key are cut to them, every other key and tensor is copied
+byte for byte. Router tensors and ``first.*`` keys are dropped (the result is a plain GGUF).
+numpy + gguf only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Iterable
+
+import gguf
+from gguf import GGUFValueType
+
+from .constants import FIRST_KEY_PREFIX, ROUTER_NAME_MARKER
+from .errors import FormatError
+from .gguf_read import model_dims, open_gguf
+from .gguf_router import _copied_fields, _raw_value, _Writer  # the byte-exact copy machinery
+from .router_file import atomic_output, check_output_path
+
+_BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def prune_gguf(base_path: str | os.PathLike, skip: Iterable[int], out_path: str | os.PathLike,
+               force: bool = False) -> Path:
+    """Write ``base`` without the blocks in ``skip``.
+
+    Args:
+        base_path: Any GGUF (a FiRST-GGUF loses its routers).
+        skip: Layer indices to remove; at least one layer must stay.
+        out_path: Where to write (never the base).
+        force: Overwrite an existing output.
+
+    Returns:
+        The output path.
+    """
+    base, out = Path(base_path), Path(out_path)
+    check_output_path(out, force, inputs=(base,))
+    reader = open_gguf(base)
+    arch, n_layer, _ = model_dims(reader, str(base))
+    skip = sorted(set(int(i) for i in skip))
+    if bad := [i for i in skip if not 0 <= i < n_layer]:
+        raise FormatError(f"{base}: layers {bad} out of range (it has {n_layer})")
+    keep = [i for i in range(n_layer) if i not in skip]
+    if not keep:
+        raise FormatError(f"{base}: pruning every layer leaves no model")
+    renumber = {old: new for new, old in enumerate(keep)}
+    block_count = f"{arch}.block_count"
+    with atomic_output(out) as tmp:
+        writer = _Writer(tmp, arch=arch, endianess=reader.endianess)
+        try:
+            alignment = reader.fields.get(gguf.Keys.General.ALIGNMENT)
+            if alignment is not None:
+                writer.data_alignment = int(alignment.contents())
+            for field in _copied_fields(reader):
+                if field.name == block_count:
+                    writer.add_uint32(block_count, len(keep))
+                elif _per_layer_array(field, arch, n_layer):
+                    values = field.contents()
+                    writer.add_array(field.name, [values[i] for i in keep])
+                else:
+                    writer.add_key_value(field.name, _raw_value(reader, field), field.types[0])
+            tensors = []
+            for t in reader.tensors:
+                m = _BLOCK.match(t.name)
+                if ROUTER_NAME_MARKER in t.name or (m and int(m.group(1)) not in renumber):
+                    continue
+                name = f"blk.{renumber[int(m.group(1))]}.{m.group(2)}" if m else t.name
+                tensors.append((name, t))
+                writer.add_tensor_info(name, t.data.shape, t.data.dtype, t.data.nbytes, raw_dtype=t.tensor_type)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for _, t in tensors:
+                writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+        finally:
+            writer.close()
+        _, got_layers, _ = model_dims(open_gguf(tmp), str(out))
+        if got_layers != len(keep):
+            raise FormatError(f"{out}: read-back check failed: {got_layers} layers, expected {len(keep)}")
+    return out
+
+
+def _per_layer_array(field: gguf.ReaderField, arch: str, n_layer: int) -> bool:
+    # e.g. per-layer head counts; a FiRST key never reaches here (_copied_fields drops them)
+    return (field.name.startswith(f"{arch}.") and field.types[0] == GGUFValueType.ARRAY
+            and len(field.data) == n_layer and not field.name.startswith(FIRST_KEY_PREFIX))

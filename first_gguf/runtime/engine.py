@@ -1,0 +1,319 @@
+"""``FirstModel``: a llama-cpp-python ``Llama`` whose decode skips the layers its routers drop.
+
+Everything llama-cpp-python offers (completion, streaming, chat templates, sampling
+options) works unchanged; FirstModel only decides, at every generation, which evaluation
+is the prefill (the first one) and keeps the KV cache consistent with FIRST.md section 3:
+
+- the prompt runs every layer (``first`` mode: with the routers in the same graph); the
+  mask the routers choose holds for every decode step of that generation;
+- positions decoded under a mask lack KV in the layers it skipped, so before the next
+  prefill they are removed and evaluated again at full depth;
+- p_i is the mean over every prompt position of the sequence, however much of it the
+  cache reused: the router sums of reused positions are kept per evaluated segment, so
+  a multi-turn chat routes exactly as if the whole conversation were evaluated anew.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from llama_cpp import Llama
+from llama_cpp import llama_cpp
+
+from ..errors import FirstError
+from . import _lib
+
+MODES = {"full": _lib.MODE_FULL, "first": _lib.MODE_FIRST, "mask": _lib.MODE_MASK}
+PREFILLS = {"full": _lib.PREFILL_FULL, "masked": _lib.PREFILL_MASKED}
+
+
+@dataclass(frozen=True)
+class PrefillReport:
+    """What the last prefill decided.
+
+    Attributes:
+        mode: "first", "full" or "mask".
+        mask: per layer, True when decode runs it.
+        probs: p_i per layer ("first" mode), else None.
+        threshold: the threshold the mask was cut at ("first" mode), else None.
+        n_tokens: prompt positions the mean ran over (reused ones included).
+        n_evaluated: positions this prefill evaluated.
+    """
+
+    mode: str
+    mask: tuple[bool, ...]
+    probs: tuple[float, ...] | None
+    threshold: float | None
+    n_tokens: int
+    n_evaluated: int
+
+    @property
+    def skipped(self) -> tuple[int, ...]:
+        return tuple(i for i, run in enumerate(self.mask) if not run)
+
+
+@dataclass
+class _Segment:
+    """Cache positions [start, end) and how their KV was computed."""
+
+    start: int
+    end: int
+    kv: bytes | None  # run mask that computed them; None: every layer
+    sums: np.ndarray | None  # router sums over these positions (a `first` prefill)
+
+
+def mask_from_skip(n_layer: int, skip: Iterable[int]) -> list[bool]:
+    """Run mask (True = the layer runs) that skips the given layer indices."""
+    skip = set(skip)
+    if bad := sorted(i for i in skip if not 0 <= i < n_layer):
+        raise FirstError(f"layers {bad} out of range for a {n_layer}-layer model")
+    return [i not in skip for i in range(n_layer)]
+
+
+class FirstModel(Llama):
+    """A GGUF on the patched llama.cpp, with FiRST layer skipping.
+
+    Args:
+        model_path: a FiRST-GGUF (routers: every mode) or a plain GGUF (``full``/``mask``).
+        mode: "first" (default for a FiRST-GGUF), "full" (default otherwise) or "mask".
+        mask: run mask for "mask" mode (one bool per layer).
+        prefill: "full" (the prompt runs every layer) or "masked" (the mask applies to the
+            prompt too, as in a GGUF with the skipped blocks removed); "mask" mode only.
+        threshold: overrides the file's router threshold, in [0, 1].
+        **kwargs: passed to ``llama_cpp.Llama`` (n_ctx, n_threads, n_batch, chat_format, ...).
+    """
+
+    def __init__(self, model_path: str | Path, *, mode: str | None = None, mask: Sequence[bool] | None = None,
+                 prefill: str = "full", threshold: float | None = None, **kwargs: Any) -> None:
+        from .. import gguf_router
+
+        self._flib = _lib.load()  # a clear error on a stock llama-cpp-python, before loading
+        path = Path(model_path)
+        self.routers = gguf_router.read_routers(path) if gguf_router.is_first_gguf(path) else None
+        if kwargs.get("n_seq_max", 1) != 1:
+            raise FirstError("FiRST decisions are per sequence: use one context per sequence (n_seq_max=1)")
+        kwargs.setdefault("verbose", False)
+        self._segments: list[_Segment] = []
+        self._pending_prefill = False
+        self.last_prefill: PrefillReport | None = None
+        super().__init__(model_path=str(path), **kwargs)
+        self.n_layer = int(llama_cpp.llama_model_n_layer(self._model.model))
+        self.mode, self.mask, self.prefill, self.threshold = "full", None, "full", None
+        self.configure(mode=mode or ("first" if self.has_routers else "full"), mask=mask, prefill=prefill,
+                       threshold=threshold)
+
+    @property
+    def has_routers(self) -> bool:
+        return self._flib.model_router_hidden(self._model.model) > 0
+
+    # --- configuration ---------------------------------------------------------------
+
+    def configure(self, mode: str | None = None, mask: Sequence[bool] | None = None,
+                  prefill: str | None = None, threshold: float | None = None) -> None:
+        """Set the mode, mask, prefill kind and threshold; the next generation uses them.
+
+        Raises:
+            FirstError: unknown mode/prefill, a mask of the wrong length or skipping every
+                layer, a threshold outside [0, 1], "first" mode without routers.
+        """
+        mode = mode or self.mode
+        if mode not in MODES:
+            raise FirstError(f"unknown mode {mode!r}; choose one of {sorted(MODES)}")
+        if mode == "first" and not self.has_routers:
+            raise FirstError(f"{self.model_path}: not a FiRST-GGUF (no routers): "
+                             f"'first' mode needs routers; use 'full' or 'mask'")
+        prefill = prefill or self.prefill
+        if prefill not in PREFILLS:
+            raise FirstError(f"unknown prefill {prefill!r}; choose one of {sorted(PREFILLS)}")
+        if mask is not None:
+            self._set_mask(mask)
+        elif mode == "mask" and self.mask is None:
+            raise FirstError("'mask' mode needs a mask (one bool per layer)")
+        if threshold is not None:
+            if not 0.0 <= float(threshold) <= 1.0:
+                raise FirstError(f"threshold {threshold} outside [0, 1]")
+            self._check(self._flib.set_threshold(self.ctx, float(threshold)), "set_threshold")
+            self.threshold = float(threshold)
+        self._check(self._flib.set_prefill(self.ctx, PREFILLS[prefill]), "set_prefill")
+        self._check(self._flib.set_mode(self.ctx, MODES[mode]), "set_mode")
+        self.mode, self.prefill = mode, prefill
+
+    def reset_threshold(self) -> None:
+        """Use the file's threshold again."""
+        self._check(self._flib.set_threshold(self.ctx, -1.0), "set_threshold")
+        self.threshold = None
+
+    def _set_mask(self, mask: Sequence[bool]) -> None:
+        mask = [bool(m) for m in mask]
+        if len(mask) != self.n_layer:
+            raise FirstError(f"mask has {len(mask)} entries; the model has {self.n_layer} layers")
+        if not any(mask):
+            raise FirstError("the mask skips every layer; at least one layer must run")
+        buf = (ctypes.c_uint8 * self.n_layer)(*mask)
+        self._check(self._flib.set_mask(self.ctx, buf, self.n_layer), "set_mask")
+        self.mask = tuple(mask)
+
+    def _check(self, rc: int, what: str) -> None:
+        if rc < 0:
+            raise FirstError(f"llama_first_{what} failed (code {rc}); see the library log")
+
+    @property
+    def ctx(self) -> int:
+        return self._ctx.ctx
+
+    # --- KV bookkeeping ----------------------------------------------------------------
+
+    def _prefill_kv(self) -> bytes | None:
+        return _kv_key(self.mask) if (self.mode == "mask" and self.prefill == "masked") else None
+
+    def _decode_kv(self) -> bytes | None:
+        if self.mode == "full":
+            return None
+        if self.mode == "mask":
+            return _kv_key(self.mask)
+        return _kv_key(self.last_prefill.mask) if self.last_prefill else None
+
+    def _compatible_upto(self, limit: int) -> int:
+        """End of the longest prefix of cached segments the next prefill may reuse."""
+        need_kv, need_sums = self._prefill_kv(), self.mode == "first"
+        end = 0
+        for seg in self._segments:
+            if seg.start >= limit or seg.kv != need_kv or (need_sums and seg.sums is None):
+                break
+            if seg.end > limit:  # a segment cut in the middle: its sums are not separable
+                break
+            end = seg.end
+        return end
+
+    def _truncate_segments(self, n: int) -> None:
+        kept = []
+        for seg in self._segments:
+            if seg.start >= n:
+                break
+            if seg.end > n:
+                seg = _Segment(seg.start, n, seg.kv, None)
+            kept.append(seg)
+        self._segments = kept
+
+    def _record(self, start: int, end: int, kv: bytes | None, sums: np.ndarray | None) -> None:
+        if end <= start:
+            return
+        last = self._segments[-1] if self._segments else None
+        if last and last.end == start and last.kv == kv and last.sums is None and sums is None:
+            last.end = end
+        else:
+            self._segments.append(_Segment(start, end, kv, sums))
+
+    # --- the llama-cpp-python hooks -----------------------------------------------------
+
+    def generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any):  # type: ignore[override]
+        """``Llama.generate`` whose first evaluation is the FiRST prefill."""
+        self._truncate_segments(self.n_tokens)
+        keep = self._compatible_upto(self.n_tokens)
+        if keep < self.n_tokens:  # positions without the KV (or router sums) the prefill needs
+            self.n_tokens = keep
+            self._requires_eval = True
+        self._pending_prefill = True
+        try:
+            yield from super().generate(tokens, *args, **kwargs)
+        finally:
+            self._pending_prefill = False
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        """``Llama.eval``: the first call of a generation is the prefill, the rest decode."""
+        self._truncate_segments(self.n_tokens)
+        if not self._pending_prefill:
+            start = self.n_tokens
+            super().eval(tokens)
+            self._record(start, self.n_tokens, self._decode_kv(), None)
+            return
+        self._pending_prefill = False
+        self._prefill(list(tokens))
+
+    def _prefill(self, tokens: list[int]) -> None:
+        keep = self._compatible_upto(self.n_tokens)
+        if keep < self.n_tokens:
+            tokens = [int(t) for t in self.input_ids[keep:self.n_tokens]] + tokens
+            self.n_tokens = keep
+            self._truncate_segments(keep)
+        self._check(self._flib.begin_prefill(self.ctx), "begin_prefill")
+        if self.mode == "first":
+            prior = [s for s in self._segments if s.sums is not None]
+            if prior:
+                sums = np.sum([s.sums for s in prior], axis=0).astype(np.float64)
+                count = sum(s.end - s.start for s in prior)
+                self._check(self._flib.add_prior(self.ctx, _f64p(sums), self.n_layer, count), "add_prior")
+        start = self.n_tokens
+        super().eval(tokens)
+        sums = None
+        if self.mode == "first":
+            sums = np.zeros(self.n_layer, dtype=np.float64)
+            got = self._flib.get_sums(self.ctx, _f64p(sums), self.n_layer)
+            if got != self.n_tokens - start:
+                raise FirstError(f"router sums cover {got} tokens, the prefill evaluated {self.n_tokens - start}")
+        self._check(self._flib.end_prefill(self.ctx), "end_prefill")
+        self._record(start, self.n_tokens, self._prefill_kv(), sums)
+        self.last_prefill = self._report(self.n_tokens - start)
+
+    def _report(self, n_evaluated: int) -> PrefillReport:
+        buf = (ctypes.c_uint8 * self.n_layer)()
+        self._check(self._flib.get_mask(self.ctx, buf, self.n_layer), "get_mask")
+        probs = threshold = None
+        n_tokens = n_evaluated
+        if self.mode == "first":
+            p = (ctypes.c_float * self.n_layer)()
+            self._check(self._flib.get_probs(self.ctx, p, self.n_layer), "get_probs")
+            probs, threshold = tuple(float(x) for x in p), float(self._flib.get_threshold(self.ctx))
+            n_tokens = int(self._flib.get_prefill_tokens(self.ctx))
+        return PrefillReport(self.mode, tuple(bool(m) for m in buf), probs, threshold, n_tokens, n_evaluated)
+
+    def __del__(self) -> None:
+        if hasattr(self, "_stack"):  # __init__ may fail before Llama's own
+            super().__del__()
+
+    def set_cache(self, cache: Any) -> None:  # noqa: D102
+        if cache is not None:
+            raise FirstError("FirstModel keeps its own KV-cache rules; llama-cpp-python prompt caches "
+                             "(set_cache) are not supported")
+        super().set_cache(cache)
+
+    def load_state(self, state: Any) -> None:  # noqa: D102
+        super().load_state(state)
+        self._segments = []  # unknown provenance: the next prefill recomputes everything
+
+    # --- evaluation helpers --------------------------------------------------------------
+
+    def prefill(self, prompt: Sequence[int]) -> PrefillReport:
+        """Start a new sequence with ``prompt`` as its prefill; later ``eval`` calls decode."""
+        self.reset()
+        self._segments = []
+        self._pending_prefill = True
+        self.eval(list(prompt))
+        return self.last_prefill
+
+    def teacher_forced_logits(self, prompt: Sequence[int], continuation: Sequence[int]) -> np.ndarray:
+        """Logits of every position: the prompt as a prefill, then ``continuation`` as decode.
+
+        Needs ``logits_all=True``. Returns an array [len(prompt) + len(continuation), n_vocab];
+        row t predicts token t + 1.
+        """
+        if not self._logits_all:
+            raise FirstError("teacher_forced_logits needs FirstModel(..., logits_all=True)")
+        self.prefill(prompt)
+        if continuation:
+            self.eval(list(continuation))
+        return np.array(self.scores[: self.n_tokens], dtype=np.float32)
+
+
+def _kv_key(mask: Sequence[bool] | None) -> bytes | None:
+    if mask is None or all(mask):
+        return None
+    return bytes(int(bool(m)) for m in mask)
+
+
+def _f64p(arr: np.ndarray) -> Any:
+    return arr.ctypes.data_as(ctypes.POINTER(ctypes.c_double))

@@ -1,0 +1,211 @@
+"""The patched runtime on the real default model: stock parity, the reduced graph against a
+physically pruned GGUF, router decisions against NumPy on llama.cpp's own hidden states,
+ubatch splitting, thresholds, multi-turn KV consistency and bad input."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import spread_routers
+from first_gguf.errors import FirstError
+from first_gguf.prune import prune_gguf
+from llama_worker import compare, run_in_subprocess, run_spec
+
+pytestmark = pytest.mark.slow
+
+SKIP = (9, 10, 11, 12, 13, 14)  # the middle block FIRST.md measures (6 of 24)
+
+
+def _mask(n_layer: int, skip=SKIP) -> list[bool]:
+    return [i not in skip for i in range(n_layer)]
+
+
+def test_patched_library_on_stock_gguf_equals_stock(default_base, default_tokens, stock_lib, tmp_path):
+    prompt, cont = default_tokens
+    spec = {"path": str(default_base), "prompt": prompt, "continuation": cont}
+    stock = run_in_subprocess(spec, tmp_path, lib_path=stock_lib)["logits"]
+    patched = run_spec(spec)["logits"]
+    assert compare("patched vs stock, stock GGUF", patched, stock)[0] == 0.0
+
+
+def test_full_mode_on_first_gguf_equals_stock(default_base, default_first, default_tokens, stock_lib, tmp_path):
+    prompt, cont = default_tokens
+    stock = run_in_subprocess({"path": str(default_base), "prompt": prompt, "continuation": cont},
+                              tmp_path, lib_path=stock_lib)["logits"]
+    full = run_spec({"path": str(default_first), "engine": "first", "mode": "full", "prompt": prompt,
+                     "continuation": cont})
+    assert compare("full mode on FiRST-GGUF vs stock", full["logits"], stock)[0] == 0.0
+    assert full["mask"].all()
+
+
+@pytest.mark.parametrize("skip", [SKIP, (23,), (1, 5, 22)], ids=["middle6", "last", "scattered"])
+def test_masked_prefill_equals_pruned_gguf(skip, default_first, default_tokens, stock_lib, tmp_path):
+    prompt, cont = default_tokens
+    pruned = prune_gguf(default_first, skip, tmp_path / "pruned.gguf")
+    want = run_in_subprocess({"path": str(pruned), "prompt": prompt, "continuation": cont},
+                             tmp_path, lib_path=stock_lib)["logits"]
+    got = run_spec({"path": str(default_first), "engine": "first", "mode": "mask", "mask": _mask(24, skip),
+                    "prefill": "masked", "prompt": prompt, "continuation": cont})["logits"]
+    assert compare(f"mask {skip} prefill=masked vs stock on pruned GGUF", got, want)[0] == 0.0
+
+
+def test_mask_prefill_full_keeps_prompt_exact_and_skips_in_decode(default_first, default_tokens):
+    prompt, cont = default_tokens
+    full = run_spec({"path": str(default_first), "engine": "first", "mode": "full", "prompt": prompt,
+                     "continuation": cont})["logits"]
+    masked = run_spec({"path": str(default_first), "engine": "first", "mode": "mask", "mask": _mask(24),
+                       "prompt": prompt, "continuation": cont})["logits"]
+    n = len(prompt)
+    assert compare("prompt rows, mask prefill=full vs full", masked[:n], full[:n])[0] == 0.0
+    _, nmse = compare("decode rows, mask prefill=full vs full", masked[n:], full[n:])
+    assert nmse > 1e-4  # six skipped layers change the continuation's logits
+
+
+def _layer_inputs(path: Path, prompt: list[int], n_layer: int) -> list[np.ndarray]:
+    """Hidden state entering each layer for every prompt token, from llama.cpp itself."""
+    from llama_cpp import Llama
+    from llama_cpp import llama_cpp as lc
+
+    lib = lc._lib
+    set_inp = getattr(lib, "_Z30llama_set_embeddings_layer_inpP13llama_contextjb")
+    set_inp.argtypes, set_inp.restype = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_bool], None
+    get_inp = getattr(lib, "_Z30llama_get_embeddings_layer_inpP13llama_contextj")
+    get_inp.argtypes, get_inp.restype = [ctypes.c_void_p, ctypes.c_uint32], ctypes.POINTER(ctypes.c_float)
+    llm = Llama(str(path), n_ctx=512, n_threads=2, verbose=False)
+    for il in range(n_layer):
+        set_inp(llm._ctx.ctx, il, True)
+    llm.eval(prompt)
+    n_embd = llm.n_embd()
+    return [np.ctypeslib.as_array(get_inp(llm._ctx.ctx, il), shape=(len(prompt) * n_embd,))
+            .reshape(len(prompt), n_embd).copy() for il in range(n_layer)]
+
+
+def _numpy_probs(routers, hidden: list[np.ndarray]) -> np.ndarray:
+    out = []
+    for il, h in enumerate(hidden):
+        t = routers.tensors[il]
+        x = h.astype(np.float64)
+        x = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + routers.norm_eps) * t["norm"]
+        z = x @ t["in_weight"].T.astype(np.float64) + t["in_bias"]
+        z = z / (1.0 + np.exp(-z))
+        logit = z @ t["out_weight"].T.astype(np.float64) + t["out_bias"]
+        out.append(np.mean(1.0 / (1.0 + np.exp(-logit))))
+    return np.array(out)
+
+
+def test_router_probs_equal_numpy_on_llama_hidden_states(default_first, default_tokens):
+    prompt, _ = default_tokens
+    routers = spread_routers(24, 896)
+    want = _numpy_probs(routers, _layer_inputs(default_first, prompt, 24))
+    got = run_spec({"path": str(default_first), "engine": "first", "mode": "first", "prompt": prompt})
+    err = np.abs(got["probs"] - want)
+    print("p_i (llama.cpp):", np.round(got["probs"], 4), "\nmax |diff| vs NumPy:", err.max())
+    assert err.max() < 1e-4
+    expected_mask = (want >= 0.5) | np.isin(np.arange(24), [0, 23])
+    near = np.abs(want - 0.5) < 1e-3
+    assert np.array_equal(got["mask"][~near], expected_mask[~near])
+    assert 0 < (~expected_mask).sum() < 22, "the spread routers should skip some but not all layers"
+
+
+@pytest.mark.parametrize("n_ubatch", [1, 7, 16])
+def test_mask_is_the_same_however_the_prompt_is_split(n_ubatch, default_first, default_tokens):
+    prompt, _ = default_tokens
+    whole = run_spec({"path": str(default_first), "engine": "first", "mode": "first", "prompt": prompt})
+    split = run_spec({"path": str(default_first), "engine": "first", "mode": "first", "prompt": prompt,
+                      "n_ubatch": n_ubatch, "n_batch": max(n_ubatch, 5)})
+    print(f"n_ubatch={n_ubatch}: max |p diff| {np.abs(split['probs'] - whole['probs']).max():.2e}")
+    assert np.abs(split["probs"] - whole["probs"]).max() < 1e-4
+    assert np.array_equal(split["mask"], whole["mask"])
+
+
+def test_one_token_prompt(default_first):
+    from first_gguf.runtime import FirstModel
+
+    llm = FirstModel(default_first, n_ctx=256, n_threads=2)
+    out = llm.create_completion(" ", max_tokens=4, temperature=0.0)
+    rep = llm.last_prefill
+    assert rep.n_tokens >= 1 and rep.probs is not None and rep.mask[0] and rep.mask[-1]
+    assert out["usage"]["completion_tokens"] >= 1
+
+
+def test_thresholds_0_1_and_p_itself(default_first, default_tokens):
+    from first_gguf.runtime import FirstModel
+
+    prompt, _ = default_tokens
+    llm = FirstModel(default_first, n_ctx=512, n_threads=2, logits_all=True)
+    llm.teacher_forced_logits(prompt, [])
+    probs = np.array(llm.last_prefill.probs)
+    llm.configure(threshold=0.0)
+    llm.teacher_forced_logits(prompt, [])
+    assert all(llm.last_prefill.mask)
+    llm.configure(threshold=1.0)
+    llm.teacher_forced_logits(prompt, [])
+    assert llm.last_prefill.skipped == tuple(i for i in range(24) if i not in (0, 23) and probs[i] < 1.0)
+    k = int(np.argsort(probs[1:23])[11]) + 1  # a middle layer; threshold = its own p: it runs (>=)
+    llm.configure(threshold=float(np.float32(probs[k])))
+    llm.teacher_forced_logits(prompt, [])
+    rep = llm.last_prefill
+    assert rep.mask[k] and rep.threshold == pytest.approx(probs[k])
+    assert all(rep.mask[i] == (probs[i] >= probs[k] or i in (0, 23)) for i in range(24))
+    llm.reset_threshold()
+    llm.teacher_forced_logits(prompt, [])
+    assert llm.last_prefill.threshold == pytest.approx(0.5)
+
+
+def _chat(llm, turns: list[str], fresh) -> list[str]:
+    msgs, answers = [], []
+    for text in turns:
+        msgs.append({"role": "user", "content": text})
+        model = fresh() if fresh else llm
+        r = model.create_chat_completion(msgs, max_tokens=24, temperature=0.0, seed=0)
+        answer = r["choices"][0]["message"]["content"]
+        answers.append((answer, model.last_prefill.mask))
+        msgs.append({"role": "assistant", "content": answer})
+    return answers
+
+
+def test_three_turn_chat_equals_recomputing_the_conversation(default_first):
+    from first_gguf.runtime import FirstModel
+
+    turns = ["Write a Python function that reverses a string.", "Now make it recursive.", "Add a docstring."]
+    llm = FirstModel(default_first, n_ctx=2048, n_threads=2)
+    incremental = _chat(llm, turns, None)
+    recomputed = _chat(None, turns, lambda: FirstModel(default_first, n_ctx=2048, n_threads=2))
+    for i, ((a, ma), (b, mb)) in enumerate(zip(incremental, recomputed)):
+        print(f"turn {i}: skipped {[j for j, m in enumerate(ma) if not m]}")
+        assert ma == mb, f"turn {i}: masks differ"
+        assert a == b, f"turn {i}: {a!r} != {b!r}"
+    # the cache was reused: the last prefill evaluated fewer positions than it routed over
+    assert llm.last_prefill.n_evaluated < llm.last_prefill.n_tokens
+    # and no position decoded under a mask survived into the next prefill
+    kept = [s for s in llm._segments if s.sums is not None]
+    assert all(s.kv is None for s in kept)
+
+
+def test_bad_input_is_a_clear_error(default_base, default_first, tmp_path):
+    from first_gguf.gguf_router import attach_routers
+    from first_gguf.runtime import FirstModel
+
+    llm = FirstModel(default_first, n_ctx=256, n_threads=2)
+    with pytest.raises(FirstError, match="mask has 23 entries; the model has 24 layers"):
+        llm.configure(mode="mask", mask=[True] * 23)
+    with pytest.raises(FirstError, match="skips every layer"):
+        llm.configure(mode="mask", mask=[False] * 24)
+    with pytest.raises(FirstError, match=r"threshold 1.5 outside \[0, 1\]"):
+        llm.configure(threshold=1.5)
+    with pytest.raises(FirstError, match="unknown mode"):
+        llm.configure(mode="fast")
+    plain = FirstModel(default_base, n_ctx=256, n_threads=2)
+    assert plain.mode == "full" and not plain.has_routers
+    with pytest.raises(FirstError, match="not a FiRST-GGUF"):
+        plain.configure(mode="first")
+    nan = spread_routers(24, 896)
+    nan.tensors[5]["in_weight"][0, 0] = np.nan
+    bad = tmp_path / "nan.first.gguf"
+    with pytest.raises(FirstError, match="layer 5"):
+        attach_routers(default_base, nan, bad)
+    assert not bad.exists()
