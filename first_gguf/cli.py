@@ -121,6 +121,18 @@ def attach(base: Path, routers: Path, output: Path, force: bool, w1_f16: bool) -
 
 
 @cli.command()
+@click.argument("base", type=PathArg)
+@click.option("--skip", required=True, help="Layers to remove, e.g. 9,10,11 or 9-14.")
+@click.option("-o", "--output", type=PathArg, required=True, help="GGUF to write.")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+def prune(base: Path, skip: str, output: Path, force: bool) -> None:
+    """Write BASE without some blocks (the physical limit of skipping them)."""
+    from .prune import parse_layers, prune_gguf
+
+    click.echo(prune_gguf(base, parse_layers(skip), output, force=force))
+
+
+@cli.command()
 @click.argument("file", type=PathArg)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--require-first", is_flag=True, help="Exit non-zero unless FILE is a valid FiRST-GGUF.")

@@ -151,8 +151,8 @@ class _Buffer:
         if vtype == GGUFValueType.STRING:
             n = self.u64.unpack_from(self.buf, off)[0]
             return str(self.buf[off + 8:off + 8 + n], "utf-8"), off + 8 + n
-        item, count = GGUFValueType(self.u32.unpack_from(self.buf, off)[0]), self.u64.unpack_from(self.buf, off + 4)[0]
-        off += 12
+        item = GGUFValueType(self.u32.unpack_from(self.buf, off)[0])
+        count, off = self.u64.unpack_from(self.buf, off + 4)[0], off + 12
         if item in _CODES:
             return self.view(off, _CODES[item], count).tolist(), off + count * _MIN_ITEM_BYTES[item]
         values = []
@@ -250,7 +250,12 @@ class TensorInfo:
 
 
 class GGUFHeader:
-    """A GGUF's keys (``fields``), tensor infos (``tensors``) and layout; see ``read_header``."""
+    """A GGUF's keys (``fields``), tensor infos (``tensors``) and layout; see ``read_header``.
+
+    Args:
+        path: Named in error messages.
+        buf: The file's bytes: ``read_header``'s read-only mmap, or ``bytes``.
+    """
 
     def __init__(self, path: str, buf: Any):
         if len(buf) < _HEADER_BYTES:
@@ -358,5 +363,6 @@ def read_header(path: str | os.PathLike) -> GGUFHeader:
     except FileNotFoundError:
         raise FormatError(f"{path}: no such file") from None
     except (OSError, ValueError) as exc:  # a directory, no permission, an unmappable file
-        raise FormatError(f"{path}: not a readable GGUF file ({exc})") from None
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise FormatError(f"{path}: not a readable GGUF file ({reason})") from None
     return GGUFHeader(str(path), buf)

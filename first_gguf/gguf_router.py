@@ -33,6 +33,7 @@ from .constants import (
     router_tensor_name,
 )
 from .errors import FirstError, FormatError
+from .gguf_header import read_header
 from .gguf_read import (
     KEY_TYPES,
     field_type,
@@ -145,7 +146,7 @@ def _write_gguf(reader: gguf.GGUFReader, arch: str, metadata: dict[str, object],
 
 def _verify_written(path: Path, base: gguf.GGUFReader, new: list[tuple[str, np.ndarray]], where: str) -> None:
     """Read the new file back: valid FiRST-GGUF, every KV and tensor (name, type, shape) as planned."""
-    out = open_gguf(path)
+    out = read_header(path)
     back = routers_from_reader(out, where)
     want_kv = [(f.name, field_type(f)) for f in _copied_fields(base)]
     got_kv = [(f.name, field_type(f)) for f in _copied_fields(out)]
@@ -188,7 +189,7 @@ def attach_routers(base_path: str | os.PathLike, routers: RouterSet, out_path: s
     if w1_dtype not in W1_DTYPES:
         raise FirstError(f"w1_dtype must be one of {', '.join(W1_DTYPES)}, got {w1_dtype!r}")
     check_output_path(out, force, inputs=(base,))
-    reader = open_gguf(base)
+    reader = read_header(base)
     arch, n_layer, n_embd = model_dims(reader, str(base))
     if (int_key(reader, gguf.Keys.Split.LLM_KV_SPLIT_COUNT) or 1) > 1:
         raise FormatError(f"{base}: one shard of a split GGUF; merge it first (llama-gguf-split --merge)")

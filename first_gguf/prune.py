@@ -19,7 +19,8 @@ from gguf import GGUFValueType
 
 from .constants import FIRST_KEY_PREFIX, ROUTER_NAME_MARKER
 from .errors import FormatError
-from .gguf_read import model_dims, open_gguf
+from .gguf_header import read_header
+from .gguf_read import model_dims
 from .gguf_router import _copied_fields, _raw_value, _Writer  # the byte-exact copy machinery
 from .router_file import atomic_output, check_output_path
 
@@ -41,7 +42,7 @@ def prune_gguf(base_path: str | os.PathLike, skip: Iterable[int], out_path: str 
     """
     base, out = Path(base_path), Path(out_path)
     check_output_path(out, force, inputs=(base,))
-    reader = open_gguf(base)
+    reader = read_header(base)
     arch, n_layer, _ = model_dims(reader, str(base))
     skip = sorted(set(int(i) for i in skip))
     if bad := [i for i in skip if not 0 <= i < n_layer]:
@@ -80,13 +81,25 @@ def prune_gguf(base_path: str | os.PathLike, skip: Iterable[int], out_path: str 
                 writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
         finally:
             writer.close()
-        _, got_layers, _ = model_dims(open_gguf(tmp), str(out))
+        _, got_layers, _ = model_dims(read_header(tmp), str(out))
         if got_layers != len(keep):
             raise FormatError(f"{out}: read-back check failed: {got_layers} layers, expected {len(keep)}")
     return out
 
 
-def _per_layer_array(field: gguf.ReaderField, arch: str, n_layer: int) -> bool:
+def parse_layers(text: str) -> list[int]:
+    """``"9,10,12-14"`` -> [9, 10, 12, 13, 14]."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        lo, _, hi = part.partition("-")
+        try:
+            out += list(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise FormatError(f"layer list {text!r}: {part!r} is not a layer or a range") from None
+    return out
+
+
+def _per_layer_array(field, arch: str, n_layer: int) -> bool:
     # e.g. per-layer head counts; a FiRST key never reaches here (_copied_fields drops them)
     return (field.name.startswith(f"{arch}.") and field.types[0] == GGUFValueType.ARRAY
-            and len(field.data) == n_layer and not field.name.startswith(FIRST_KEY_PREFIX))
+            and len(field.contents()) == n_layer and not field.name.startswith(FIRST_KEY_PREFIX))

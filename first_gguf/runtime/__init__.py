@@ -28,4 +28,14 @@ def runtime_info() -> dict:
     return info
 
 
-__all__ = ["BUILD_HINT", "FirstLib", "load", "runtime_info"]
+def __getattr__(name: str):
+    # the engine imports llama_cpp; keep `import first_gguf.runtime` cheap and its errors clear
+    if name in ("FirstModel", "PrefillReport", "mask_from_skip"):
+        load()
+        from . import engine
+
+        return getattr(engine, name)
+    raise AttributeError(name)
+
+
+__all__ = ["BUILD_HINT", "FirstLib", "FirstModel", "PrefillReport", "load", "mask_from_skip", "runtime_info"]

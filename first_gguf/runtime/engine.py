@@ -102,7 +102,7 @@ class FirstModel(Llama):
         self.last_prefill: PrefillReport | None = None
         super().__init__(model_path=str(path), **kwargs)
         self.n_layer = int(llama_cpp.llama_model_n_layer(self._model.model))
-        self.mode, self.mask, self.prefill, self.threshold = "full", None, "full", None
+        self.mode, self.mask, self.prefill_kind, self.threshold = "full", None, "full", None
         self.configure(mode=mode or ("first" if self.has_routers else "full"), mask=mask, prefill=prefill,
                        threshold=threshold)
 
@@ -126,7 +126,7 @@ class FirstModel(Llama):
         if mode == "first" and not self.has_routers:
             raise FirstError(f"{self.model_path}: not a FiRST-GGUF (no routers): "
                              f"'first' mode needs routers; use 'full' or 'mask'")
-        prefill = prefill or self.prefill
+        prefill = prefill or self.prefill_kind
         if prefill not in PREFILLS:
             raise FirstError(f"unknown prefill {prefill!r}; choose one of {sorted(PREFILLS)}")
         if mask is not None:
@@ -140,7 +140,7 @@ class FirstModel(Llama):
             self.threshold = float(threshold)
         self._check(self._flib.set_prefill(self.ctx, PREFILLS[prefill]), "set_prefill")
         self._check(self._flib.set_mode(self.ctx, MODES[mode]), "set_mode")
-        self.mode, self.prefill = mode, prefill
+        self.mode, self.prefill_kind = mode, prefill
 
     def reset_threshold(self) -> None:
         """Use the file's threshold again."""
@@ -168,7 +168,7 @@ class FirstModel(Llama):
     # --- KV bookkeeping ----------------------------------------------------------------
 
     def _prefill_kv(self) -> bytes | None:
-        return _kv_key(self.mask) if (self.mode == "mask" and self.prefill == "masked") else None
+        return _kv_key(self.mask) if (self.mode == "mask" and self.prefill_kind == "masked") else None
 
     def _decode_kv(self) -> bytes | None:
         if self.mode == "full":
