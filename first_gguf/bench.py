@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .errors import FirstError
 
+WARMUP_DECODE = 4
 DEFAULT_PROMPT = "def quicksort(items):\n    \"\"\"Sort a list of numbers.\"\"\"\n"
 
 
@@ -48,11 +49,19 @@ def worker(spec: dict) -> dict:
     else:
         llm = Llama(spec["path"], **kw)
     prompt = _prompt_tokens(llm, spec["prompt_tokens"])
+
+    def prefill() -> None:
+        if spec["engine"] == "first":
+            llm.prefill(prompt)
+        else:
+            llm.reset()
+            llm.eval(prompt)
+
+    prefill()  # warm-up: pages the weights in and builds the graphs
+    for _ in range(WARMUP_DECODE):
+        llm.eval([llm.sample(temp=0.0)])
     t0 = time.perf_counter()
-    if spec["engine"] == "first":
-        llm.prefill(prompt)
-    else:
-        llm.eval(prompt)
+    prefill()
     t1 = time.perf_counter()
     for _ in range(spec["decode_tokens"]):
         llm.eval([llm.sample(temp=0.0)])
@@ -82,7 +91,8 @@ def _run_worker(spec: dict, lib_path: Path | None) -> dict:
 
 
 def run_bench(model: Path, skip_count: int = 6, repeats: int = 5, prompt_tokens: int = 128,
-              decode_tokens: int = 64, threads: int | None = None, stock: bool = True) -> dict:
+              decode_tokens: int = 64, threads: int | None = None, stock: bool = True,
+              strategies: list[str] | None = None) -> dict:
     """Measure full, first, mask, pruned (and stock) side by side.
 
     Returns:
@@ -104,12 +114,20 @@ def run_bench(model: Path, skip_count: int = 6, repeats: int = 5, prompt_tokens:
                       mask=[i not in skip for i in range(n_layer)]))
     with tempfile.TemporaryDirectory(dir=model.parent) as tmp:
         pruned = prune_gguf(model, skip, Path(tmp) / "pruned.gguf")
+        stock = stock and (not strategies or bool({"pruned", "stock", "patched_plain"} & set(strategies)))
         stock_lib = build.ensure_stock_library() if stock else None
-        specs.append(dict(base, name="pruned", engine="plain", path=str(pruned), pruned=skip, lib="stock"))
+        specs.append(dict(base, name="pruned", engine="plain", path=str(pruned), pruned=skip,
+                          lib="stock" if stock else None))
         if stock:
             specs.append(dict(base, name="stock", engine="plain", path=str(model) if not info["first"]
                               else str(_plain_copy(model, Path(tmp))), lib="stock"))
             specs.append(dict(base, name="patched_plain", engine="plain", path=specs[-1]["path"]))
+        if strategies:
+            unknown = set(strategies) - {s["name"] for s in specs}
+            if unknown:
+                raise FirstError(f"unknown or unavailable strategies {sorted(unknown)}; "
+                                 f"choose from {[s['name'] for s in specs]}")
+            specs = [s for s in specs if s["name"] == "full" or s["name"] in strategies]
         runs: dict[str, list[dict]] = {s["name"]: [] for s in specs}
         for r in range(repeats):
             for spec in specs:

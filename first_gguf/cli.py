@@ -168,9 +168,10 @@ def version(as_json: bool) -> None:
 @click.option("--decode-tokens", default=64, show_default=True)
 @click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
 @click.option("--no-stock", is_flag=True, help="Skip the stock-library strategies (no stock build).")
+@click.option("--strategies", default=None, help="Comma-separated subset, e.g. first,mask (full always runs).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def bench(model: Path | None, skip_count: int, repeats: int, prompt_tokens: int, decode_tokens: int,
-          threads: int | None, no_stock: bool, as_json: bool) -> None:
+          threads: int | None, no_stock: bool, strategies: str | None, as_json: bool) -> None:
     """Decode/prefill speed of full, first, mask, pruned and stock, side by side."""
     from . import bench as b
     from .demo import demo_first_gguf
@@ -178,7 +179,7 @@ def bench(model: Path | None, skip_count: int, repeats: int, prompt_tokens: int,
 
     result = b.run_bench(model or demo_first_gguf(DEFAULT_MODEL), skip_count=skip_count, repeats=repeats,
                          prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, threads=threads,
-                         stock=not no_stock)
+                         stock=not no_stock, strategies=strategies.split(",") if strategies else None)
     click.echo(json.dumps(result, indent=1) if as_json else b.format_bench(result))
 
 

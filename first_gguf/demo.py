@@ -1,8 +1,10 @@
 """The README's main job on a zoo model: fetch it, attach routers, inspect, generate.
 
-Until trained routers ship with the package, the routers are the deterministic untrained
-recipe of ``make_identity_routers`` (seed 0): they keep every layer, so the FiRST-GGUF
-must generate exactly what its base model generates, which the demo checks.
+The routers are the ones committed with the package for that model
+(``first_gguf/data/<model>.routers.safetensors``) when they exist, else the deterministic
+untrained recipe of ``make_identity_routers`` (seed 0), which keeps every layer. The demo
+generates with the FiRST-GGUF in ``first`` mode on the patched library, reports which layers
+the routers skipped, and compares with the base GGUF on the same library.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ def _log(msg: str) -> None:
 def demo_first_gguf(model: str, seed: int = 0) -> Path:
     """The zoo model with recipe routers as a FiRST-GGUF in the cache (rebuilt only if stale)."""
     base = models.fetch(model)
-    info = gr.inspect_gguf(base)
-    routers = gr.make_identity_routers(info["n_layer"], info["n_embd"], seed=seed)
+    routers = shipped_routers(model)
+    if routers is None:
+        info = gr.inspect_gguf(base)
+        routers = gr.make_identity_routers(info["n_layer"], info["n_embd"], seed=seed)
     out_dir = cache_dir() / "demo"
     out_dir.mkdir(parents=True, exist_ok=True)
     router_file = gr.save_router_file(routers, out_dir / f"{model}.routers.safetensors", force=True)
@@ -37,6 +41,12 @@ def demo_first_gguf(model: str, seed: int = 0) -> Path:
         return out
     _log(f"attaching {router_file.name} to {base.name}")
     return gr.attach_routers(base, gr.load_router_file(router_file), out, force=True)
+
+
+def shipped_routers(model: str) -> gr.RouterSet | None:
+    """Trained routers committed with the package for ``model``, if any."""
+    path = Path(__file__).parent / "data" / f"{model}.routers.safetensors"
+    return gr.load_router_file(path) if path.is_file() else None
 
 
 def _same_routers(path: Path, routers: gr.RouterSet) -> bool:
@@ -49,18 +59,15 @@ def _same_routers(path: Path, routers: gr.RouterSet) -> bool:
         for i, layer in routers.tensors.items() for role, arr in layer.items())
 
 
-def generate(path: Path, prompt: str, max_tokens: int, threads: int | None) -> tuple[str, float]:
-    """Greedy completion of ``prompt`` on the patched library; returns (text, decode tok/s)."""
-    from llama_cpp import Llama
+def generate(path: Path, prompt: str, max_tokens: int, threads: int | None, mode: str | None = None):
+    """Greedy completion on the patched library; returns (text, decode tok/s, prefill report)."""
+    from .runtime import FirstModel
 
-    from .runtime import load
-
-    load()  # fails clearly on a stock llama-cpp-python
-    llm = Llama(model_path=str(path), n_ctx=512, n_threads=threads, verbose=False, seed=0)
+    llm = FirstModel(path, mode=mode, n_ctx=512, n_threads=threads)
     t0 = time.perf_counter()
     out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0)
     dt = time.perf_counter() - t0
-    return out["choices"][0]["text"], out["usage"]["completion_tokens"] / dt
+    return out["choices"][0]["text"], out["usage"]["completion_tokens"] / dt, llm.last_prefill
 
 
 def run_demo(model: str | None = None, prompt: str = "def fibonacci(n):", max_tokens: int = 32,
@@ -68,7 +75,7 @@ def run_demo(model: str | None = None, prompt: str = "def fibonacci(n):", max_to
     """Fetch, attach, inspect and generate; prints the report to stdout.
 
     Returns:
-        The completions of the FiRST-GGUF and of its base model, and their speeds.
+        The completions of the FiRST-GGUF (``first`` mode) and of its base model.
     """
     from .runtime import runtime_info
 
@@ -77,11 +84,14 @@ def run_demo(model: str | None = None, prompt: str = "def fibonacci(n):", max_to
     print(gr.format_inspect(gr.inspect_gguf(path)))
     rt = runtime_info()
     print(f"\nruntime: {rt['library']} (format v{rt['format_version']}, build {rt['build_key']})")
-    text, speed = generate(path, prompt, max_tokens, threads)
-    base_text, base_speed = generate(models.fetch(model), prompt, max_tokens, threads)
-    print(f"\nprompt: {prompt!r}\nFiRST-GGUF ({speed:.1f} tok/s, every layer runs):\n{prompt}{text}")
-    same = "identical to" if text == base_text else "DIFFERENT from"
+    text, speed, rep = generate(path, prompt, max_tokens, threads)
+    base_text, base_speed, _ = generate(models.fetch(model), prompt, max_tokens, threads)
+    print(f"\nprompt: {prompt!r}")
+    print(f"routers: p = {[round(p, 2) for p in rep.probs]}, threshold {rep.threshold}")
+    print(f"FiRST-GGUF, first mode ({speed:.1f} tok/s, skipped layers {list(rep.skipped) or 'none'}):")
+    print(prompt + text)
+    same = "identical to" if text == base_text else "different from"
     print(f"\nbase GGUF ({base_speed:.1f} tok/s): output {same} the FiRST-GGUF's")
-    if text != base_text:
-        raise FirstError(f"{path.name}: full-depth output differs from its base model's: {base_text!r}")
-    return {"text": text, "tok_s": speed, "base_text": base_text, "base_tok_s": base_speed}
+    if not rep.skipped and text != base_text:
+        raise FirstError(f"{path.name}: no layer skipped, yet the output differs from the base model's: {base_text!r}")
+    return {"text": text, "tok_s": speed, "skipped": rep.skipped, "base_text": base_text, "base_tok_s": base_speed}

@@ -250,3 +250,46 @@ def test_broken_router_tensors_are_refused_before_loading(kind, default_base, tm
     with pytest.raises(FirstError, match=pattern) as err:
         FirstModel(bad, n_ctx=256, n_threads=2)
     assert bad.name in str(err.value)
+
+
+def _stepwise(llm, prompt, cont) -> np.ndarray:
+    llm.prefill(prompt)
+    for t in cont:  # one token per decode: the graph of the previous step is reused when allowed
+        llm.eval([t])
+    return np.array(llm.scores[: llm.n_tokens], dtype=np.float32)
+
+
+def test_graph_reuse_never_serves_another_mask(default_first, default_tokens):
+    from first_gguf.runtime import FirstModel
+
+    prompt, cont = default_tokens
+    cont = cont[:6]
+    a, b = _mask(24, (9, 10)), _mask(24, (15, 16, 17))
+    kw = dict(n_ctx=512, n_threads=2, logits_all=True)
+    shared = FirstModel(default_first, mode="mask", mask=a, **kw)
+    got_a = _stepwise(shared, prompt, cont)
+    shared.configure(mask=b)
+    got_b = _stepwise(shared, prompt, cont)
+    shared.configure(mode="first")
+    got_first = _stepwise(shared, prompt, cont)
+    want_a = _stepwise(FirstModel(default_first, mode="mask", mask=a, **kw), prompt, cont)
+    want_b = _stepwise(FirstModel(default_first, mode="mask", mask=b, **kw), prompt, cont)
+    want_first = _stepwise(FirstModel(default_first, mode="first", **kw), prompt, cont)
+    assert compare("mask A, shared context", got_a, want_a)[0] == 0.0
+    assert compare("mask B after A, shared context", got_b, want_b)[0] == 0.0
+    assert compare("first after masks, shared context", got_first, want_first)[0] == 0.0
+    assert compare("A vs B (must differ)", got_a[len(prompt):], got_b[len(prompt):])[1] > 1e-4
+
+
+def test_bench_json_has_every_strategy(default_first):
+    from first_gguf.bench import run_bench
+
+    res = run_bench(default_first, skip_count=6, repeats=1, prompt_tokens=16, decode_tokens=4, threads=2)
+    assert {"full", "first", "mask", "pruned", "stock", "patched_plain"} == set(res["strategies"])
+    for name, r in res["strategies"].items():
+        assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0, name
+    assert res["strategies"]["mask"]["skipped_layers"] == list(SKIP)
+    assert res["strategies"]["pruned"]["skipped_layers"] == list(SKIP)
+    assert res["strategies"]["full"]["skipped_layers"] == []
+    routed = res["strategies"]["first"]["skipped_layers"]
+    assert routed and 0 not in routed and 23 not in routed  # the spread routers skip some layers
