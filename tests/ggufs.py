@@ -9,7 +9,6 @@ not taken from the code under test.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import gguf
@@ -135,11 +134,9 @@ def write_first(path: Path, arrays: dict[int, dict[str, np.ndarray]] | None = No
 
 
 def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from first_gguf.build import sha256_file
+
+    return sha256_file(path)
 
 
 def kv_raw(field) -> bytes:
