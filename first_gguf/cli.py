@@ -85,6 +85,21 @@ def fetch(name: str, no_install: bool) -> None:
     click.echo(zoo.fetch(name, install=not no_install))
 
 
+@cli.command()
+@click.argument("hf_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("-o", "--output", type=PathArg, required=True, help="GGUF to write.")
+@click.option("--routers", type=PathArg, default=None, help="Router file (.safetensors) to attach.")
+@click.option("--outtype", default="f16", show_default=True, help="f32, f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k, ...")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@click.option("--threads", default=None, type=int, help="Quantization threads (default: all cores).")
+def convert(hf_dir: Path, output: Path, routers: Path | None, outtype: str, force: bool,
+            threads: int | None) -> None:
+    """Convert a Hugging Face model (and its routers) to a FiRST-GGUF."""
+    from .convert import convert_hf
+
+    click.echo(convert_hf(hf_dir, output, routers=routers, outtype=outtype, force=force, threads=threads))
+
+
 @cli.command("init-routers")
 @click.argument("base", type=PathArg)
 @click.option("-o", "--output", type=PathArg, required=True, help="Router file to write (.safetensors).")
