@@ -86,6 +86,39 @@ def fetch(name: str, no_install: bool) -> None:
 
 
 @cli.command()
+@click.argument("base")
+@click.option("-o", "--output", required=True, help="Router file to write (.safetensors).")
+@click.option("--data", multiple=True, help="Text/JSONL files or directories (repeatable).")
+@click.option("--task", "tasks", multiple=True, help="Built-in family: code, instruct, prose (repeatable).")
+@click.option("--steps", default=None, type=int, help="Optimizer steps (default: the recipe's).")
+@click.option("--lr", default=None, type=float)
+@click.option("--lam", default=None, type=float, help="Skip-penalty weight (default 0.01, the paper's).")
+@click.option("--target-skip", default=None, type=float, help="Also aim at this many skipped layers.")
+@click.option("--no-distill", is_flag=True, help="Next-token loss on the data instead of KL to the full model.")
+@click.option("--hidden-size", default=None, type=int)
+@click.option("--threshold", default=None, type=float)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--no-resume", is_flag=True, help="Ignore an existing checkpoint.")
+@click.option("--lora", is_flag=True, help="Then LoRA-heal the frozen model with the routers fixed.")
+@click.option("--lora-out", default=None, help="HF directory for the LoRA-merged model.")
+@click.option("--threads", default=None, type=int)
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
+def train(base: str, output: str, data: tuple[str, ...], tasks: tuple[str, ...], steps: int | None,
+          lr: float | None, lam: float | None, target_skip: float | None, no_distill: bool,
+          hidden_size: int | None, threshold: float | None, seed: int, no_resume: bool, lora: bool,
+          lora_out: str | None, threads: int | None, force: bool) -> None:
+    """Train FiRST routers for BASE (HF dir, GGUF file or zoo name) on a frozen model."""
+    from .train import train_routers
+
+    opts = {"steps": steps, "lr": lr, "lam": lam, "hidden_size": hidden_size, "threshold": threshold}
+    out = train_routers(base, output, data=list(data) or None, tasks=list(tasks) or None,
+                        target_skip=target_skip, distill=not no_distill, seed=seed, resume=not no_resume,
+                        lora=lora, lora_out=lora_out, threads=threads, force=force,
+                        **{k: v for k, v in opts.items() if v is not None})
+    click.echo(out)
+
+
+@cli.command()
 @click.argument("hf_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("-o", "--output", type=PathArg, required=True, help="GGUF to write.")
 @click.option("--routers", type=PathArg, default=None, help="Router file (.safetensors) to attach.")

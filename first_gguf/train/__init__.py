@@ -1,0 +1,21 @@
+"""Router training (and LoRA healing) for Hugging Face causal LMs: ``shared/FIRST.md`` section 1.
+
+``train_routers`` is what ``first-gguf train`` runs; ``evaluate_routers`` measures routers
+under the hard rule. Both import torch, so this package loads them on first use.
+"""
+
+from __future__ import annotations
+
+__all__ = ["train_routers", "evaluate_routers"]
+
+
+def __getattr__(name: str):
+    if name == "train_routers":
+        from .trainer import train_routers
+
+        return train_routers
+    if name == "evaluate_routers":
+        from .evaluate import evaluate_routers
+
+        return evaluate_routers
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
