@@ -119,6 +119,8 @@ def run_bench(model: Path, skip_count: int = 6, repeats: int = 5, prompt_tokens:
         specs.append(dict(base, name="pruned", engine="plain", path=str(pruned), pruned=skip,
                           lib="stock" if stock else None))
         if stock:
+            # the pruned file on the patched library too: separates our graph from the build
+            specs.append(dict(base, name="pruned_patched", engine="plain", path=str(pruned), pruned=skip))
             specs.append(dict(base, name="stock", engine="plain", path=str(model) if not info["first"]
                               else str(_plain_copy(model, Path(tmp))), lib="stock"))
             specs.append(dict(base, name="patched_plain", engine="plain", path=specs[-1]["path"]))
@@ -130,7 +132,7 @@ def run_bench(model: Path, skip_count: int = 6, repeats: int = 5, prompt_tokens:
             specs = [s for s in specs if s["name"] == "full" or s["name"] in strategies]
         runs: dict[str, list[dict]] = {s["name"]: [] for s in specs}
         for r in range(repeats):
-            for spec in specs:
+            for spec in specs[r % len(specs):] + specs[:r % len(specs)]:  # rotate: no strategy always runs first
                 lib = stock_lib if spec.get("lib") == "stock" else None
                 runs[spec["name"]].append(_run_worker(spec, lib))
             _log(f"repeat {r + 1}/{repeats}: " + ", ".join(

@@ -165,6 +165,20 @@ def test_thresholds_0_1_and_p_itself(default_first, default_tokens):
     assert llm.last_prefill.threshold == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("mode", ["full", "mask"])
+def test_continuation_logits_equal_teacher_forced_rows(mode, default_first, default_tokens):
+    from first_gguf.runtime import FirstModel
+
+    prompt, cont = default_tokens
+    llm = FirstModel(default_first, n_ctx=512, n_threads=2, logits_all=True, mode=mode,
+                     mask=_mask(24) if mode == "mask" else None)
+    want = llm.teacher_forced_logits(prompt, cont)[len(prompt) - 1: len(prompt) - 1 + len(cont)]
+    got = llm.continuation_logits(prompt, cont)
+    assert got.shape == (len(cont), llm.n_vocab())
+    assert compare(f"continuation_logits vs teacher_forced rows ({mode})", got, want)[0] == 0.0
+    assert llm.continuation_logits(prompt, cont[:1]).shape == (1, llm.n_vocab())
+
+
 def _chat(llm, turns: list[str], fresh) -> list[str]:
     msgs, answers = [], []
     for text in turns:
@@ -285,7 +299,7 @@ def test_bench_json_has_every_strategy(default_first):
     from first_gguf.bench import run_bench
 
     res = run_bench(default_first, skip_count=6, repeats=1, prompt_tokens=16, decode_tokens=4, threads=2)
-    assert {"full", "first", "mask", "pruned", "stock", "patched_plain"} == set(res["strategies"])
+    assert {"full", "first", "mask", "pruned", "pruned_patched", "stock", "patched_plain"} == set(res["strategies"])
     for name, r in res["strategies"].items():
         assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0, name
     assert res["strategies"]["mask"]["skipped_layers"] == list(SKIP)

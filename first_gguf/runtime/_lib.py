@@ -108,3 +108,28 @@ def load() -> FirstLib:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, restype
     return FirstLib(lib, path)
+
+
+# llama.cpp's own per-layer input capture (C++ symbols of llama-context.cpp, not in llama.h):
+# void llama_set_embeddings_layer_inp(llama_context * ctx, uint32_t il, bool value);
+# float * llama_get_embeddings_layer_inp(llama_context * ctx, uint32_t il);
+_LAYER_INP = ("_Z30llama_set_embeddings_layer_inpP13llama_contextjb",
+              "_Z30llama_get_embeddings_layer_inpP13llama_contextj")
+
+
+@functools.cache
+def layer_input_fns() -> tuple[Any, Any]:
+    """(set, get) of the hidden-state capture at each layer's input.
+
+    Raises:
+        RuntimeNotBuiltError: the loaded library does not export them.
+    """
+    flib = load()
+    missing = [name for name in _LAYER_INP if not hasattr(flib.lib, name)]
+    if missing:
+        raise RuntimeNotBuiltError(f"{flib.path} lacks the layer-input capture ({', '.join(missing)}); "
+                                   f"{BUILD_HINT}")
+    set_inp, get_inp = (getattr(flib.lib, name) for name in _LAYER_INP)
+    set_inp.argtypes, set_inp.restype = [_ctx, ctypes.c_uint32, ctypes.c_bool], None
+    get_inp.argtypes, get_inp.restype = [_ctx, ctypes.c_uint32], _f32p
+    return set_inp, get_inp

@@ -308,6 +308,27 @@ class FirstModel(Llama):
             self.eval(list(continuation))
         return np.array(self.scores[: self.n_tokens], dtype=np.float32)
 
+    def continuation_logits(self, prompt: Sequence[int], continuation: Sequence[int]) -> np.ndarray:
+        """The logits that predict each token of ``continuation`` (teacher-forced), and no others.
+
+        ``teacher_forced_logits`` without the prompt rows: the prefill computes the output
+        layer for its last token only, so this is several times cheaper on long prompts.
+        Needs ``logits_all=True`` (for the continuation's rows). Returns [len(continuation), n_vocab].
+        """
+        if not self._logits_all:
+            raise FirstError("continuation_logits needs FirstModel(..., logits_all=True)")
+        if not continuation:
+            return np.zeros((0, self.n_vocab()), dtype=np.float32)
+        self._logits_all = False  # the prefill: logits of the last prompt token only
+        try:
+            self.prefill(prompt)
+        finally:
+            self._logits_all = True
+        first = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab(),)).copy()
+        n = self.n_tokens
+        self.eval(list(continuation[:-1]))
+        return np.concatenate([first[None, :], np.array(self.scores[n: self.n_tokens], dtype=np.float32)])
+
 
 def _kv_key(mask: Sequence[bool] | None) -> bytes | None:
     if mask is None or all(mask):

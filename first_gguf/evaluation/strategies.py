@@ -1,0 +1,133 @@
+"""The strategies ``first-gguf eval`` compares, as configurations of one runtime context.
+
+- ``full``: every layer.
+- ``first@T``: the routers at threshold T (the prompt at full depth, FIRST.md section 1).
+- ``static-K``: the best input-agnostic mask of K layers under the same full-depth prompt,
+  chosen on training prompts only: the K non-protected layers of least block influence
+  (ShortGPT: BI_i = 1 - cos(h_i, h_i+1), the hidden states entering layer i and i + 1, mean
+  over tokens). The last layer has no next input here; it is protected anyway.
+- ``random-K/sS``: K non-protected layers drawn with seed S (reported as a mean over seeds).
+- ``early-exit-K``: the last K non-protected layers.
+- ``pruned-K``: the ``static-K`` mask with ``prefill=masked``: what a GGUF with those blocks
+  physically removed computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import FirstError
+
+KINDS = ("full", "first", "static", "random", "early-exit", "pruned")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One runtime configuration; ``apply`` sets it on a ``FirstModel``."""
+
+    name: str
+    kind: str
+    mode: str
+    skip: tuple[int, ...] = ()
+    prefill: str = "full"
+    threshold: float | None = None
+    seed: int | None = None
+
+    @property
+    def family(self) -> str:
+        """The name without the random seed: the row a strategy is reported under."""
+        return self.name.split("/")[0]
+
+    def mask(self, n_layer: int) -> list[bool] | None:
+        return None if self.mode != "mask" else [i not in self.skip for i in range(n_layer)]
+
+    def apply(self, llm) -> None:
+        """Configure ``llm`` (a ``FirstModel``) for this strategy."""
+        llm.configure(mode=self.mode, mask=self.mask(llm.n_layer), prefill=self.prefill,
+                      threshold=self.threshold)
+        if self.mode == "first" and self.threshold is None:
+            llm.reset_threshold()
+
+
+def block_influence(layer_inputs: Sequence[np.ndarray]) -> np.ndarray:
+    """ShortGPT's block influence of each layer but the last (which gets +inf).
+
+    Args:
+        layer_inputs: Per prompt, an array [n_layer, n_tokens, n_embd] of the hidden states
+            entering each layer.
+
+    Returns:
+        [n_layer] mean over every token of every prompt of 1 - cos(h_i, h_i+1).
+    """
+    total, count = None, 0
+    for h in layer_inputs:
+        h = np.asarray(h, dtype=np.float64)
+        a, b = h[:-1], h[1:]
+        cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
+        part = (1.0 - cos).sum(-1)
+        total = part if total is None else total + part
+        count += h.shape[1]
+    if total is None or count == 0:
+        raise FirstError("block influence needs at least one prompt with one token")
+    return np.append(total / count, np.inf)
+
+
+def static_order(influence: np.ndarray, protected: Sequence[int]) -> list[int]:
+    """Non-protected layers, least influential first (ties: lower index first)."""
+    return [int(i) for i in np.argsort(influence, kind="stable")
+            if int(i) not in set(protected) and np.isfinite(influence[i])]
+
+
+def candidates(n_layer: int, protected: Sequence[int]) -> list[int]:
+    return [i for i in range(n_layer) if i not in set(protected)]
+
+
+def random_skip(n_layer: int, protected: Sequence[int], k: int, seed: int) -> tuple[int, ...]:
+    rng = np.random.default_rng([seed, k])
+    return tuple(sorted(int(i) for i in rng.choice(candidates(n_layer, protected), size=k, replace=False)))
+
+
+def early_exit_skip(n_layer: int, protected: Sequence[int], k: int) -> tuple[int, ...]:
+    return tuple(candidates(n_layer, protected)[-k:]) if k else ()
+
+
+def build_strategies(n_layer: int, protected: Sequence[int], order: Sequence[int], ks: Sequence[int],
+                     thresholds: Sequence[float | None], random_seeds: int, kinds: Sequence[str] = KINDS
+                     ) -> list[Strategy]:
+    """Every strategy of a run, ``full`` first.
+
+    Args:
+        n_layer: Layers of the model.
+        protected: Layers that always run.
+        order: Non-protected layers, least influential first (``static_order``).
+        ks: Skip counts of the input-agnostic strategies.
+        thresholds: FiRST thresholds (None: the file's own).
+        random_seeds: Seeds of each ``random-K``.
+        kinds: Which kinds to include (``full`` always is).
+    """
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise FirstError(f"unknown strategies {sorted(unknown)}; choose from {', '.join(KINDS)}")
+    n_free = len(candidates(n_layer, protected))
+    for k in ks:
+        if not 1 <= k <= n_free:
+            raise FirstError(f"skip count {k} outside 1..{n_free} (the non-protected layers of this model)")
+    out = [Strategy("full", "full", "full")]
+    if "first" in kinds:
+        out += [Strategy("first" if t is None else f"first@{t:g}", "first", "first", threshold=t)
+                for t in thresholds]
+    for k in ks:
+        static = tuple(sorted(order[:k]))
+        if "static" in kinds:
+            out.append(Strategy(f"static-{k}", "static", "mask", static))
+        if "random" in kinds:
+            out += [Strategy(f"random-{k}/s{s}", "random", "mask", random_skip(n_layer, protected, k, s), seed=s)
+                    for s in range(random_seeds)]
+        if "early-exit" in kinds:
+            out.append(Strategy(f"early-exit-{k}", "early-exit", "mask", early_exit_skip(n_layer, protected, k)))
+        if "pruned" in kinds:
+            out.append(Strategy(f"pruned-{k}", "pruned", "mask", static, prefill="masked"))
+    return out

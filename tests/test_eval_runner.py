@@ -1,0 +1,113 @@
+"""``first-gguf eval`` on the real default model and runtime, at a tiny size: every task and
+strategy runs, the reference rows agree with themselves exactly, strategies are the masks
+they claim, an interrupted run resumes, and a run with other settings is refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from first_gguf.errors import FirstError
+from first_gguf.evaluation.runner import EvalConfig, Evaluation, run_eval
+from first_gguf.evaluation.strategies import (block_influence, build_strategies, early_exit_skip, random_skip,
+                                              static_order)
+
+pytestmark = pytest.mark.slow
+
+SMALL = dict(limit=2, max_new_tokens=24, n_per_family=1, n_chat=1, chat_tokens=12, cont_tokens=8, n_static=1,
+             ks=(2,), random_seeds=1, threads=2)
+
+
+@pytest.fixture(scope="module")
+def small_run(default_first, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "run"
+    result, report = run_eval(str(default_first), out, **SMALL)
+    return result, report, out
+
+
+def test_every_task_and_strategy_has_rows(small_run):
+    result, report, out = small_run
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    names = set(result["strategies"])
+    assert names == {"full", "first", "static-2", "random-2/s0", "early-exit-2", "pruned-2"}
+    done = {(r["task"], r["id"], r["strategy"]) for r in rows}
+    ids = {(r["task"], r["id"]) for r in rows}
+    assert {t for t, _ in ids} == {"humaneval", "chat", "tf"}
+    assert len([i for i in ids if i[0] == "humaneval"]) == 2
+    assert all((t, i, s) in done for t, i in ids for s in names)
+    scored = [r for r in rows if r["task"] == "humaneval" and "status" in r]
+    assert {(r["id"], r["strategy"]) for r in scored} == {(i, s) for t, i in ids if t == "humaneval" for s in names}
+    assert report.is_file() and (out / "quality-speed.png").stat().st_size > 0
+    assert "| full |" in report.read_text()
+
+
+def test_reference_agrees_with_itself_and_skipping_changes_logits(small_run):
+    result, _, _ = small_run
+    s = result["summary"]
+    assert s["full"]["tf"]["top1"] == 1.0 and s["full"]["tf"]["kl"] == 0.0
+    assert s["full"]["chat"]["prefix_fraction"] == 1.0 and s["full"]["chat"]["exact"] == 1.0
+    assert s["full"]["skipped"] == 0.0
+    for name in ("static-2", "pruned-2", "early-exit-2", "random-2"):
+        assert s[name]["skipped"] == 2.0
+        assert s[name]["tf"]["kl"] > 0.0, name
+    # the same skip set, but the pruned prompt ran without those layers too
+    assert s["pruned-2"]["tf"]["kl"] != s["static-2"]["tf"]["kl"]
+    assert np.isfinite(s["full"]["tf"]["ppl"]) and s["full"]["tf"]["ppl"] > 1.0
+    for name in ("full", "static-2"):
+        assert s[name]["speed"]["decode_tok_s"] > 0 and s[name]["speed"]["prefill_tok_s"] > 0
+
+
+def test_strategy_masks(small_run):
+    result, _, out = small_run
+    st = result["strategies"]
+    order = json.loads((out / "static.json").read_text())["order"]
+    assert 0 not in order and 23 not in order and sorted(order) == list(range(1, 23))
+    assert st["static-2"]["skip"] == sorted(order[:2]) == st["pruned-2"]["skip"]
+    assert st["pruned-2"]["prefill"] == "masked" and st["static-2"]["prefill"] == "full"
+    assert st["early-exit-2"]["skip"] == [21, 22]
+
+
+def test_resume_does_no_new_work_and_redoes_a_cut_row(small_run, default_first):
+    _, _, out = small_run
+    path = out / "rows.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])  # an interrupted write
+    cfg = EvalConfig(model=str(default_first.resolve()), **SMALL)
+    ev = Evaluation(cfg, out)
+    assert len(ev.done) == len({(json.loads(x)["task"], json.loads(x)["id"], json.loads(x)["strategy"])
+                                for x in lines[:-1]})
+    ev.run()
+    now = [json.loads(x) for x in path.read_text().splitlines()]  # every line parses
+    assert len(now) == len(lines) and now[-1] == json.loads(lines[-1])  # the cut row, redone identically
+
+
+def test_other_settings_are_refused(small_run, default_first):
+    _, _, out = small_run
+    with pytest.raises(FirstError, match="other settings.*ks"):
+        Evaluation(EvalConfig(model=str(default_first.resolve()), **{**SMALL, "ks": (3,)}), out)
+
+
+def test_not_a_first_gguf_is_refused(default_base, tmp_path):
+    with pytest.raises(FirstError, match="not a FiRST-GGUF"):
+        run_eval(str(default_base), tmp_path / "x")
+
+
+def test_strategies_on_small_inputs():
+    h = np.zeros((4, 3, 2))
+    h[0] = [1, 0]
+    h[1] = [1, 0]        # layer 0 changes nothing: BI 0
+    h[2] = [0, 1]        # layer 1 turns the state by 90 degrees: BI 1
+    h[3] = [0, 1]
+    bi = block_influence([h])
+    assert bi[:3] == pytest.approx([0.0, 1.0, 0.0], abs=1e-9) and bi[3] == np.inf
+    assert static_order(bi, protected=[0]) == [2, 1]
+    assert early_exit_skip(10, [0, 9], 3) == (6, 7, 8)
+    r = random_skip(10, [0, 9], 3, seed=1)
+    assert len(set(r)) == 3 and not {0, 9} & set(r) and r == random_skip(10, [0, 9], 3, seed=1)
+    with pytest.raises(FirstError, match="skip count 9"):
+        build_strategies(10, [0, 9], list(range(1, 9)), ks=(9,), thresholds=(None,), random_seeds=1)
+    with pytest.raises(FirstError, match="unknown strategies"):
+        build_strategies(10, [0, 9], list(range(1, 9)), ks=(1,), thresholds=(None,), random_seeds=1,
+                         kinds=("magic",))
