@@ -91,6 +91,10 @@ def fetch(name: str, no_install: bool) -> None:
 @click.option("--data", multiple=True, help="Text/JSONL files or directories (repeatable).")
 @click.option("--task", "tasks", multiple=True, help="Built-in family: code, instruct, prose (repeatable).")
 @click.option("--steps", default=None, type=int, help="Optimizer steps (default: the recipe's).")
+@click.option("--examples", default=None, type=int, help="Training examples drawn (default: the recipe's).")
+@click.option("--batch-size", default=None, type=int, help="Examples per optimizer step.")
+@click.option("--gate", type=click.Choice(["soft", "concrete", "straight-through"]), default=None,
+              help="Gate of the training forward (default: soft, FIRST.md's).")
 @click.option("--lr", default=None, type=float)
 @click.option("--lam", default=None, type=float, help="Skip-penalty weight (default 0.01, the paper's).")
 @click.option("--target-skip", default=None, type=float, help="Also aim at this many skipped layers.")
@@ -104,13 +108,14 @@ def fetch(name: str, no_install: bool) -> None:
 @click.option("--threads", default=None, type=int)
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
 def train(base: str, output: str, data: tuple[str, ...], tasks: tuple[str, ...], steps: int | None,
-          lr: float | None, lam: float | None, target_skip: float | None, no_distill: bool,
+          examples: int | None, batch_size: int | None, gate: str | None, lr: float | None, lam: float | None, target_skip: float | None, no_distill: bool,
           hidden_size: int | None, threshold: float | None, seed: int, no_resume: bool, lora: bool,
           lora_out: str | None, threads: int | None, force: bool) -> None:
     """Train FiRST routers for BASE (HF dir, GGUF file or zoo name) on a frozen model."""
     from .train import train_routers
 
-    opts = {"steps": steps, "lr": lr, "lam": lam, "hidden_size": hidden_size, "threshold": threshold}
+    opts = {"steps": steps, "examples": examples, "batch_size": batch_size, "gate": gate, "lr": lr, "lam": lam,
+            "hidden_size": hidden_size, "threshold": threshold}
     out = train_routers(base, output, data=list(data) or None, tasks=list(tasks) or None,
                         target_skip=target_skip, distill=not no_distill, seed=seed, resume=not no_resume,
                         lora=lora, lora_out=lora_out, threads=threads, force=force,
@@ -229,6 +234,41 @@ def bench(model: Path | None, skip_count: int, repeats: int, prompt_tokens: int,
                          prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, threads=threads,
                          stock=not no_stock, strategies=strategies.split(",") if strategies else None)
     click.echo(json.dumps(result, indent=1) if as_json else b.format_bench(result))
+
+
+def _csv(value: str | None, cast):
+    return tuple(cast(v) for v in value.split(",") if v) if value else None
+
+
+@cli.command("eval")
+@click.argument("model", required=False)
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run directory (rows, results, report; an existing run resumes). Default eval/<model>.")
+@click.option("--tasks", default=None, help="Comma-separated subset of humaneval,tf,chat.")
+@click.option("--strategies", default=None, help="Comma-separated kinds: full,first,static,random,early-exit,pruned.")
+@click.option("--ks", default="4", show_default=True, help="Skip counts of the input-agnostic strategies.")
+@click.option("--thresholds", default=None, help="FiRST thresholds (default: the file's own).")
+@click.option("--random-seeds", default=2, show_default=True)
+@click.option("--limit", default=None, type=int, help="First N HumanEval problems only (default all 164).")
+@click.option("--n-per-family", default=16, show_default=True, help="Held-out prompts per family (tf).")
+@click.option("--n-chat", default=16, show_default=True, help="Chat prompts.")
+@click.option("--max-new-tokens", default=384, show_default=True, help="HumanEval completion budget.")
+@click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print results.json instead of the report.")
+def eval_(model: str | None, out: Path | None, tasks: str | None, strategies: str | None, ks: str,
+          thresholds: str | None, random_seeds: int, limit: int | None, n_per_family: int, n_chat: int,
+          max_new_tokens: int, threads: int | None, as_json: bool) -> None:
+    """Compare FiRST with full, static, random, early-exit and pruned skipping on MODEL.
+
+    MODEL is a FiRST-GGUF or a zoo name (default: the default model with its routers).
+    """
+    from .evaluation.runner import run_eval
+
+    opts = {"tasks": _csv(tasks, str), "kinds": _csv(strategies, str), "ks": _csv(ks, int),
+            "thresholds": _csv(thresholds, float), "random_seeds": random_seeds, "limit": limit,
+            "n_per_family": n_per_family, "n_chat": n_chat, "max_new_tokens": max_new_tokens, "threads": threads}
+    result, report = run_eval(model, out, **{k: v for k, v in opts.items() if v is not None})
+    click.echo(json.dumps(result, indent=1) if as_json else report.read_text())
 
 
 @cli.command()

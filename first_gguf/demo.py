@@ -26,7 +26,7 @@ def _log(msg: str) -> None:
 
 
 def demo_first_gguf(model: str, seed: int = 0) -> Path:
-    """The zoo model with recipe routers as a FiRST-GGUF in the cache (rebuilt only if stale)."""
+    """The zoo model with its committed routers (else the recipe's) as a FiRST-GGUF in the cache (rebuilt if stale)."""
     base = models.fetch(model)
     routers = shipped_routers(model)
     if routers is None:
@@ -43,10 +43,16 @@ def demo_first_gguf(model: str, seed: int = 0) -> Path:
     return gr.attach_routers(base, gr.load_router_file(router_file), out, force=True)
 
 
+def shipped_routers_path(model: str) -> Path | None:
+    """The file of the trained routers committed with the package for ``model``, if any."""
+    path = Path(__file__).parent / "data" / f"{model}.routers.safetensors"
+    return path if path.is_file() else None
+
+
 def shipped_routers(model: str) -> gr.RouterSet | None:
     """Trained routers committed with the package for ``model``, if any."""
-    path = Path(__file__).parent / "data" / f"{model}.routers.safetensors"
-    return gr.load_router_file(path) if path.is_file() else None
+    path = shipped_routers_path(model)
+    return gr.load_router_file(path) if path else None
 
 
 def _same_routers(path: Path, routers: gr.RouterSet) -> bool:

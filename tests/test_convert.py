@@ -418,48 +418,46 @@ REQUANT_NEAR = 0.05  # p_i this close to the threshold may flip: the weights are
 
 
 @pytest.mark.slow
-def test_real_default_model_end_to_end(default_base: Path, default_first: Path, tmp_path_factory):
-    """Zoo GGUF -> HF directory (transformers) -> convert --outtype q4_k_m with routers -> chat.
+def test_real_default_model_end_to_end(default_base: Path, tmp_path_factory):
+    """Zoo GGUF -> HF directory (transformers) -> convert --outtype q4_k_m with the committed
+    routers -> first mode.
 
-    The masks are compared with the zoo FiRST-GGUF under the same spread routers: the
-    converted weights are the zoo's Q4_K_M dequantized and quantized again, so p_i moves a
-    little and a layer near the threshold may flip; how many do is printed.
+    The masks are compared with the zoo GGUF plus the same routers: the converted weights are
+    the zoo's Q4_K_M dequantized and quantized again, so p_i moves a little and a layer near
+    the threshold may flip; how many do is printed.
     """
     import shutil
 
     from first_gguf.convert import hf_dir_from_gguf
-    from first_gguf.gguf_router import attach_routers
+    from first_gguf.demo import shipped_routers_path
+    from first_gguf.gguf_router import attach_routers, load_router_file
     from first_gguf.runtime import FirstModel
 
+    shipped = shipped_routers_path("qwen2.5-coder-0.5b-instruct")
+    assert shipped is not None, "the default model's routers are committed with the package"
     work = tmp_path_factory.mktemp("real")
     try:
         t0 = time.monotonic()
         hf = hf_dir_from_gguf(default_base, work / "hf")
         t1 = time.monotonic()
-        routers = save_router_file(make_identity_routers(24, 896), work / "identity.routers.safetensors")
-        out = convert_hf(hf, work / "q4.first.gguf", routers=routers, outtype="q4_k_m")
+        out = convert_hf(hf, work / "q4.first.gguf", routers=shipped, outtype="q4_k_m")
         t2 = time.monotonic()
         print(f"HF directory from the zoo GGUF {t1 - t0:.0f} s; HF -> f16 -> Q4_K_M -> FiRST-GGUF {t2 - t1:.0f} s")
         info = inspect_gguf(out)
         assert info["quantization"]["file_type"] == "Q4_K_M" and info["first"]["valid"] is True
         assert info["n_layer"] == 24 and set(info["first"]["router"]["dtypes"].values()) == {"F32"}
-        llm = FirstModel(out, n_threads=2, n_ctx=512, verbose=False)
-        text = llm.create_completion("def fibonacci(n):", max_tokens=16, temperature=0.0)["choices"][0]["text"]
-        print(f"first mode, identity routers: {llm.last_prefill.skipped} skipped; completion {text!r}")
-        assert llm.last_prefill.mode == "first" and all(llm.last_prefill.mask) and text.strip()
-        del llm
-
-        spread = attach_routers(out, spread_routers(24, 896), work / "spread.gguf")
+        zoo_first = attach_routers(default_base, load_router_file(shipped), work / "zoo.first.gguf")
         differ = 0
         for prompt in ("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
                        "Write a Python function that reverses a string.", "import numpy as np\n\ndef softmax(x):"):
-            assert _tokenize(spread, prompt, bos=True) == _tokenize(default_first, prompt, bos=True)
+            assert _tokenize(out, prompt, bos=True) == _tokenize(zoo_first, prompt, bos=True)
             reps = []
-            for path in (default_first, spread):
+            for path in (zoo_first, out):
                 m = FirstModel(path, n_threads=2, n_ctx=512, verbose=False)
                 reps.append(m.prefill(_tokenize(path, prompt, bos=True)))
                 del m
             zoo, conv = reps
+            assert conv.mode == "first" and conv.probs is not None
             p = np.array(zoo.probs)
             flipped = [i for i in range(24) if zoo.mask[i] != conv.mask[i]]
             differ += bool(flipped)
@@ -467,6 +465,10 @@ def test_real_default_model_end_to_end(default_base: Path, default_first: Path, 
                   f"{np.abs(p - conv.probs).max():.3g}; flipped {[(i, round(p[i], 3)) for i in flipped]}")
             assert all(abs(p[i] - THRESHOLD) < REQUANT_NEAR for i in flipped)
         print(f"masks differing from the zoo FiRST-GGUF: {differ} of 3 prompts")
+        llm = FirstModel(out, n_threads=2, n_ctx=512, verbose=False)
+        text = llm.create_completion("def fibonacci(n):", max_tokens=16, temperature=0.0)["choices"][0]["text"]
+        print(f"first mode, committed routers: {llm.last_prefill.skipped} skipped; completion {text!r}")
+        assert llm.last_prefill.mode == "first" and text.strip()
     finally:
         _vocab.cache_clear()
         shutil.rmtree(work, ignore_errors=True)

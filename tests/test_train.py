@@ -308,3 +308,21 @@ def test_lora_stage_writes_a_merged_model(tiny_dir, text_file, tmp_path, capfd):
     with pytest.raises(FirstError, match="pass --force"):
         run(tiny_dir, text_file, tmp_path / "r2.safetensors", steps=1, lora=True, lora_out=str(tmp_path / "merged"),
             force=False)
+
+
+def test_committed_routers_are_the_readme_recipe():
+    import re
+    from pathlib import Path
+
+    from first_gguf.demo import shipped_routers
+    from first_gguf.train import recipe
+
+    rs = shipped_routers(recipe.COMMITTED_MODEL)
+    assert rs is not None and (rs.n_layer, rs.n_embd, rs.threshold) == (24, 896, 0.5)
+    src = rs.train_source
+    for part in (f"base {recipe.COMMITTED_MODEL};", f"{recipe.COMMITTED['examples']} examples",
+                 f"{recipe.COMMITTED['gate']} gates", f"lam {recipe.COMMITTED['lam']}",
+                 f"{recipe.COMMITTED['steps']} steps"):
+        assert part in src, (part, src)
+    readme = re.sub(r"\\\n\s*", "", (Path(__file__).parents[1] / "README.md").read_text())
+    assert recipe.committed_command() in readme

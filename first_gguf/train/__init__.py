@@ -1,12 +1,13 @@
 """Router training (and LoRA healing) for Hugging Face causal LMs: ``shared/FIRST.md`` section 1.
 
 ``train_routers`` is what ``first-gguf train`` runs; ``evaluate_routers`` measures routers
-under the hard rule. Both import torch, so this package loads them on first use.
+under the hard rule (``format_report`` prints its tables). They import torch, so this package
+loads them on first use.
 """
 
 from __future__ import annotations
 
-__all__ = ["train_routers", "evaluate_routers"]
+__all__ = ["train_routers", "evaluate_routers", "format_report"]
 
 
 def __getattr__(name: str):
@@ -18,4 +19,8 @@ def __getattr__(name: str):
         from .evaluate import evaluate_routers
 
         return evaluate_routers
+    if name == "format_report":
+        from .report import format_report
+
+        return format_report
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -38,9 +38,11 @@ from ..router_file import load_router_file
 from ..router_set import RouterSet
 from . import recipe
 from .data import FAMILIES, Example, Limits, build_examples
+from .report import write_report
 from .base import context_length, load_base, set_threads
 
 AUTO_SKIPS = (0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4, 5, 6)  # mean skipped layers the auto sweep aims at
+ROUND_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)          # also in the default sweep: candidates for a default
 
 
 @dataclass
@@ -225,13 +227,34 @@ def _add(scores: dict, name, family: str, agree, kl, skipped: int) -> None:
         scores.setdefault(name, {}).setdefault(fam, Scores()).add(agree, kl, skipped)
 
 
-def skip_table(routers: FirstRouters, info: dict, threshold: float) -> dict[str, list[float]]:
-    """Per family: for each layer, the fraction of held-out prompts on which it is skipped."""
-    keep = routers.protected().numpy() | (info["p"] >= threshold)
-    fams = np.array(info["family"])
-    table = {fam: (~keep[fams == fam]).mean(0).tolist() for fam in dict.fromkeys(info["family"])}
+def skip_table(protected: Sequence[int], p: np.ndarray, families: Sequence[str],
+               threshold: float) -> dict[str, list[float]]:
+    """Per family (and "all"): for each layer, the fraction of prompts that skip it.
+
+    Args:
+        protected: Layers that always run.
+        p: (n_examples, n_layer) router probabilities of the prompts.
+        families: The family of each prompt.
+        threshold: The decision threshold.
+    """
+    keep = _keep(protected, p, threshold)
+    fams = np.array(families)
+    table = {fam: (~keep[fams == fam]).mean(0).tolist() for fam in dict.fromkeys(families)}
     table["all"] = (~keep).mean(0).tolist()
     return table
+
+
+def _keep(protected: Sequence[int], p: np.ndarray, threshold: float) -> np.ndarray:
+    keep = np.asarray(p) >= threshold
+    keep[:, list(protected)] = True
+    return keep
+
+
+def distinct_masks(protected: Sequence[int], p: np.ndarray, families: Sequence[str],
+                   threshold: float) -> dict[str, int]:
+    """Per family: how many different masks its prompts get."""
+    keep, fams = _keep(protected, p, threshold), np.array(families)
+    return {fam: len({tuple(row) for row in keep[fams == fam]}) for fam in dict.fromkeys(families)}
 
 
 # --- the entry point --------------------------------------------------------------------------
@@ -253,8 +276,8 @@ def evaluate_routers(base: str, routers: str | RouterSet, tasks: Sequence[str] =
         n_per_family: Held-out prompts per family.
         search_per_family: Training examples per family on which static masks are chosen.
         cont_tokens: Length of the greedy continuations.
-        thresholds: The sweep; default the routers' own threshold plus thresholds at which the
-            mean skip count is each of ``AUTO_SKIPS`` on these prompts.
+        thresholds: The sweep; default the routers' own threshold, ``ROUND_THRESHOLDS``, and
+            the thresholds at which the mean skip count is each of ``AUTO_SKIPS`` on these prompts.
         static_sizes: Largest input-agnostic mask size searched (1..static_sizes).
         report_threshold: Threshold of the per-family skip table (default the routers' own).
         seed: Which examples are drawn.
@@ -282,7 +305,7 @@ def evaluate_routers(base: str, routers: str | RouterSet, tasks: Sequence[str] =
     with torch.no_grad():
         prefills = [prefill(model, r, torch.tensor([ex.prompt])) for ex in held]
     p_all = np.stack([pre.p[0].numpy() for pre in prefills])
-    sweep = sorted(set(thresholds or ([rs.threshold] + auto_thresholds(p_all[:, candidates]))))
+    sweep = sorted(set(thresholds or ([rs.threshold, *ROUND_THRESHOLDS] + auto_thresholds(p_all[:, candidates]))))
     sets = {k: v["skip"] for k, v in static["sets"].items()}
     scores, info = score_examples(model, r, held, prefills, sweep, sets)
     _log(f"scored {len(held)} held-out examples in {time.monotonic() - t0:.0f} s")
@@ -301,67 +324,13 @@ def _result(scores, info, static, sweep, r, rs, report_threshold, held) -> dict:
         "static": {k: {"skip": v["skip"], "train_kl": v["kl"], "full": summary[f"static-full:{k}"],
                        "masked": summary[f"static-masked:{k}"]} for k, v in static["sets"].items()},
         "single_layer_train_kl": static["single"],
-        "skip_table": {"threshold": t_report, "layers": skip_table(r, info, t_report)},
-        "distinct_masks": _distinct_masks(r, info, t_report),
+        "skip_table": {"threshold": t_report,
+                       "layers": skip_table(r.protected_layers, info["p"], info["family"], t_report)},
+        "distinct_masks": distinct_masks(r.protected_layers, info["p"], info["family"], t_report),
         "p_mean": {fam: info["p"][np.array(info["family"]) == fam].mean(0).tolist()
                    for fam in dict.fromkeys(info["family"])},
         "examples": {fam: sum(ex.family == fam for ex in held) for fam in dict.fromkeys(ex.family for ex in held)},
         "protected_layers": list(r.protected_layers),
         "train_source": rs.train_source,
+        "per_example": {"family": info["family"], "source": [ex.source for ex in held], "p": info["p"].tolist()},
     }
-
-
-def _distinct_masks(r: FirstRouters, info: dict, threshold: float) -> dict[str, int]:
-    keep = r.protected().numpy() | (info["p"] >= threshold)
-    fams = np.array(info["family"])
-    return {fam: len({tuple(row) for row in keep[fams == fam]}) for fam in dict.fromkeys(info["family"])}
-
-
-def write_report(result: dict, out_dir: Path, name: str) -> None:
-    """``<name>-eval.json`` and the two plots (``plots.py``)."""
-    from .plots import plot_quality, plot_skips
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}-eval.json").write_text(json.dumps(result, indent=1) + "\n")
-    plot_quality(result, out_dir / f"{name}-quality.png")
-    plot_skips(result, out_dir / f"{name}-skips.png")
-
-
-def format_report(result: dict) -> str:
-    """The evaluation as Markdown tables: the sweep, the static masks, the per-family skip table."""
-    fams = list(result["examples"])
-    per_family = " | ".join(f"{f} skipped / top-1 / KL" for f in fams)
-    lines = [f"Held-out examples: {', '.join(f'{f} {n}' for f, n in result['examples'].items())}", "",
-             f"| threshold | mean skipped | top-1 | KL | {per_family} |", "|---|---|---|---|" + "---|" * len(fams)]
-    for row in result["sweep"]:
-        cells = [f"{row['families'][f]['skipped']:.2f} / {row['families'][f]['top1']:.3f} / "
-                 f"{row['families'][f]['kl']:.3f}" for f in fams]
-        lines.append(f"| {row['threshold']:.4g} | {row['skipped']:.2f} | {row['top1']:.3f} | {row['kl']:.3f} | "
-                     + " | ".join(cells) + " |")
-    lines += ["", "| static k | skip set (chosen on train) | prefill=full top-1 / KL | prefill=masked top-1 / KL "
-                  "| FiRST at the same mean skip: top-1 / KL |", "|---|---|---|---|---|"]
-    for k, row in sorted(result["static"].items(), key=lambda kv: int(kv[0])):
-        full, masked = row["full"]["all"], row["masked"]["all"]
-        at = interpolate_sweep(result["sweep"], int(k))
-        first = f"{at['top1']:.3f} / {at['kl']:.3f}" if at else "outside the sweep"
-        lines.append(f"| {k} | {row['skip']} | {full['top1']:.3f} / {full['kl']:.3f} | "
-                     f"{masked['top1']:.3f} / {masked['kl']:.3f} | {first} |")
-    table = result["skip_table"]["layers"]
-    n_layer = len(next(iter(table.values())))
-    lines += ["", f"Fraction of held-out prompts skipping each layer (threshold "
-                  f"{result['skip_table']['threshold']:.4g}; distinct masks per family: "
-                  f"{result['distinct_masks']})", "",
-              "| family | " + " | ".join(str(i) for i in range(n_layer)) + " |", "|---|" + "---|" * n_layer]
-    for fam, row in table.items():
-        lines.append(f"| {fam} | " + " | ".join(f"{v:.2f}" if v else "." for v in row) + " |")
-    return "\n".join(lines)
-
-
-def interpolate_sweep(sweep: list[dict], skipped: float) -> dict | None:
-    """FiRST's top-1 and KL at a mean skip count, linearly between the sweep's points (None outside)."""
-    pts = sorted(sweep, key=lambda r: r["skipped"])
-    for a, b in zip(pts, pts[1:]):
-        if a["skipped"] <= skipped <= b["skipped"]:
-            w = 0.0 if b["skipped"] == a["skipped"] else (skipped - a["skipped"]) / (b["skipped"] - a["skipped"])
-            return {m: a[m] + w * (b[m] - a[m]) for m in ("top1", "kl")}
-    return None

@@ -29,4 +29,15 @@ LORA_RANK = 8
 LORA_LR = 2e-4
 
 # The committed routers of the default model: `first-gguf train` with these options (README).
-COMMITTED: dict[str, object] = {}
+# Chosen among soft / straight-through / concrete gates, with and without a target skip count,
+# by held-out KL and top-1 agreement at equal mean skip (docs/TRAINING.md): relaxed-Bernoulli
+# gates with a strong skip penalty spread the skipping over more inputs than soft gates do.
+COMMITTED: dict[str, object] = {"gate": "concrete", "lam": 1.0, "steps": 600, "examples": 192}
+COMMITTED_MODEL = "qwen2.5-coder-0.5b-instruct"
+
+
+def committed_command(threads: int = 2) -> str:
+    """The ``first-gguf train`` command line that reproduces the committed routers."""
+    opts = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in COMMITTED.items())
+    return (f"first-gguf train {COMMITTED_MODEL} -o {COMMITTED_MODEL}.routers.safetensors {opts} "
+            f"--threads {threads}")

@@ -123,7 +123,9 @@ def train_routers(base: str, out: str, data: Sequence[str] | None = None, tasks:
         gate: ``soft`` (g = p), ``concrete`` (relaxed Bernoulli(p) samples) or
             ``straight-through`` (hard rule forward, gradient through p); see ``losses.gates``.
         hidden_size: Router width.
-        threshold: The routers' decision threshold, stored in the file.
+        threshold: The routers' decision threshold, stored in the file. Only straight-through
+            gates train with it, so with the others resuming a finished run with another
+            threshold rewrites the file without training.
         batch_size: Examples per optimizer step.
         examples: Training examples drawn in total.
         seed: Seed of the router init, the data draw and the example order.
@@ -347,7 +349,10 @@ class RouterTrainer:
                 f"skipped {mean['skipped']:.2f} (last {len(recent)} steps); peak memory {peak_memory_gb():.1f} GB")
 
     def fingerprint(self) -> dict:
-        return {"config": dataclasses.asdict(self.cfg), "data": data_fingerprint(self.examples)}
+        config = dataclasses.asdict(self.cfg)
+        if self.cfg.gate != "straight-through":  # only that gate reads the threshold: re-threshold by resuming
+            del config["threshold"]
+        return {"config": config, "data": data_fingerprint(self.examples)}
 
     def save(self, path: Path) -> None:
         if not self.state.is_main_process:
