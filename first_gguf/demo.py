@@ -96,8 +96,10 @@ def run_demo(model: str | None = None, prompt: str = "def fibonacci(n):", max_to
     print(f"routers: p = {[round(p, 2) for p in rep.probs]}, threshold {rep.threshold}")
     print(f"FiRST-GGUF, first mode ({speed:.1f} tok/s, skipped layers {list(rep.skipped) or 'none'}):")
     print(prompt + text)
-    same = "identical to" if text == base_text else "different from"
-    print(f"\nbase GGUF ({base_speed:.1f} tok/s): output {same} the FiRST-GGUF's")
+    if text == base_text:
+        print(f"\nbase GGUF ({base_speed:.1f} tok/s): output identical to the FiRST-GGUF's")
+    else:
+        print(f"\nbase GGUF ({base_speed:.1f} tok/s), a different output:\n{prompt}{base_text}")
     if not rep.skipped and text != base_text:
         raise FirstError(f"{path.name}: no layer skipped, yet the output differs from the base model's: {base_text!r}")
     return {"text": text, "tok_s": speed, "skipped": rep.skipped, "base_text": base_text, "base_tok_s": base_speed}

@@ -63,6 +63,8 @@ class EvalConfig:
         d = dataclasses.asdict(self)
         for name in ("threads", "limit"):
             d.pop(name)
+        path = Path(self.model)  # the file by name and size: reports carry no machine paths
+        d["model"] = {"name": path.name, "bytes": path.stat().st_size}
         return json.loads(json.dumps(d))  # tuples as lists, as config.json holds them
 
 
@@ -251,7 +253,7 @@ class Evaluation:
         return result
 
     def meta(self, order: list[int], n_layer: int, protected: list[int]) -> dict:
-        return {"model": str(self.cfg.model), "config": self.cfg.key(), "limit": self.cfg.limit,
+        return {"model": Path(self.cfg.model).name, "config": self.cfg.key(), "limit": self.cfg.limit,
                 "threads": self.cfg.threads or os.cpu_count(), "n_layer": n_layer, "protected": protected,
                 "static_order": order, "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
                 "date": time.strftime("%Y-%m-%d %H:%M"),
