@@ -108,7 +108,8 @@ def fetch(name: str, no_install: bool) -> None:
 @click.option("--threads", default=None, type=int)
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
 def train(base: str, output: str, data: tuple[str, ...], tasks: tuple[str, ...], steps: int | None,
-          examples: int | None, batch_size: int | None, gate: str | None, lr: float | None, lam: float | None, target_skip: float | None, no_distill: bool,
+          examples: int | None, batch_size: int | None, gate: str | None, lr: float | None, lam: float | None,
+          target_skip: float | None, no_distill: bool,
           hidden_size: int | None, threshold: float | None, seed: int, no_resume: bool, lora: bool,
           lora_out: str | None, threads: int | None, force: bool) -> None:
     """Train FiRST routers for BASE (HF dir, GGUF file or zoo name) on a frozen model."""
@@ -236,8 +237,12 @@ def bench(model: Path | None, skip_count: int, repeats: int, prompt_tokens: int,
     click.echo(json.dumps(result, indent=1) if as_json else b.format_bench(result))
 
 
-def _csv(value: str | None, cast):
-    return tuple(cast(v) for v in value.split(",") if v) if value else None
+def _csv(value: str | None, cast, option: str):
+    try:
+        return tuple(cast(v) for v in value.split(",") if v) if value else None
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated {cast.__name__} values, got {value!r}",
+                                 param_hint=option) from None
 
 
 @cli.command("eval")
@@ -264,8 +269,8 @@ def eval_(model: str | None, out: Path | None, tasks: str | None, strategies: st
     """
     from .evaluation.runner import run_eval
 
-    opts = {"tasks": _csv(tasks, str), "kinds": _csv(strategies, str), "ks": _csv(ks, int),
-            "thresholds": _csv(thresholds, float), "random_seeds": random_seeds, "limit": limit,
+    opts = {"tasks": _csv(tasks, str, "--tasks"), "kinds": _csv(strategies, str, "--strategies"),
+            "ks": _csv(ks, int, "--ks"), "thresholds": _csv(thresholds, float, "--thresholds"), "random_seeds": random_seeds, "limit": limit,
             "n_per_family": n_per_family, "n_chat": n_chat, "max_new_tokens": max_new_tokens, "threads": threads}
     result, report = run_eval(model, out, **{k: v for k, v in opts.items() if v is not None})
     click.echo(json.dumps(result, indent=1) if as_json else report.read_text())

@@ -111,3 +111,15 @@ def test_strategies_on_small_inputs():
     with pytest.raises(FirstError, match="unknown strategies"):
         build_strategies(10, [0, 9], list(range(1, 9)), ks=(1,), thresholds=(None,), random_seeds=1,
                          kinds=("magic",))
+
+
+def test_cli_refuses_bad_options(default_first, tmp_path):
+    from click.testing import CliRunner
+
+    from first_gguf.cli import cli
+
+    res = CliRunner().invoke(cli, ["eval", str(default_first), "-o", str(tmp_path / "a"), "--ks", "a,b"])
+    assert res.exit_code != 0 and "--ks" in res.output
+    res = CliRunner().invoke(cli, ["eval", str(default_first), "-o", str(tmp_path / "b"), "--tasks", "magic"])
+    assert res.exit_code == 1 and "unknown tasks ['magic']" in res.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

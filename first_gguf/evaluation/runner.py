@@ -493,6 +493,9 @@ def run_eval(model: str | None = None, out: Path | None = None, **options: Any) 
     elif not gguf_router.is_first_gguf(path):
         raise FirstError(f"{path}: not a FiRST-GGUF (no routers); attach routers first (first-gguf attach)")
     cfg = EvalConfig(model=str(path.resolve()), **options)
+    unknown = set(cfg.tasks) - set(TASKS)
+    if unknown:
+        raise FirstError(f"unknown tasks {sorted(unknown)}; choose from {', '.join(TASKS)}")
     out = Path(out) if out else Path("eval") / path.name.removesuffix(".gguf")
     result = Evaluation(cfg, out).run()
     command = "first-gguf eval " + " ".join(sys.argv[2:]) if Path(sys.argv[0]).name == "first-gguf" else None
