@@ -388,7 +388,9 @@ def test_interrupted_conversion_leaves_nothing(cases, tmp_path: Path):
     out_dir.mkdir()
     proc = subprocess.Popen([sys.executable, str(SCRIPT), str(case.hf_dir), "-o", str(out_dir / "o.gguf"),
                              "--routers", str(routers), "--outtype", "f32"],
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            # as a terminal's foreground job: a background shell ignores SIGINT
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in proc.stderr:  # wait for the convert stage
             if "1/2 convert (at" in line:
