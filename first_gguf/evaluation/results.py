@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..figures import pyplot
+
 ORDER = ("full", "first", "static", "pruned", "early-exit", "random")
 
 
@@ -86,18 +88,9 @@ def format_report(result: dict, command: str | None = None) -> str:
     return "\n".join(parts)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_quality_speed(result: dict, path: Path) -> None:
     """HumanEval pass@1 and teacher-forced top-1 vs decode speed (x full), one series per kind."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     rs = rows(result)
     for ax, metric, label in ((axes[0], "pass@1", "HumanEval pass@1"), (axes[1], "top1", "top-1 agreement with full")):
@@ -122,7 +115,7 @@ def plot_quality_speed(result: dict, path: Path) -> None:
 
 def plot_skip_heatmap(result: dict, path: Path) -> None:
     """Per task: how often each layer is skipped, for every ``first`` strategy."""
-    plt = _pyplot()
+    plt = pyplot()
     maps = result["skip_heatmap"]
     if not maps:
         return

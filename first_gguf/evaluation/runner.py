@@ -366,9 +366,12 @@ class Evaluation:
             for s in strategies:
                 if ("tf", it.id, s.name) in self.done:
                     continue
-                s.apply(llm)
-                got, skipped = _tf_logits(llm, it.prompt, cont)
-                real, _ = _tf_logits(llm, it.prompt, it.response)
+                if s is full:  # the reference itself: nothing to recompute
+                    got, real, skipped = ref, ref_real, []
+                else:
+                    s.apply(llm)
+                    got, skipped = _tf_logits(llm, it.prompt, cont)
+                    real, _ = _tf_logits(llm, it.prompt, it.response)
                 q = metrics.teacher_forced(ref, got, np.array(cont))
                 ppl = metrics.teacher_forced(ref_real, real, np.array(it.response))
                 self._write({"task": "tf", "id": it.id, "strategy": s.name, "family": it.family,

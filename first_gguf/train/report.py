@@ -7,19 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from ..figures import pyplot
 
 
 def plot_quality(result: dict, path: Path) -> None:
     """Top-1 agreement and KL vs mean skipped layers: FiRST's sweep, static masks (both prefills)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     sweep = sorted(result["sweep"], key=lambda row: row["skipped"])
     static = [result["static"][k] for k in sorted(result["static"], key=int)]
@@ -50,7 +43,7 @@ def plot_quality(result: dict, path: Path) -> None:
 
 def plot_skips(result: dict, path: Path) -> None:
     """Heatmap: per family, how often each layer is skipped at the report threshold."""
-    plt = _pyplot()
+    plt = pyplot()
     table = result["skip_table"]["layers"]
     names = list(table)
     data = np.array([table[n] for n in names])
