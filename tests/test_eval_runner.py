@@ -12,7 +12,7 @@ import pytest
 from first_gguf.errors import FirstError
 from first_gguf.evaluation.runner import EvalConfig, Evaluation, run_eval
 from first_gguf.evaluation.strategies import (block_influence, build_strategies, early_exit_skip, random_skip,
-                                              static_order)
+                                              static_order, strategy_from_name)
 
 pytestmark = pytest.mark.slow
 
@@ -85,8 +85,47 @@ def test_resume_does_no_new_work_and_redoes_a_cut_row(small_run, default_first):
 
 def test_other_settings_are_refused(small_run, default_first):
     _, _, out = small_run
-    with pytest.raises(FirstError, match="other settings.*ks"):
-        Evaluation(EvalConfig(model=str(default_first.resolve()), **{**SMALL, "ks": (3,)}), out)
+    with pytest.raises(FirstError, match="other settings.*max_new_tokens"):
+        Evaluation(EvalConfig(model=str(default_first.resolve()), **{**SMALL, "max_new_tokens": 25}), out)
+
+
+def test_a_later_command_adds_strategies_and_problems(small_run, default_first):
+    """New strategies run, old rows are reused, the report keeps the earlier complete strategies."""
+    result, _, out = small_run
+    path = out / "rows.jsonl"
+    before = [json.loads(x) for x in path.read_text().splitlines()]
+    cfg = EvalConfig(model=str(default_first.resolve()), **{**SMALL, "kinds": ("full", "static"), "ks": (3,)})
+    grown = Evaluation(cfg, out, command="second").run()
+    after = [json.loads(x) for x in path.read_text().splitlines()]
+    assert after[:len(before)] == before
+    new = {r["strategy"] for r in after[len(before):]}
+    assert new == {"static-3"}  # nothing else is recomputed
+    assert set(grown["summary"]) == set(result["summary"]) | {"static-3"}
+    for name, s in result["summary"].items():  # earlier strategies: the same figures
+        assert grown["summary"][name]["humaneval"] == s["humaneval"] and grown["summary"][name]["tf"] == s["tf"]
+    assert grown["strategies"]["static-3"]["skip"] == sorted(grown["static_order"][:3])
+    assert json.loads((out / "config.json").read_text())["commands"][-1] == "second"
+    # fewer problems: the report covers only those; more problems: only the requested strategies
+    # grow, earlier ones without rows for the new problem drop out of the report
+    one = Evaluation(EvalConfig(model=str(default_first.resolve()), **{**SMALL, "limit": 1}), out).run()
+    assert one["summary"]["full"]["humaneval"]["n"] == 1 and "static-3" in one["summary"]
+    three = Evaluation(EvalConfig(model=str(default_first.resolve()),
+                                  **{**SMALL, "limit": 3, "kinds": ("full",), "ks": ()}), out).run()
+    assert set(three["summary"]) == {"full"} and three["summary"]["full"]["humaneval"]["n"] == 3
+    assert three["summary"]["full"]["speed"]["decode_x"] == 1.0
+
+
+def test_speeds_pair_rows_of_one_run():
+    """A strategy's speed is compared with full's rows of the same items and the same run only."""
+    from first_gguf.evaluation.runner import _strategy_summary
+
+    def row(i, run, t):
+        return {"task": "chat", "id": str(i), "run": run, "n_decode": 10, "t_decode": t, "n_prompt": 5,
+                "t_prefill": 1.0, "tokens": [1], "skipped": []}
+
+    full = {"chat": [row(0, "a", 1.0), row(1, "b", 2.0)]}
+    s = _strategy_summary({"chat": [row(0, "a", 0.5), row(1, "c", 0.1)]}, full)
+    assert s["speed"]["decode_tok_s"] == 20.0 and s["speed"]["decode_x"] == 2.0  # item 1 is another run
 
 
 def test_not_a_first_gguf_is_refused(default_base, tmp_path):
@@ -108,6 +147,10 @@ def test_strategies_on_small_inputs():
     assert len(set(r)) == 3 and not {0, 9} & set(r) and r == random_skip(10, [0, 9], 3, seed=1)
     with pytest.raises(FirstError, match="skip count 9"):
         build_strategies(10, [0, 9], list(range(1, 9)), ks=(9,), thresholds=(None,), random_seeds=1)
+    built = build_strategies(10, [0, 9], [4, 2, 6, 1, 8, 3, 5, 7], ks=(1, 3), thresholds=(None, 0.25), random_seeds=2)
+    assert [strategy_from_name(s.name, 10, [0, 9], [4, 2, 6, 1, 8, 3, 5, 7]) for s in built] == built
+    with pytest.raises(FirstError, match="unknown strategy name 'static'"):
+        strategy_from_name("static", 10, [0, 9], [4, 2])
     with pytest.raises(FirstError, match="unknown strategies"):
         build_strategies(10, [0, 9], list(range(1, 9)), ks=(1,), thresholds=(None,), random_seeds=1,
                          kinds=("magic",))

@@ -19,7 +19,6 @@ def _kind(name: str, result: dict) -> str:
 def rows(result: dict) -> list[dict]:
     """One flat row per reported strategy, in report order, with ratios to ``full``."""
     summary = result["summary"]
-    full_speed = summary.get("full", {}).get("speed", {})
     full_pass = summary.get("full", {}).get("humaneval", {}).get("pass@1")
     out = []
     for name, s in summary.items():
@@ -27,12 +26,12 @@ def rows(result: dict) -> list[dict]:
         he = s.get("humaneval", {})
         row = {"strategy": name, "kind": _kind(name, result), "skipped": s.get("skipped"),
                "pass@1": he.get("pass@1"), "n_humaneval": he.get("n"),
+               "skipped_he": he.get("skipped"),
                "pass_rel": he["pass@1"] / full_pass if he and full_pass else None,
                "top1": s.get("tf", {}).get("top1"), "kl": s.get("tf", {}).get("kl"), "ppl": s.get("tf", {}).get("ppl"),
                "chat_prefix": s.get("chat", {}).get("prefix_fraction"), "chat_exact": s.get("chat", {}).get("exact"),
-               "decode_tok_s": speed.get("decode_tok_s"), "prefill_tok_s": speed.get("prefill_tok_s")}
-        for key, ref in (("decode", "decode_tok_s"), ("prefill", "prefill_tok_s")):
-            row[f"{key}_x"] = speed[ref] / full_speed[ref] if speed.get(ref) and full_speed.get(ref) else None
+               "decode_tok_s": speed.get("decode_tok_s"), "prefill_tok_s": speed.get("prefill_tok_s"),
+               "decode_x": speed.get("decode_x"), "prefill_x": speed.get("prefill_x")}
         out.append(row)
     return sorted(out, key=lambda r: (ORDER.index(r["kind"]), r["skipped"] or 0, r["strategy"]))
 
@@ -43,12 +42,14 @@ def _f(v, fmt: str) -> str:
 
 def format_table(result: dict) -> str:
     """The main table as Markdown."""
-    lines = ["| strategy | mean skipped | HumanEval pass@1 | of full | top-1 | KL | ppl | chat prefix / exact "
-             "| decode tok/s | x full | prefill tok/s | x full |",
+    lines = ["| strategy | mean skipped (all / HumanEval) | HumanEval pass@1 | of full | top-1 | KL | ppl "
+             "| chat prefix / exact | decode tok/s | x full | prefill tok/s | x full |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows(result):
-        he = "-" if r["pass@1"] is None else f"{r['pass@1']:.3f} ({round(r['pass@1'] * r['n_humaneval'])}/{r['n_humaneval']})"
-        lines.append(f"| {r['strategy']} | {_f(r['skipped'], '.2f')} | {he} | {_f(r['pass_rel'], '.0%')} | "
+        he = ("-" if r["pass@1"] is None
+              else f"{r['pass@1']:.3f} ({round(r['pass@1'] * r['n_humaneval'])}/{r['n_humaneval']})")
+        lines.append(f"| {r['strategy']} | {_f(r['skipped'], '.2f')} / {_f(r['skipped_he'], '.2f')} | {he} | "
+                     f"{_f(r['pass_rel'], '.0%')} | "
                      f"{_f(r['top1'], '.3f')} | {_f(r['kl'], '.3f')} | {_f(r['ppl'], '.2f')} | "
                      f"{_f(r['chat_prefix'], '.2f')} / {_f(r['chat_exact'], '.2f')} | "
                      f"{_f(r['decode_tok_s'], '.1f')} | {_f(r['decode_x'], '.3f')} | "
@@ -68,10 +69,12 @@ def format_heatmap(result: dict) -> str:
     return "\n".join(lines)
 
 
-def format_report(result: dict, command: str | None = None) -> str:
-    """The whole report: setup line, command, main table, static order, skip tables."""
+def format_report(result: dict) -> str:
+    """The whole report: setup line, the commands that wrote the rows, main table, static order, skip tables."""
     cfg = result["config"]
     he_n = next((r["n_humaneval"] for r in rows(result) if r["n_humaneval"]), None)
+    seeds = sorted({len(s["members"]) for s in result["summary"].values()
+                    if result["strategies"][s["members"][0]]["kind"] == "random"})
     parts = [f"Model `{Path(result['model']).name}` ({result['n_layer']} layers, protected {result['protected']}); "
              f"{result['machine']}, {result['threads']} threads, {result['date']}.",
              f"HumanEval: {he_n or 0} problems, greedy raw completion, at most {cfg['max_new_tokens']} new tokens, "
@@ -79,9 +82,10 @@ def format_report(result: dict, command: str | None = None) -> str:
              f"prompts per family ({cfg['max_prompt_tokens']} tokens at most), {cfg['cont_tokens']} tokens of the "
              f"full model's greedy continuation; ppl on the real text after the prompt. Chat: {cfg['n_chat']} "
              f"held-out chat requests, {cfg['chat_tokens']} greedy tokens. Speeds: all generation of the run, "
-             f"strategies interleaved item by item. `random-K` pools {cfg['random_seeds']} seeds.", ""]
-    if command:
-        parts += ["```sh", command, "```", ""]
+             f"strategies interleaved item by item"
+             + (f". `random-K` pools {'/'.join(map(str, seeds))} seeds." if seeds else "."), ""]
+    if result.get("commands"):
+        parts += ["```sh", *result["commands"], "```", ""]
     parts += [format_table(result), "",
               f"Static order (block influence on training prompts, least first): {result['static_order']}", "",
               format_heatmap(result)]
@@ -89,25 +93,28 @@ def format_report(result: dict, command: str | None = None) -> str:
 
 
 def plot_quality_speed(result: dict, path: Path) -> None:
-    """HumanEval pass@1 and teacher-forced top-1 vs decode speed (x full), one series per kind."""
+    """HumanEval pass@1 and top-1 vs decode speed (x full), and pass@1 vs layers skipped; one series per kind."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     rs = rows(result)
-    for ax, metric, label in ((axes[0], "pass@1", "HumanEval pass@1"), (axes[1], "top1", "top-1 agreement with full")):
+    panels = ((axes[0], "decode_x", "pass@1", "HumanEval pass@1"),
+              (axes[1], "decode_x", "top1", "top-1 agreement with full"),
+              (axes[2], "skipped_he", "pass@1", "HumanEval pass@1"))
+    for ax, x, metric, label in panels:
         for j, kind in enumerate(ORDER):
-            pts = sorted((r["decode_x"], r[metric], r["strategy"]) for r in rs
-                         if r["kind"] == kind and r["decode_x"] is not None and r[metric] is not None)
+            pts = sorted((r[x], r[metric], r["strategy"]) for r in rs
+                         if r["kind"] == kind and r[x] is not None and r[metric] is not None)
             if not pts:
                 continue
             xs, ys, names = zip(*pts)
             ax.plot(xs, ys, "o-" if kind == "first" else "s--", color=f"C{j}", label=kind)
-            for x, y, n in pts:
-                ax.annotate(n, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel("decode speed, x full")
+            for px, py, n in pts:
+                ax.annotate(n, (px, py), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("decode speed, x full" if x == "decode_x" else "layers skipped on HumanEval (mean)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"{Path(result['model']).name}: quality vs decode speed ({result['date']})", fontsize=9)
+    fig.suptitle(f"{Path(result['model']).name}: quality vs decode speed and skip count ({result['date']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -134,12 +141,12 @@ def plot_skip_heatmap(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(result: dict, out: Path, command: str | None = None) -> Path:
+def write_report(result: dict, out: Path) -> Path:
     """``report.md``, ``quality-speed.png`` and ``skips.png`` in ``out``; returns the Markdown path."""
     out.mkdir(parents=True, exist_ok=True)
     plot_quality_speed(result, out / "quality-speed.png")
     plot_skip_heatmap(result, out / "skips.png")
     md = out / "report.md"
-    md.write_text(format_report(result, command) + "\n\n![quality vs speed](quality-speed.png)\n\n"
+    md.write_text(format_report(result) + "\n\n![quality vs speed](quality-speed.png)\n\n"
                   "![layers skipped per task](skips.png)\n")
     return md

@@ -13,6 +13,12 @@ Strategies run interleaved item by item (their order rotates), so the decode and
 speeds of the generation tasks are measured side by side in the same run. Every finished
 (task, item, strategy) row is appended to ``<out>/rows.jsonl`` at once: an interrupted run
 resumes where it stopped; ``results.json`` and the report are rebuilt from the rows.
+
+A run directory is bound to the settings rows depend on (``EvalConfig.key``), not to the
+set of strategies, tasks or problems: a later command may add strategies or problems and
+only the missing rows run. The report covers the requested strategies plus every earlier
+one whose rows are complete for the requested tasks and problems; ``config.json`` lists
+every command that wrote rows.
 """
 
 from __future__ import annotations
@@ -34,11 +40,12 @@ from . import humaneval, metrics
 from .strategies import KINDS, Strategy, block_influence, build_strategies, static_order
 
 TASKS = ("humaneval", "tf", "chat")
+SELECTORS = ("tasks", "kinds", "ks", "thresholds", "random_seeds", "limit")  # which rows, not how
 
 
 @dataclass
 class EvalConfig:
-    """What one run evaluates (stored in ``<out>/config.json``; a resume must match it)."""
+    """What one command evaluates; ``key()`` (stored in ``<out>/config.json``) binds the directory."""
 
     model: str
     tasks: tuple[str, ...] = TASKS
@@ -59,9 +66,9 @@ class EvalConfig:
     seed: int = 0
 
     def key(self) -> dict:
-        """The fields a resumed run must share (everything but speed settings and the limit)."""
+        """The settings every row of a run directory shares: all but what selects rows and the threads."""
         d = dataclasses.asdict(self)
-        for name in ("threads", "limit"):
+        for name in SELECTORS + ("threads",):
             d.pop(name)
         path = Path(self.model)  # the file by name and size: reports carry no machine paths
         d["model"] = {"name": path.name, "bytes": path.stat().st_size}
@@ -167,8 +174,10 @@ def _tf_logits(llm, prompt: Sequence[int], cont: Sequence[int]) -> tuple[np.ndar
 class Evaluation:
     """A resumable evaluation run writing into ``out``."""
 
-    def __init__(self, cfg: EvalConfig, out: Path, log=None) -> None:
-        self.cfg, self.out = cfg, Path(out)
+    def __init__(self, cfg: EvalConfig, out: Path, log=None, command: str | None = None) -> None:
+        self.cfg, self.out, self.command = cfg, Path(out), command
+        # rows of one command share a run stamp: speeds are compared only within one run
+        self.run_id = f"{time.strftime('%Y-%m-%dT%H:%M:%S')}/{cfg.threads or os.cpu_count()}t"
         self.log = log or (lambda msg: print(f"[first-gguf eval] {msg}", file=sys.stderr, flush=True))
         self.rows_path = self.out / "rows.jsonl"
         self.done: dict[tuple[str, str, str], dict] = {}
@@ -180,15 +189,23 @@ class Evaluation:
     def _check_config(self) -> None:
         path = self.out / "config.json"
         want = self.cfg.key()
+        commands: list[str] = []
         if path.is_file():
-            have = json.loads(path.read_text())
-            if have != want:
-                diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+            try:
+                have = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise FirstError(f"{path}: not JSON ({e})") from None
+            diff = sorted(k for k in want if have.get(k) != want[k])
+            if diff:
                 raise FirstError(f"{self.out}: holds a run with other settings ({', '.join(diff)}); "
-                                 f"use another --out directory or the same settings to resume")
+                                 f"use another --out directory or the same settings to resume or extend it")
+            commands = list(have.get("commands", []))
         else:
             self.out.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(want, indent=1) + "\n")
+        if self.command and self.command not in commands:
+            commands.append(self.command)
+        self.commands = commands
+        path.write_text(json.dumps({**want, "commands": commands}, indent=1) + "\n")
 
     def _load_rows(self) -> None:
         if not self.rows_path.is_file():
@@ -231,29 +248,53 @@ class Evaluation:
             order = self._static_order(llm, protected)
             strategies = build_strategies(n_layer, protected, order, cfg.ks, cfg.thresholds, cfg.random_seeds,
                                           cfg.kinds)
-            self.strategies = strategies
             tok = LlamaTokenizer(llm)
+            items: dict[str, list[Item]] = {}
             if "humaneval" in cfg.tasks:
-                self._generation_task(llm, strategies, self._humaneval_items(llm), cfg.max_new_tokens,
-                                      _stop_humaneval)
+                items["humaneval"] = self._humaneval_items(llm)
+                self._generation_task(llm, strategies, items["humaneval"], cfg.max_new_tokens, _stop_humaneval)
                 self._score_humaneval()
             if "chat" in cfg.tasks:
-                self._generation_task(llm, strategies, self._chat_items(tok), cfg.chat_tokens, None)
-            items = self._tf_items(tok) if "tf" in cfg.tasks else []
+                items["chat"] = self._chat_items(tok)
+                self._generation_task(llm, strategies, items["chat"], cfg.chat_tokens, None)
+            if "tf" in cfg.tasks:
+                items["tf"] = self._tf_items(tok)
         finally:
             llm.close()
-        if items:
+        if items.get("tf"):
             tf = self._open(n_ctx=cfg.max_prompt_tokens + max(cfg.cont_tokens, 64) + 8, logits_all=True)
             try:
-                self._tf_task(tf, strategies, items)
+                self._tf_task(tf, strategies, items["tf"])
             finally:
                 tf.close()
-        result = summarize(self.done.values(), strategies, self.meta(order, n_layer, protected))
+        strategies = strategies + self._earlier_strategies(strategies, items, n_layer, protected, order)
+        self.strategies = strategies
+        current = {(task, it.id) for task, its in items.items() for it in its}
+        rows = [r for r in self.done.values() if (r["task"], r["id"]) in current]
+        result = summarize(rows, strategies, self.meta(order, n_layer, protected))
         (self.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
         return result
 
+    def _earlier_strategies(self, strategies: list[Strategy], items: dict[str, list[Item]], n_layer: int,
+                            protected: list[int], order: list[int]) -> list[Strategy]:
+        """Strategies of earlier commands whose rows cover every item of this one (scored, for HumanEval)."""
+        from .strategies import strategy_from_name
+
+        asked = {s.name for s in strategies}
+        names = list(dict.fromkeys(name for _, _, name in self.done if name not in asked))
+
+        def complete(name: str) -> bool:
+            return all((task, it.id, name) in self.done and (task != "humaneval" or "status" in self.done[
+                (task, it.id, name)]) for task, its in items.items() for it in its)
+
+        try:
+            return [strategy_from_name(n, n_layer, protected, order) for n in names if complete(n)]
+        except FirstError as e:
+            raise FirstError(f"{self.rows_path}: {e}") from None
+
     def meta(self, order: list[int], n_layer: int, protected: list[int]) -> dict:
         return {"model": Path(self.cfg.model).name, "config": self.cfg.key(), "limit": self.cfg.limit,
+                "commands": self.commands,
                 "threads": self.cfg.threads or os.cpu_count(), "n_layer": n_layer, "protected": protected,
                 "static_order": order, "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
                 "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -331,7 +372,7 @@ class Evaluation:
                 s.apply(llm)
                 g = generate(llm, it.prompt, max_new, stop)
                 row = {"task": it.task, "id": it.id, "strategy": s.name, "family": it.family,
-                       "n_prompt": len(it.prompt), **g}
+                       "n_prompt": len(it.prompt), "run": self.run_id, **g}
                 if it.problem is not None:
                     row["completion"] = humaneval.truncate_completion(g["text"])
                 self._write(row)
@@ -425,7 +466,8 @@ def _strategy_summary(tasks: dict[str, list[dict]], full: dict[str, list[dict]])
     s: dict[str, Any] = {}
     he = [r for r in tasks.get("humaneval", []) if "status" in r]
     if he:
-        s["humaneval"] = {"pass@1": float(np.mean([r["status"] == "passed" for r in he])), "n": len(he)}
+        s["humaneval"] = {"pass@1": float(np.mean([r["status"] == "passed" for r in he])), "n": len(he),
+                          "skipped": float(np.mean([len(r["skipped"]) for r in he]))}
     tf = tasks.get("tf", [])
     if tf:
         w = np.array([r["n"] for r in tf], dtype=float)
@@ -445,16 +487,27 @@ def _strategy_summary(tasks: dict[str, list[dict]], full: dict[str, list[dict]])
         if agree:
             s["chat"] = {"prefix_fraction": float(np.mean([a["prefix_fraction"] for a in agree])),
                          "exact": float(np.mean([a["exact"] for a in agree])), "n": len(agree)}
-    gen = tasks.get("humaneval", []) + chat
+    # speeds: rows generated in the same run (command) as full's row of their item, against
+    # full's rows of those items (a run directory can hold rows of several commands)
+    full_rows = {(r["task"], r["id"]): r for task in ("humaneval", "chat") for r in full.get(task, [])}
+    gen = [r for r in tasks.get("humaneval", []) + chat
+           if (r["task"], r["id"]) in full_rows and full_rows[(r["task"], r["id"])].get("run") == r.get("run")]
     if gen:
-        n_dec, t_dec = sum(r["n_decode"] for r in gen), sum(r["t_decode"] for r in gen)
-        n_pre, t_pre = sum(r["n_prompt"] for r in gen), sum(r["t_prefill"] for r in gen)
-        s["speed"] = {"decode_tok_s": n_dec / t_dec if t_dec else None,
-                      "prefill_tok_s": n_pre / t_pre if t_pre else None}
+        s["speed"] = speed = _speeds(gen)
+        ref = _speeds([full_rows[k] for k in dict.fromkeys((r["task"], r["id"]) for r in gen)])
+        for key in ("decode", "prefill"):
+            mine, base = speed[f"{key}_tok_s"], ref[f"{key}_tok_s"]
+            speed[f"{key}_x"] = mine / base if mine and base else None
     every = [r for rs in tasks.values() for r in rs]
     if every:
         s["skipped"] = float(np.mean([len(r["skipped"]) for r in every]))
     return s
+
+
+def _speeds(rows: list[dict]) -> dict:
+    n_dec, t_dec = sum(r["n_decode"] for r in rows), sum(r["t_decode"] for r in rows)
+    n_pre, t_pre = sum(r["n_prompt"] for r in rows), sum(r["t_prefill"] for r in rows)
+    return {"decode_tok_s": n_dec / t_dec if t_dec else None, "prefill_tok_s": n_pre / t_pre if t_pre else None}
 
 
 def _skip_heatmap(rows: list[dict], strategies: list[Strategy], n_layer: int) -> dict:
@@ -500,6 +553,6 @@ def run_eval(model: str | None = None, out: Path | None = None, **options: Any) 
     if unknown:
         raise FirstError(f"unknown tasks {sorted(unknown)}; choose from {', '.join(TASKS)}")
     out = Path(out) if out else Path("eval") / path.name.removesuffix(".gguf")
-    result = Evaluation(cfg, out).run()
     command = "first-gguf eval " + " ".join(sys.argv[2:]) if Path(sys.argv[0]).name == "first-gguf" else None
-    return result, write_report(result, out, command)
+    result = Evaluation(cfg, out, command=command).run()
+    return result, write_report(result, out)

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -131,3 +132,29 @@ def build_strategies(n_layer: int, protected: Sequence[int], order: Sequence[int
         if "pruned" in kinds:
             out.append(Strategy(f"pruned-{k}", "pruned", "mask", static, prefill="masked"))
     return out
+
+
+_NAME = re.compile(r"(?:(full)|first(?:@([0-9.e+-]+))?|(static|early-exit|pruned)-(\d+)|random-(\d+)/s(\d+))")
+
+
+def strategy_from_name(name: str, n_layer: int, protected: Sequence[int], order: Sequence[int]) -> Strategy:
+    """The strategy ``build_strategies`` names ``name`` (rows of an earlier run carry only names).
+
+    Raises:
+        FirstError: a name ``build_strategies`` never writes.
+    """
+    m = _NAME.fullmatch(name)
+    if not m:
+        raise FirstError(f"unknown strategy name {name!r}")
+    full, threshold, kind, k, rk, seed = m.groups()
+    if full:
+        return build_strategies(n_layer, protected, order, (), (), 0, ("full",))[0]
+    if kind:
+        ks, kinds, seeds = (int(k),), (kind,), 0
+    elif rk:
+        ks, kinds, seeds = (int(rk),), ("random",), int(seed) + 1
+    else:
+        ks, kinds, seeds = (), ("first",), 0
+    built = build_strategies(n_layer, protected, order, ks, (None if threshold is None else float(threshold),),
+                             seeds, kinds)
+    return next(s for s in built if s.name == name)
