@@ -19,6 +19,7 @@ from . import gguf_router as gr
 from . import models
 from .errors import FirstError
 from .paths import cache_dir
+from .router_file import stored_w1_dtype
 
 
 def _log(msg: str) -> None:
@@ -28,19 +29,32 @@ def _log(msg: str) -> None:
 def demo_first_gguf(model: str, seed: int = 0) -> Path:
     """The zoo model with its committed routers (else the recipe's) as a FiRST-GGUF in the cache (rebuilt if stale)."""
     base = models.fetch(model)
-    routers = shipped_routers(model)
+    routers, shipped = shipped_routers(model), shipped_routers_path(model)
     if routers is None:
         info = gr.inspect_gguf(base)
         routers = gr.make_identity_routers(info["n_layer"], info["n_embd"], seed=seed)
+    w1 = stored_w1_dtype(shipped) if shipped else "f32"  # a W1 shipped as F16 stays F16 in the GGUF
     out_dir = cache_dir() / "demo"
     out_dir.mkdir(parents=True, exist_ok=True)
-    router_file = gr.save_router_file(routers, out_dir / f"{model}.routers.safetensors", force=True)
+    router_file = gr.save_router_file(routers, out_dir / f"{model}.routers.safetensors", force=True, w1_dtype=w1)
     out = out_dir / f"{model}.first.gguf"
-    if out.is_file() and out.stat().st_mtime >= base.stat().st_mtime and _same_routers(out, routers):
+    if (out.is_file() and out.stat().st_mtime >= base.stat().st_mtime and _same_routers(out, routers)
+            and _w1_dtype(out) == w1):
         _log(f"reusing {out}")
         return out
     _log(f"attaching {router_file.name} to {base.name}")
-    return gr.attach_routers(base, gr.load_router_file(router_file), out, force=True)
+    return gr.attach_routers(base, gr.load_router_file(router_file), out, force=True, w1_dtype=w1)
+
+
+def _w1_dtype(path: Path) -> str:
+    """"f16" or "f32": how a FiRST-GGUF stores its routers' W1."""
+    import gguf
+
+    from .constants import ROUTER_F16_ROLES, router_tensor_name
+
+    name = router_tensor_name(ROUTER_F16_ROLES[0], 0)
+    kind = next((t.tensor_type for t in gguf.GGUFReader(path).tensors if t.name == name), None)
+    return "f16" if kind == gguf.GGMLQuantizationType.F16 else "f32"
 
 
 def shipped_routers_path(model: str) -> Path | None:

@@ -24,7 +24,14 @@ import numpy as np
 import safetensors
 from safetensors.numpy import save_file
 
-from .constants import FIRST_KEY_PREFIX, KEY_ROUTER_HIDDEN_SIZE, KEY_VERSION, ROUTER_NORM, router_tensor_name
+from .constants import (
+    FIRST_KEY_PREFIX,
+    KEY_ROUTER_HIDDEN_SIZE,
+    KEY_VERSION,
+    ROUTER_F16_ROLES,
+    ROUTER_NORM,
+    router_tensor_name,
+)
 from .errors import FirstError, FormatError
 from .router_set import (
     RouterSet,
@@ -74,26 +81,49 @@ def atomic_output(out: Path) -> Iterator[Path]:
         raise
 
 
-def save_router_file(routers: RouterSet, path: str | os.PathLike, force: bool = False) -> Path:
+def save_router_file(routers: RouterSet, path: str | os.PathLike, force: bool = False,
+                     w1_dtype: str = "f32") -> Path:
     """Write routers as a .safetensors router file (layout in the module docstring).
 
     Args:
         routers: The routers; checked against the format's rules first.
         path: File to write.
         force: Overwrite an existing file.
+        w1_dtype: "f32", or "f16" to store W1 as float16 (half the size; loads as float32).
 
     Returns:
         The path written.
+
+    Raises:
+        FormatError: W1 overflows float16.
     """
     out = Path(path)
     routers.check()
+    if w1_dtype not in ("f32", "f16"):
+        raise FirstError(f"w1_dtype must be 'f32' or 'f16', not {w1_dtype!r}")
     check_output_path(out, force)
-    tensors = {router_tensor_name(role, bid): np.ascontiguousarray(arr)
-               for bid in range(routers.n_layer) for role, arr in routers.tensors[bid].items()}
+    tensors = {}
+    for bid in range(routers.n_layer):
+        for role, arr in routers.tensors[bid].items():
+            name = router_tensor_name(role, bid)
+            if role in ROUTER_F16_ROLES and w1_dtype == "f16":
+                with np.errstate(over="ignore"):
+                    arr = arr.astype(np.float16)
+                if not np.isfinite(arr).all():
+                    raise FormatError(f"{routers.source}: layer {bid}: {name} overflows F16; store it as F32")
+            tensors[name] = np.ascontiguousarray(arr)
     meta = {key: json.dumps(value) for key, value in routers.metadata().items()}
     with atomic_output(out) as tmp:
         save_file(tensors, tmp, metadata=meta)
     return out
+
+
+def stored_w1_dtype(path: str | os.PathLike) -> str:
+    """"f16" when the router file stores W1 as float16, else "f32"."""
+    stored, _ = _read_safetensors(Path(path))
+    roles = {name: parse_router_name(name) for name in stored}
+    w1 = [t.dtype for name, t in stored.items() if roles[name] and roles[name][1] in ROUTER_F16_ROLES]
+    return "f16" if w1 and all(d == "F16" for d in w1) else "f32"
 
 
 def load_router_file(path: str | os.PathLike) -> RouterSet:

@@ -189,6 +189,30 @@ def test_attach_never_overwrites_its_base(tmp_path):
     assert ggufs.sha256(base) == before
 
 
+def test_router_file_with_f16_w1(tiny_base, tmp_path):
+    """W1 stored as F16 loads as float32 (the rounded values) and attaches to the same F16 GGUF."""
+    from first_gguf.router_file import stored_w1_dtype
+
+    routers = _routers()
+    half = gr.save_router_file(routers, tmp_path / "half.safetensors", w1_dtype="f16")
+    full = gr.save_router_file(routers, tmp_path / "full.safetensors")
+    assert (stored_w1_dtype(half), stored_w1_dtype(full)) == ("f16", "f32")
+    assert half.stat().st_size < full.stat().st_size
+    back = gr.load_router_file(half)
+    for bid in range(ggufs.N_LAYER):
+        for role, want in routers.tensors[bid].items():
+            rounded = want.astype(np.float16).astype(np.float32) if role == C.ROUTER_IN_WEIGHT else want
+            assert back.tensors[bid][role].dtype == np.float32 and np.array_equal(back.tensors[bid][role], rounded)
+    a = gr.attach_routers(tiny_base, back, tmp_path / "a.gguf", w1_dtype="f16")
+    b = gr.attach_routers(tiny_base, gr.load_router_file(full), tmp_path / "b.gguf", w1_dtype="f16")
+    assert a.read_bytes() == b.read_bytes()
+    huge = _routers()
+    huge.tensors[2][C.ROUTER_IN_WEIGHT][0, 0] = 1e6
+    with pytest.raises(FormatError, match=r"layer 2: blk\.2\.first_router_in\.weight overflows F16"):
+        gr.save_router_file(huge, tmp_path / "huge.safetensors", w1_dtype="f16")
+    assert not (tmp_path / "huge.safetensors").exists()
+
+
 def test_attach_rejects_invalid_routers_and_dtype(tiny_base, tmp_path):
     bad = _routers()
     bad.tensors[1][C.ROUTER_OUT_BIAS] = np.array([np.nan], np.float32)

@@ -310,19 +310,22 @@ def test_lora_stage_writes_a_merged_model(tiny_dir, text_file, tmp_path, capfd):
             force=False)
 
 
-def test_committed_routers_are_the_readme_recipe():
+@pytest.mark.parametrize("model, n_layer, n_embd", [("qwen2.5-coder-0.5b-instruct", 24, 896),
+                                                    ("qwen2.5-coder-1.5b-instruct", 28, 1536)])
+def test_committed_routers_are_the_readme_recipe(model, n_layer, n_embd):
     import re
     from pathlib import Path
 
     from first_gguf.demo import shipped_routers
     from first_gguf.train import recipe
 
-    rs = shipped_routers(recipe.COMMITTED_MODEL)
-    assert rs is not None and (rs.n_layer, rs.n_embd, rs.threshold) == (24, 896, 0.5)
+    assert model in recipe.COMMITTED_MODELS
+    rs = shipped_routers(model)
+    assert rs is not None and (rs.n_layer, rs.n_embd, rs.threshold) == (n_layer, n_embd, 0.5)
     src = rs.train_source
-    for part in (f"base {recipe.COMMITTED_MODEL};", f"{recipe.COMMITTED['examples']} examples",
+    for part in (f"base {model};", f"{recipe.COMMITTED['examples']} examples",
                  f"{recipe.COMMITTED['gate']} gates", f"lam {recipe.COMMITTED['lam']}",
                  f"{recipe.COMMITTED['steps']} steps"):
         assert part in src, (part, src)
     readme = re.sub(r"\\\n\s*", "", (Path(__file__).parents[1] / "README.md").read_text())
-    assert recipe.committed_command() in readme
+    assert recipe.committed_command(model=model) in readme

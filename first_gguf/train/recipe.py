@@ -34,10 +34,11 @@ LORA_LR = 2e-4
 # gates with a strong skip penalty spread the skipping over more inputs than soft gates do.
 COMMITTED: dict[str, object] = {"gate": "concrete", "lam": 1.0, "steps": 600, "examples": 192}
 COMMITTED_MODEL = "qwen2.5-coder-0.5b-instruct"
+# Every model with committed routers, all trained with COMMITTED (the 1.5B's W1 stored as F16).
+COMMITTED_MODELS = (COMMITTED_MODEL, "qwen2.5-coder-1.5b-instruct")
 
 
-def committed_command(threads: int = 2) -> str:
-    """The ``first-gguf train`` command line that reproduces the committed routers."""
+def committed_command(threads: int = 2, model: str = COMMITTED_MODEL) -> str:
+    """The ``first-gguf train`` command line that reproduces ``model``'s committed routers."""
     opts = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in COMMITTED.items())
-    return (f"first-gguf train {COMMITTED_MODEL} -o {COMMITTED_MODEL}.routers.safetensors {opts} "
-            f"--threads {threads}")
+    return f"first-gguf train {model} -o {model}.routers.safetensors {opts} --threads {threads}"
