@@ -312,3 +312,26 @@ def test_aggregate_unweighted_rows_and_bad_input() -> None:
         metrics.aggregate([])
     with pytest.raises(FirstError, match="share their keys"):
         metrics.aggregate([{"a": 1.0}, {"b": 1.0}])
+
+
+def test_paired_humaneval_comparison() -> None:
+    """Discordant problems per pair, random seeds pooled as fractions, an exact sign test."""
+    from first_gguf.evaluation.results import paired
+
+    def he(**passed):
+        return {"humaneval": {"passed": passed}}
+
+    result = {"strategies": {"full": {"kind": "full"}, "first@0.5": {"kind": "first"},
+                             "static-2": {"kind": "static"}, "random-2/s0": {"kind": "random"},
+                             "random-2/s1": {"kind": "random"}},
+              "summary": {"full": {**he(full=["a", "b", "c"]), "members": ["full"]},
+                          "first@0.5": {**he(**{"first@0.5": ["a", "b", "d"]}), "members": ["first@0.5"]},
+                          "static-2": {**he(**{"static-2": ["a"]}), "members": ["static-2"]},
+                          "random-2": {**he(**{"random-2/s0": ["a", "e"], "random-2/s1": []}),
+                                       "members": ["random-2/s0", "random-2/s1"]}}}
+    rows = {r["other"]: r for r in paired(result)}
+    assert set(rows) == {"full", "static-2", "random-2"}
+    assert (rows["full"]["only_first"], rows["full"]["only_other"], rows["full"]["p"]) == (1, 1, 1.0)
+    assert (rows["static-2"]["only_first"], rows["static-2"]["only_other"]) == (2, 0)
+    assert rows["static-2"]["p"] == 0.5  # 2 of 2 discordant problems one way: 2 * 0.5**2
+    assert (rows["random-2"]["only_first"], rows["random-2"]["only_other"], rows["random-2"]["p"]) == (2.5, 0.5, None)

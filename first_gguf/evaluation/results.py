@@ -57,6 +57,58 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def paired(result: dict) -> list[dict]:
+    """HumanEval problem by problem, each ``first`` strategy against every non-``first`` one.
+
+    Returns:
+        Rows ``{"first", "other", "only_first", "only_other", "p"}``: problems only one of the two
+        solves (a ``random-K`` pools its seeds, so counts can be fractional) and the two-sided
+        sign-test p-value of the discordant problems (None for pooled seeds).
+    """
+    from math import comb
+
+    summary = result["summary"]
+
+    def solved(name: str) -> dict[str, float] | None:
+        he = summary[name].get("humaneval")
+        if not he or "passed" not in he:
+            return None
+        out: dict[str, float] = {}
+        for ids in he["passed"].values():
+            for pid in ids:
+                out[pid] = out.get(pid, 0.0) + 1.0 / len(summary[name]["members"])
+        return out
+
+    out = []
+    firsts = [n for n in summary if _kind(n, result) == "first"]
+    for f in firsts:
+        fs = solved(f)
+        for other in summary:
+            os_ = solved(other)
+            if _kind(other, result) == "first" or fs is None or os_ is None:
+                continue
+            ids = set(fs) | set(os_)
+            a = sum(max(0.0, fs.get(i, 0.0) - os_.get(i, 0.0)) for i in ids)
+            b = sum(max(0.0, os_.get(i, 0.0) - fs.get(i, 0.0)) for i in ids)
+            p = None
+            if a == int(a) and b == int(b) and len(summary[other]["members"]) == 1:
+                n, k = int(a + b), int(min(a, b))
+                p = min(1.0, 2 * sum(comb(n, j) for j in range(k + 1)) / 2 ** n) if n else 1.0
+            out.append({"first": f, "other": other, "only_first": a, "only_other": b, "p": p})
+    return out
+
+
+def format_paired(result: dict) -> str:
+    rs = paired(result)
+    if not rs:
+        return ""
+    lines = ["HumanEval problem by problem (problems only one side solves; sign test on those):", "",
+             "| FiRST | other | only FiRST | only other | p |", "|---|---|---|---|---|"]
+    lines += [f"| {r['first']} | {r['other']} | {r['only_first']:g} | {r['only_other']:g} | {_f(r['p'], '.3f')} |"
+              for r in rs]
+    return "\n".join(lines) + "\n"
+
+
 def format_heatmap(result: dict) -> str:
     n_layer = result["n_layer"]
     lines = []
@@ -86,7 +138,7 @@ def format_report(result: dict) -> str:
              + (f". `random-K` pools {'/'.join(map(str, seeds))} seeds." if seeds else "."), ""]
     if result.get("commands"):
         parts += ["```sh", *result["commands"], "```", ""]
-    parts += [format_table(result), "",
+    parts += [format_table(result), "", format_paired(result),
               f"Static order (block influence on training prompts, least first): {result['static_order']}", "",
               format_heatmap(result)]
     return "\n".join(parts)

@@ -466,8 +466,10 @@ def _strategy_summary(tasks: dict[str, list[dict]], full: dict[str, list[dict]])
     s: dict[str, Any] = {}
     he = [r for r in tasks.get("humaneval", []) if "status" in r]
     if he:
+        passed = {name: sorted(r["id"] for r in he if r["strategy"] == name and r["status"] == "passed")
+                  for name in dict.fromkeys(r["strategy"] for r in he)}
         s["humaneval"] = {"pass@1": float(np.mean([r["status"] == "passed" for r in he])), "n": len(he),
-                          "skipped": float(np.mean([len(r["skipped"]) for r in he]))}
+                          "skipped": float(np.mean([len(r["skipped"]) for r in he])), "passed": passed}
     tf = tasks.get("tf", [])
     if tf:
         w = np.array([r["n"] for r in tf], dtype=float)
