@@ -128,7 +128,8 @@ def format_report(result: dict) -> str:
     seeds = sorted({len(s["members"]) for s in result["summary"].values()
                     if result["strategies"][s["members"][0]]["kind"] == "random"})
     parts = [f"Model `{Path(result['model']).name}` ({result['n_layer']} layers, protected {result['protected']}); "
-             f"{result['machine']}, {result['threads']} threads, {result['date']}.",
+             f"{result['machine']}; written {result['date']} by the last command below "
+             f"({result['threads']} threads); the rows come from every command below.",
              f"HumanEval: {he_n or 0} problems, greedy raw completion, at most {cfg['max_new_tokens']} new tokens, "
              f"sandboxed ({cfg['timeout']:g} s per program). Teacher-forced: {cfg['n_per_family']} held-out "
              f"prompts per family ({cfg['max_prompt_tokens']} tokens at most), {cfg['cont_tokens']} tokens of the "
