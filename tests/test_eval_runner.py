@@ -98,9 +98,14 @@ def test_a_later_command_adds_strategies_and_problems(small_run, default_first):
     grown = Evaluation(cfg, out, command="second").run()
     after = [json.loads(x) for x in path.read_text().splitlines()]
     assert after[:len(before)] == before
-    new = {r["strategy"] for r in after[len(before):]}
-    assert new == {"static-3"}  # nothing else is recomputed
+    new = [r for r in after[len(before):] if "status" not in r]
+    # static-3 runs; full runs again beside it (speeds pair rows of one run), with the same tokens
+    assert {r["strategy"] for r in new} == {"static-3", "full"}
+    old_full = {(r["task"], r["id"]): r["tokens"] for r in before if r["strategy"] == "full" and "tokens" in r}
+    assert all(old_full[(r["task"], r["id"])] == r["tokens"] for r in new if r["strategy"] == "full")
     assert set(grown["summary"]) == set(result["summary"]) | {"static-3"}
+    assert grown["summary"]["static-3"]["speed"]["decode_x"] > 0  # paired with full's rows of this run
+    assert grown["summary"]["first"]["speed"] == result["summary"]["first"]["speed"]  # still its own run's
     for name, s in result["summary"].items():  # earlier strategies: the same figures
         assert grown["summary"][name]["humaneval"] == s["humaneval"] and grown["summary"][name]["tf"] == s["tf"]
     assert grown["strategies"]["static-3"]["skip"] == sorted(grown["static_order"][:3])

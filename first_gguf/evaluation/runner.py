@@ -180,7 +180,8 @@ class Evaluation:
         self.run_id = f"{time.strftime('%Y-%m-%dT%H:%M:%S')}/{cfg.threads or os.cpu_count()}t"
         self.log = log or (lambda msg: print(f"[first-gguf eval] {msg}", file=sys.stderr, flush=True))
         self.rows_path = self.out / "rows.jsonl"
-        self.done: dict[tuple[str, str, str], dict] = {}
+        self.done: dict[tuple[str, str, str], dict] = {}  # the latest row of each (task, item, strategy)
+        self.references: dict[tuple[str, str, str | None], dict] = {}  # full's rows by (task, item, run)
         self._check_config()
         self._load_rows()
 
@@ -219,11 +220,16 @@ class Evaluation:
                     self.rows_path.write_text("".join(line + "\n" for line in lines[:-1]))
                     break
                 raise FirstError(f"{self.rows_path}: line {n} is not JSON") from None
-            self.done[(row["task"], row["id"], row["strategy"])] = row
+            self._index(row)
         self.log(f"resuming: {len(self.done)} rows in {self.rows_path}")
 
-    def _write(self, row: dict) -> None:
+    def _index(self, row: dict) -> None:
         self.done[(row["task"], row["id"], row["strategy"])] = row
+        if row["strategy"] == "full" and "t_decode" in row:
+            self.references[(row["task"], row["id"], row.get("run"))] = row
+
+    def _write(self, row: dict) -> None:
+        self._index(row)
         with self.rows_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -271,7 +277,7 @@ class Evaluation:
         self.strategies = strategies
         current = {(task, it.id) for task, its in items.items() for it in its}
         rows = [r for r in self.done.values() if (r["task"], r["id"]) in current]
-        result = summarize(rows, strategies, self.meta(order, n_layer, protected))
+        result = summarize(rows, strategies, self.meta(order, n_layer, protected), self.references)
         (self.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
         return result
 
@@ -365,12 +371,17 @@ class Evaluation:
             generate(llm, todo[0].prompt[:16], 2)
         bar = tqdm(total=len(todo) * len(strategies), desc=task, file=sys.stderr)
         for n, it in enumerate(todo):
+            # speeds compare within one run only: full runs again beside strategies new to this item
+            retime = strategies[0].name == "full" and (it.task, it.id, self.run_id) not in self.references
             for s in self._rotated(strategies, n):
-                if (it.task, it.id, s.name) in self.done:
+                if (it.task, it.id, s.name) in self.done and not (retime and s.name == "full"):
                     bar.update()
                     continue
                 s.apply(llm)
                 g = generate(llm, it.prompt, max_new, stop)
+                before = self.done.get((it.task, it.id, s.name))
+                if before is not None and before["tokens"] != g["tokens"]:
+                    self.log(f"warning: {s.name} on {it.id} generated other tokens than in an earlier run")
                 row = {"task": it.task, "id": it.id, "strategy": s.name, "family": it.family,
                        "n_prompt": len(it.prompt), "run": self.run_id, **g}
                 if it.problem is not None:
@@ -443,8 +454,13 @@ def layer_inputs(llm, prompt: Sequence[int]) -> np.ndarray:
 
 # --- summary ---------------------------------------------------------------------------------
 
-def summarize(rows: Iterable[dict], strategies: list[Strategy], meta: dict) -> dict:
-    """Per strategy (random seeds pooled under ``random-K``): quality, speed, skipped layers."""
+def summarize(rows: Iterable[dict], strategies: list[Strategy], meta: dict,
+              references: dict[tuple[str, str, str | None], dict] | None = None) -> dict:
+    """Per strategy (random seeds pooled under ``random-K``): quality, speed, skipped layers.
+
+    ``references`` holds full's generation rows by (task, item, run); speeds compare a row with
+    full's row of the same item and run (default: full's rows among ``rows``).
+    """
     rows = list(rows)
     by: dict[str, dict[str, list[dict]]] = {}
     for r in rows:
@@ -457,12 +473,13 @@ def summarize(rows: Iterable[dict], strategies: list[Strategy], meta: dict) -> d
         for name in names:
             for task, rs in by.get(name, {}).items():
                 tasks.setdefault(task, []).extend(rs)
-        out[fam] = _strategy_summary(tasks, by.get("full", {}))
+        out[fam] = _strategy_summary(tasks, by.get("full", {}), references)
         out[fam]["members"] = names
     return {**meta, "summary": out, "skip_heatmap": _skip_heatmap(rows, strategies, meta["n_layer"])}
 
 
-def _strategy_summary(tasks: dict[str, list[dict]], full: dict[str, list[dict]]) -> dict:
+def _strategy_summary(tasks: dict[str, list[dict]], full: dict[str, list[dict]],
+                      references: dict[tuple[str, str, str | None], dict] | None = None) -> dict:
     s: dict[str, Any] = {}
     he = [r for r in tasks.get("humaneval", []) if "status" in r]
     if he:
@@ -489,14 +506,15 @@ def _strategy_summary(tasks: dict[str, list[dict]], full: dict[str, list[dict]])
         if agree:
             s["chat"] = {"prefix_fraction": float(np.mean([a["prefix_fraction"] for a in agree])),
                          "exact": float(np.mean([a["exact"] for a in agree])), "n": len(agree)}
-    # speeds: rows generated in the same run (command) as full's row of their item, against
-    # full's rows of those items (a run directory can hold rows of several commands)
-    full_rows = {(r["task"], r["id"]): r for task in ("humaneval", "chat") for r in full.get(task, [])}
-    gen = [r for r in tasks.get("humaneval", []) + chat
-           if (r["task"], r["id"]) in full_rows and full_rows[(r["task"], r["id"])].get("run") == r.get("run")]
+    # speeds: rows with a row of full for the same item from the same run (command), against
+    # those rows of full (a run directory can hold rows of several commands)
+    if references is None:
+        references = {(r["task"], r["id"], r.get("run")): r for task in ("humaneval", "chat")
+                      for r in full.get(task, [])}
+    gen = [r for r in tasks.get("humaneval", []) + chat if (r["task"], r["id"], r.get("run")) in references]
     if gen:
         s["speed"] = speed = _speeds(gen)
-        ref = _speeds([full_rows[k] for k in dict.fromkeys((r["task"], r["id"]) for r in gen)])
+        ref = _speeds([references[k] for k in dict.fromkeys((r["task"], r["id"], r.get("run")) for r in gen)])
         for key in ("decode", "prefill"):
             mine, base = speed[f"{key}_tok_s"], ref[f"{key}_tok_s"]
             speed[f"{key}_x"] = mine / base if mine and base else None
