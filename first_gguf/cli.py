@@ -270,7 +270,8 @@ def eval_(model: str | None, out: Path | None, tasks: str | None, strategies: st
     from .evaluation.runner import run_eval
 
     opts = {"tasks": _csv(tasks, str, "--tasks"), "kinds": _csv(strategies, str, "--strategies"),
-            "ks": _csv(ks, int, "--ks"), "thresholds": _csv(thresholds, float, "--thresholds"), "random_seeds": random_seeds, "limit": limit,
+            "ks": _csv(ks, int, "--ks"), "thresholds": _csv(thresholds, float, "--thresholds"),
+            "random_seeds": random_seeds, "limit": limit,
             "n_per_family": n_per_family, "n_chat": n_chat, "max_new_tokens": max_new_tokens, "threads": threads}
     result, report = run_eval(model, out, **{k: v for k, v in opts.items() if v is not None})
     click.echo(json.dumps(result, indent=1) if as_json else report.read_text())

@@ -25,14 +25,8 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 
-from .constants import (
-    FIRST_KEY_PREFIX,
-    ROUTER_F16_ROLES,
-    ROUTER_NAME_MARKER,
-    ROUTER_TENSORS,
-    router_tensor_name,
-)
-from .errors import FirstError, FormatError
+from .constants import FIRST_KEY_PREFIX, ROUTER_NAME_MARKER
+from .errors import FormatError
 from .gguf_header import read_header
 from .gguf_read import (
     KEY_TYPES,
@@ -47,7 +41,14 @@ from .gguf_read import (
     routers_from_reader,
     validate_first_gguf,
 )
-from .router_file import atomic_output, check_output_path, load_router_file, save_router_file
+from .router_file import (
+    atomic_output,
+    check_output_path,
+    check_w1_dtype,
+    load_router_file,
+    router_arrays,
+    save_router_file,
+)
 from .router_set import RouterSet, make_identity_routers, parse_router_name
 
 __all__ = [
@@ -57,7 +58,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-W1_DTYPES = ("f32", "f16")
 
 
 class _RawValue(bytes):
@@ -97,23 +97,6 @@ def _copied_fields(reader: gguf.GGUFReader) -> list[Any]:
 
 def _base_tensors(reader: gguf.GGUFReader) -> list[Any]:
     return [t for t in reader.tensors if ROUTER_NAME_MARKER not in t.name]
-
-
-def _router_arrays(routers: RouterSet, w1_dtype: str) -> list[tuple[str, np.ndarray]]:
-    """(name, contiguous array) of every router tensor in layer order, W1 cast to ``w1_dtype``."""
-    out = []
-    for bid in range(routers.n_layer):
-        for role in ROUTER_TENSORS:
-            name = router_tensor_name(role, bid)
-            arr = np.ascontiguousarray(routers.tensors[bid][role], dtype=np.float32)
-            if role in ROUTER_F16_ROLES and w1_dtype == "f16":
-                with np.errstate(over="ignore"):  # reported below, with the layer
-                    arr = arr.astype(np.float16)
-                if not np.isfinite(arr).all():
-                    raise FormatError(f"{routers.source}: layer {bid}: {name} overflows F16 "
-                                      f"(max |value| {np.abs(routers.tensors[bid][role]).max():g}); use F32")
-            out.append((name, arr))
-    return out
 
 
 def _write_gguf(reader: gguf.GGUFReader, arch: str, metadata: dict[str, object],
@@ -186,8 +169,7 @@ def attach_routers(base_path: str | os.PathLike, routers: RouterSet, out_path: s
         The output path.
     """
     base, out = Path(base_path), Path(out_path)
-    if w1_dtype not in W1_DTYPES:
-        raise FirstError(f"w1_dtype must be one of {', '.join(W1_DTYPES)}, got {w1_dtype!r}")
+    check_w1_dtype(w1_dtype)
     check_output_path(out, force, inputs=(base,))
     reader = read_header(base)
     arch, n_layer, n_embd = model_dims(reader, str(base))
@@ -198,7 +180,7 @@ def attach_routers(base_path: str | os.PathLike, routers: RouterSet, out_path: s
             amount = f"{mine} layers" if what == "layers" else f"n_embd {mine}"
             raise FormatError(f"{routers.source}: routers are for {amount} but {base} has {theirs}")
     routers.check()
-    new = _router_arrays(routers, w1_dtype)
+    new = router_arrays(routers, w1_dtype)
     old = [t.name for t in reader.tensors if ROUTER_NAME_MARKER in t.name]
     if old or any(name.startswith(FIRST_KEY_PREFIX) for name in reader.fields):
         logger.warning("%s is already a FiRST-GGUF: replacing its %d router tensors and first.* keys",

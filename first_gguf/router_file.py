@@ -30,6 +30,7 @@ from .constants import (
     KEY_VERSION,
     ROUTER_F16_ROLES,
     ROUTER_NORM,
+    ROUTER_TENSORS,
     router_tensor_name,
 )
 from .errors import FirstError, FormatError
@@ -99,30 +100,52 @@ def save_router_file(routers: RouterSet, path: str | os.PathLike, force: bool = 
     """
     out = Path(path)
     routers.check()
-    if w1_dtype not in ("f32", "f16"):
-        raise FirstError(f"w1_dtype must be 'f32' or 'f16', not {w1_dtype!r}")
+    check_w1_dtype(w1_dtype)
     check_output_path(out, force)
-    tensors = {}
-    for bid in range(routers.n_layer):
-        for role, arr in routers.tensors[bid].items():
-            name = router_tensor_name(role, bid)
-            if role in ROUTER_F16_ROLES and w1_dtype == "f16":
-                with np.errstate(over="ignore"):
-                    arr = arr.astype(np.float16)
-                if not np.isfinite(arr).all():
-                    raise FormatError(f"{routers.source}: layer {bid}: {name} overflows F16; store it as F32")
-            tensors[name] = np.ascontiguousarray(arr)
+    tensors = dict(router_arrays(routers, w1_dtype))
     meta = {key: json.dumps(value) for key, value in routers.metadata().items()}
     with atomic_output(out) as tmp:
         save_file(tensors, tmp, metadata=meta)
     return out
 
 
+W1_DTYPES = ("f32", "f16")
+
+
+def check_w1_dtype(w1_dtype: str) -> None:
+    if w1_dtype not in W1_DTYPES:
+        raise FirstError(f"w1_dtype must be one of {', '.join(W1_DTYPES)}, got {w1_dtype!r}")
+
+
+def router_arrays(routers: RouterSet, w1_dtype: str) -> list[tuple[str, np.ndarray]]:
+    """(name, contiguous array) of every router tensor in layer order, W1 cast to ``w1_dtype``.
+
+    Raises:
+        FormatError: W1 overflows F16.
+    """
+    out = []
+    for bid in range(routers.n_layer):
+        for role in ROUTER_TENSORS:
+            name = router_tensor_name(role, bid)
+            arr = np.ascontiguousarray(routers.tensors[bid][role], dtype=np.float32)
+            if role in ROUTER_F16_ROLES and w1_dtype == "f16":
+                with np.errstate(over="ignore"):  # reported below, with the layer
+                    arr = arr.astype(np.float16)
+                if not np.isfinite(arr).all():
+                    raise FormatError(f"{routers.source}: layer {bid}: {name} overflows F16 "
+                                      f"(max |value| {np.abs(routers.tensors[bid][role]).max():g}); use F32")
+            out.append((name, arr))
+    return out
+
+
 def stored_w1_dtype(path: str | os.PathLike) -> str:
-    """"f16" when the router file stores W1 as float16, else "f32"."""
-    stored, _ = _read_safetensors(Path(path))
-    roles = {name: parse_router_name(name) for name in stored}
-    w1 = [t.dtype for name, t in stored.items() if roles[name] and roles[name][1] in ROUTER_F16_ROLES]
+    """"f16" when the router file stores W1 as float16, else "f32" (reads the header only)."""
+    try:
+        with safetensors.safe_open(Path(path), framework="np") as f:
+            w1 = [f.get_slice(name).get_dtype() for name in f.keys()
+                  if (parsed := parse_router_name(name)) and parsed[1] in ROUTER_F16_ROLES]
+    except (OSError, ValueError, safetensors.SafetensorError) as exc:
+        raise FormatError(f"{path}: not a readable safetensors file ({exc})") from None
     return "f16" if w1 and all(d == "F16" for d in w1) else "f32"
 
 

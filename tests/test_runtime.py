@@ -241,7 +241,8 @@ def test_bad_input_is_a_clear_error(default_base, default_first, tmp_path):
 def _write_unchecked(base: Path, routers, out: Path) -> Path:
     """A FiRST-GGUF written without attach's validation: how a broken file reaches a user."""
     from first_gguf.gguf_header import read_header
-    from first_gguf.gguf_router import _router_arrays, _write_gguf
+    from first_gguf.gguf_router import _write_gguf
+    from first_gguf.router_file import router_arrays as _router_arrays
 
     reader = read_header(base)
     arch = reader.fields["general.architecture"].contents()

@@ -37,7 +37,7 @@ import numpy as np
 
 from ..errors import FirstError
 from . import humaneval, metrics
-from .strategies import KINDS, Strategy, block_influence, build_strategies, static_order
+from .strategies import KINDS, Strategy, block_influence, build_strategies, static_order, strategy_from_name
 
 TASKS = ("humaneval", "tf", "chat")
 SELECTORS = ("tasks", "kinds", "ks", "thresholds", "random_seeds", "limit")  # which rows, not how
@@ -284,8 +284,6 @@ class Evaluation:
     def _earlier_strategies(self, strategies: list[Strategy], items: dict[str, list[Item]], n_layer: int,
                             protected: list[int], order: list[int]) -> list[Strategy]:
         """Strategies of earlier commands whose rows cover every item of this one (scored, for HumanEval)."""
-        from .strategies import strategy_from_name
-
         asked = {s.name for s in strategies}
         names = list(dict.fromkeys(name for _, _, name in self.done if name not in asked))
 
