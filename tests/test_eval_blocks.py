@@ -246,6 +246,7 @@ def test_teacher_forced_by_hand() -> None:
     assert got["kl"] == pytest.approx(sum(kl_rows) / 3, rel=1e-12)
     assert got["nll"] == pytest.approx(nll, rel=1e-12)
     assert got["ppl"] == pytest.approx(math.exp(nll), rel=1e-12)
+    assert metrics.nll(np.array(CUR, dtype=np.float32), TARGETS) == pytest.approx(nll, rel=1e-12)
 
 
 def test_uniform_logits_have_perplexity_of_the_vocab() -> None:
@@ -279,6 +280,13 @@ def test_log_softmax_is_stable() -> None:
 def test_teacher_forced_rejects_bad_shapes(ref, cur, targets, message: str) -> None:
     with pytest.raises(FirstError, match=message):
         metrics.teacher_forced(ref, cur, targets)
+    if message not in ("differs", "finite"):  # the same checks on the model's own logits
+        with pytest.raises(FirstError, match=message.replace("ref_logits", "logits")):
+            metrics.nll(cur, targets)
+
+
+def test_nll_of_huge_logits_is_finite() -> None:
+    assert metrics.nll(np.array([[1000.0, 1000.0, -1000.0]]), [0]) == pytest.approx(math.log(2))
 
 
 @pytest.mark.parametrize("ref, cur, prefix, fraction, exact", [

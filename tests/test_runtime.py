@@ -165,7 +165,7 @@ def test_thresholds_0_1_and_p_itself(default_first, default_tokens):
     assert llm.last_prefill.threshold == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("mode", ["full", "mask"])
+@pytest.mark.parametrize("mode", ["full", "mask", "first"])
 def test_continuation_logits_equal_teacher_forced_rows(mode, default_first, default_tokens):
     from first_gguf.runtime import FirstModel
 
@@ -177,6 +177,61 @@ def test_continuation_logits_equal_teacher_forced_rows(mode, default_first, defa
     assert got.shape == (len(cont), llm.n_vocab())
     assert compare(f"continuation_logits vs teacher_forced rows ({mode})", got, want)[0] == 0.0
     assert llm.continuation_logits(prompt, cont[:1]).shape == (1, llm.n_vocab())
+
+
+def test_branches_of_one_fork_equal_their_own_prefill(default_first, default_tokens):
+    """One full-depth prefill scores every full-depth strategy: each branch equals that
+    strategy's own prefill + decode, bit for bit, in any order, configuration untouched."""
+    from first_gguf.runtime import FirstModel
+
+    prompt, cont = default_tokens
+    llm = FirstModel(default_first, n_ctx=512, n_threads=2, logits_all=True)
+    probs = np.array(llm.fork(prompt).probs)
+    thr = float(np.float32(np.sort(probs[1:23])[8]))  # cuts the middle of the spread: skips some layers
+    got = {"router@file": llm.branch_logits(cont), "block": llm.branch_logits(cont, _mask(24)),
+           "full": llm.branch_logits(cont, [True] * 24), "router@thr": llm.branch_logits(cont, llm.router_mask(thr))}
+    again = llm.branch_logits(cont, _mask(24))
+    assert llm.mode == "first" and llm.mask is None
+    assert compare("branch repeated", again, got["block"])[0] == 0.0
+    masks = {"router@file": llm.last_prefill.mask, "router@thr": llm.router_mask(thr)}
+    assert 0 < masks["router@thr"].count(False) and masks["router@thr"] != masks["router@file"]
+
+    want = {"router@file": llm.continuation_logits(prompt, cont)}
+    llm.configure(threshold=thr)
+    want["router@thr"] = llm.continuation_logits(prompt, cont)
+    assert llm.last_prefill.mask == masks["router@thr"]  # router_mask is the runtime's own rule
+    llm.configure(mode="mask", mask=_mask(24))
+    want["block"] = llm.continuation_logits(prompt, cont)
+    llm.configure(mode="full")
+    want["full"] = llm.continuation_logits(prompt, cont)
+    for name in want:
+        assert compare(f"branch vs own prefill ({name})", got[name], want[name])[0] == 0.0
+    assert np.abs(got["block"] - got["full"]).max() > 0.1  # the masks do change the logits
+
+
+def test_branch_of_masked_fork_and_bad_branches(default_first, default_tokens):
+    from first_gguf.runtime import FirstModel
+
+    prompt, cont = default_tokens
+    llm = FirstModel(default_first, n_ctx=512, n_threads=2, logits_all=True, mode="mask", mask=_mask(24),
+                     prefill="masked")
+    with pytest.raises(FirstError, match="fork"):
+        llm.branch_logits(cont)
+    llm.fork(prompt)
+    pruned = llm.branch_logits(cont)
+    with pytest.raises(FirstError, match=r"only the layers it ran \(it skipped \[9, 10, 11, 12, 13, 14\]\)"):
+        llm.branch_logits(cont, [True] * 24)
+    assert compare("masked fork vs own prefill", pruned, llm.continuation_logits(prompt, cont))[0] == 0.0
+    with pytest.raises(FirstError, match="25 entries"):
+        llm.branch_logits(cont, [True] * 25)
+    with pytest.raises(FirstError, match="router_mask needs a prefill in 'first' mode"):
+        llm.router_mask(0.5)
+    llm.configure(mode="full")
+    llm.prefill(prompt[:5])  # another sequence since the fork
+    with pytest.raises(FirstError, match="no longer holds the fork's prompt"):
+        llm.branch_logits(cont)
+    with pytest.raises(FirstError, match=r"logits_all=True"):
+        FirstModel(default_first, n_ctx=256, n_threads=2).fork(prompt)
 
 
 def _chat(llm, turns: list[str], fresh) -> list[str]:

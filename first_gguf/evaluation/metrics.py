@@ -37,27 +37,46 @@ def teacher_forced(ref_logits: np.ndarray, logits: np.ndarray, targets: Sequence
     """
     ref = np.asarray(ref_logits, dtype=np.float64)
     cur = np.asarray(logits, dtype=np.float64)
-    tgt = np.asarray(targets)
     if ref.ndim != 2 or ref.shape[0] == 0:
         raise FirstError(f"ref_logits must be [n, vocab] with n >= 1, got shape {ref.shape}")
     if cur.shape != ref.shape:
         raise FirstError(f"logits shape {cur.shape} differs from ref_logits shape {ref.shape}")
-    if tgt.shape != (ref.shape[0],) or not np.issubdtype(tgt.dtype, np.integer):
-        raise FirstError(f"targets must be {ref.shape[0]} integers, got shape {tgt.shape} ({tgt.dtype})")
-    if tgt.min() < 0 or tgt.max() >= ref.shape[1]:
-        raise FirstError(f"targets must lie in 0..{ref.shape[1] - 1}, got {tgt.min()}..{tgt.max()}")
+    tgt = _targets(ref, targets)
     if not (np.isfinite(ref).all() and np.isfinite(cur).all()):
         raise FirstError("logits must be finite (a NaN or an infinity would poison every mean)")
     ref_lp, cur_lp = log_softmax(ref), log_softmax(cur)
     n = ref.shape[0]
-    nll = float(-cur_lp[np.arange(n), tgt].mean())
+    mean_nll = float(-cur_lp[np.arange(n), tgt].mean())
     return {
         "n": n,
         "top1": float((cur.argmax(axis=-1) == ref.argmax(axis=-1)).mean()),
         "kl": float((np.exp(ref_lp) * (ref_lp - cur_lp)).sum(axis=-1).mean()),
-        "nll": nll,
-        "ppl": math.exp(nll),
+        "nll": mean_nll,
+        "ppl": math.exp(mean_nll),
     }
+
+
+def nll(logits: np.ndarray, targets: Sequence[int]) -> float:
+    """Mean negative log-likelihood of ``targets`` under ``logits`` [n, vocab] (teacher_forced's
+    ``nll`` without a reference: one log-sum-exp per row, no KL)."""
+    x = np.asarray(logits, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise FirstError(f"logits must be [n, vocab] with n >= 1, got shape {x.shape}")
+    tgt = _targets(x, targets)
+    if not np.isfinite(x).all():
+        raise FirstError("logits must be finite (a NaN or an infinity would poison every mean)")
+    top = x.max(axis=-1)
+    lse = top + np.log(np.exp(x - top[:, None]).sum(axis=-1))
+    return float((lse - x[np.arange(x.shape[0]), tgt]).mean())
+
+
+def _targets(logits: np.ndarray, targets: Sequence[int]) -> np.ndarray:
+    tgt = np.asarray(targets)
+    if tgt.shape != (logits.shape[0],) or not np.issubdtype(tgt.dtype, np.integer):
+        raise FirstError(f"targets must be {logits.shape[0]} integers, got shape {tgt.shape} ({tgt.dtype})")
+    if tgt.min() < 0 or tgt.max() >= logits.shape[1]:
+        raise FirstError(f"targets must lie in 0..{logits.shape[1] - 1}, got {tgt.min()}..{tgt.max()}")
+    return tgt
 
 
 def greedy_agreement(ref_tokens: Sequence[int], tokens: Sequence[int]) -> dict:

@@ -164,11 +164,6 @@ def _stop_humaneval(text: str) -> bool:
     return humaneval.truncate_completion(text) != text
 
 
-def _tf_logits(llm, prompt: Sequence[int], cont: Sequence[int]) -> tuple[np.ndarray, list[int]]:
-    """Rows predicting ``cont`` (teacher-forced) and the layers the prefill skipped."""
-    return llm.continuation_logits(list(prompt), list(cont)), list(llm.last_prefill.skipped)
-
-
 # --- the run ---------------------------------------------------------------------------------
 
 class Evaluation:
@@ -400,33 +395,40 @@ class Evaluation:
             self._write({**row, "status": outcome.status})
 
     def _tf_task(self, llm, strategies: list[Strategy], items: list[Item]) -> None:
+        """Teacher-forced rows: one prefill per prompt serves every full-depth strategy.
+
+        The prompt's KV is the same under ``full``, ``first``, ``static``, ``random`` and
+        ``early-exit`` (all run it at full depth), so one ``first``-mode fork scores them all,
+        each as a branch under its own decode mask; ``pruned`` strategies fork their own
+        masked prefill. Every branch equals that strategy's own prefill + decode bit for bit.
+        """
         from tqdm import tqdm
 
         todo = [it for it in items if any(("tf", it.id, s.name) not in self.done for s in strategies)]
         bar = tqdm(total=len(todo), desc="tf", file=sys.stderr)
+        full = strategies[0]
         for it in todo:
-            full = strategies[0]
             full.apply(llm)
             cont = generate(llm, it.prompt, self.cfg.cont_tokens)["tokens"]
             if len(cont) < 2:
                 bar.update()
                 continue
-            ref, _ = _tf_logits(llm, it.prompt, cont)
-            ref_real, _ = _tf_logits(llm, it.prompt, it.response)
-            for s in strategies:
-                if ("tf", it.id, s.name) in self.done:
-                    continue
-                if s is full:  # the reference itself: nothing to recompute
-                    got, real, skipped = ref, ref_real, []
-                else:
+            everything = [True] * llm.n_layer
+            llm.configure(mode="first")
+            llm.reset_threshold()
+            llm.fork(it.prompt)
+            ref = llm.branch_logits(cont, everything)
+            missing = [s for s in strategies if ("tf", it.id, s.name) not in self.done]
+            for s in sorted(missing, key=lambda s: s.prefill == "masked"):  # the shared fork first
+                if s.prefill == "masked":
                     s.apply(llm)
-                    got, skipped = _tf_logits(llm, it.prompt, cont)
-                    real, _ = _tf_logits(llm, it.prompt, it.response)
-                q = metrics.teacher_forced(ref, got, np.array(cont))
-                ppl = metrics.teacher_forced(ref_real, real, np.array(it.response))
+                    llm.fork(it.prompt)
+                mask = llm.router_mask(s.threshold) if s.mode == "first" else (s.mask(llm.n_layer) or everything)
+                q = metrics.teacher_forced(ref, ref if s is full else llm.branch_logits(cont, mask), np.array(cont))
+                nll = metrics.nll(llm.branch_logits(it.response, mask), it.response)
                 self._write({"task": "tf", "id": it.id, "strategy": s.name, "family": it.family,
-                             "n": len(cont), "top1": q["top1"], "kl": q["kl"], "nll": ppl["nll"],
-                             "n_real": len(it.response), "skipped": skipped})
+                             "n": len(cont), "top1": q["top1"], "kl": q["kl"], "nll": nll,
+                             "n_real": len(it.response), "skipped": [i for i, m in enumerate(mask) if not m]})
             bar.update()
         bar.close()
 

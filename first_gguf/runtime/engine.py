@@ -99,6 +99,7 @@ class FirstModel(Llama):
         kwargs.setdefault("verbose", False)
         self._segments: list[_Segment] = []
         self._pending_prefill = False
+        self._fork: _Fork | None = None
         self.last_prefill: PrefillReport | None = None
         super().__init__(model_path=str(path), **kwargs)
         self.n_layer = int(llama_cpp.llama_model_n_layer(self._model.model))
@@ -315,19 +316,94 @@ class FirstModel(Llama):
         layer for its last token only, so this is several times cheaper on long prompts.
         Needs ``logits_all=True`` (for the continuation's rows). Returns [len(continuation), n_vocab].
         """
+        self.fork(prompt)
+        return self.branch_logits(continuation)
+
+    def fork(self, prompt: Sequence[int]) -> PrefillReport:
+        """Prefill ``prompt`` as the common start of later ``branch_logits`` calls.
+
+        Only the last prompt row goes through the output layer. Every strategy whose prompt
+        runs at full depth (``full``, ``first`` at any threshold, ``mask`` with
+        ``prefill="full"``) shares this prompt KV, so one fork in ``first`` mode scores
+        them all: ``router_mask`` gives the mask of any threshold.
+        Needs ``logits_all=True`` (for the branches' rows).
+        """
         if not self._logits_all:
-            raise FirstError("continuation_logits needs FirstModel(..., logits_all=True)")
-        if not continuation:
-            return np.zeros((0, self.n_vocab()), dtype=np.float32)
+            raise FirstError("fork/branch_logits need FirstModel(..., logits_all=True)")
+        self._fork = None
         self._logits_all = False  # the prefill: logits of the last prompt token only
         try:
-            self.prefill(prompt)
+            report = self.prefill(prompt)
         finally:
             self._logits_all = True
-        first = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab(),)).copy()
-        n = self.n_tokens
-        self.eval(list(continuation[:-1]))
-        return np.concatenate([first[None, :], np.array(self.scores[n: self.n_tokens], dtype=np.float32)])
+        last = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab(),)).copy()
+        self._fork = _Fork(tuple(int(t) for t in prompt), report, last, self._prefill_kv())
+        return report
+
+    def router_mask(self, threshold: float | None = None) -> tuple[bool, ...]:
+        """The run mask the routers choose at ``threshold`` for the last ``first``-mode prefill.
+
+        The runtime's own rule (FIRST.md section 1): p_i >= threshold in float32, protected
+        layers always run. ``None``: the threshold that prefill used.
+        """
+        rep = self.last_prefill
+        if rep is None or rep.probs is None:
+            raise FirstError("router_mask needs a prefill in 'first' mode first")
+        thr = np.float32(rep.threshold if threshold is None else threshold)
+        if not 0.0 <= thr <= 1.0:
+            raise FirstError(f"threshold {threshold} outside [0, 1]")
+        protected = set(self.routers.protected_layers)
+        return tuple(bool(i in protected or np.float32(p) >= thr) for i, p in enumerate(rep.probs))
+
+    def branch_logits(self, continuation: Sequence[int], mask: Sequence[bool] | None = None) -> np.ndarray:
+        """Teacher-forced logits of ``continuation`` decoded after the last ``fork`` under ``mask``.
+
+        The cache is cut back to the fork's prompt first, so any number of continuations and
+        masks can be scored on one prefill; each call equals a prefill of that prompt followed
+        by the decode of ``continuation`` under ``mask`` (None: the mask the fork's prefill
+        chose). Row 0 is the prefill's last row (the prompt's own prediction). After a
+        ``prefill="masked"`` fork, ``mask`` may run only layers that prefill ran. The
+        configuration (mode, mask) is left as it was. Returns [len(continuation), n_vocab].
+        """
+        fork = self._fork
+        if fork is None:
+            raise FirstError("branch_logits needs a fork(prompt) first")
+        end = len(fork.prompt)
+        if (self.n_tokens < end or any(int(t) != u for t, u in zip(self.input_ids[:end], fork.prompt))
+                or any(seg.kv != fork.kv for seg in self._segments if seg.start < end)):
+            raise FirstError("the cache no longer holds the fork's prompt (another generation ran since fork)")
+        run = tuple(bool(m) for m in (fork.report.mask if mask is None else mask))
+        if len(run) != self.n_layer:
+            raise FirstError(f"mask has {len(run)} entries; the model has {self.n_layer} layers")
+        if fork.kv is not None and any(m and not p for m, p in zip(run, fork.report.mask)):
+            raise FirstError("the fork's prefill was masked: a branch may run only the layers it ran "
+                             f"(it skipped {list(fork.report.skipped)})")
+        if not continuation:
+            return np.zeros((0, self.n_vocab()), dtype=np.float32)
+        saved_mode, saved_mask = self.mode, self.mask
+        self.n_tokens = end
+        self._set_mask(run)
+        self._check(self._flib.set_mode(self.ctx, MODES["mask"]), "set_mode")
+        self.mode = "mask"
+        try:
+            self.eval(list(continuation[:-1]))
+            rows = np.array(self.scores[end: self.n_tokens], dtype=np.float32)
+        finally:
+            self._set_mask(fork.report.mask)  # mask mode, outside a prefill: the decode mask is the fork's again
+            self._check(self._flib.set_mode(self.ctx, MODES[saved_mode]), "set_mode")
+            self.mode = saved_mode
+            if saved_mask is not None:
+                self._set_mask(saved_mask)
+            self.mask = saved_mask
+        return np.concatenate([fork.last[None, :], rows])
+
+
+@dataclass(frozen=True)
+class _Fork:
+    prompt: tuple[int, ...]
+    report: PrefillReport
+    last: np.ndarray  # the prefill's last row of logits
+    kv: bytes | None  # how the prompt's KV was computed (None: every layer)
 
 
 def _kv_key(mask: Sequence[bool] | None) -> bytes | None:
