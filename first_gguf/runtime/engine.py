@@ -382,10 +382,10 @@ class FirstModel(Llama):
             return np.zeros((0, self.n_vocab()), dtype=np.float32)
         saved_mode, saved_mask = self.mode, self.mask
         self.n_tokens = end
-        self._set_mask(run)
-        self._check(self._flib.set_mode(self.ctx, MODES["mask"]), "set_mode")
-        self.mode = "mask"
         try:
+            self._set_mask(run)
+            self._check(self._flib.set_mode(self.ctx, MODES["mask"]), "set_mode")
+            self.mode = "mask"
             self.eval(list(continuation[:-1]))
             rows = np.array(self.scores[end: self.n_tokens], dtype=np.float32)
         finally:
