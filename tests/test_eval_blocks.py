@@ -343,3 +343,31 @@ def test_paired_humaneval_comparison() -> None:
     assert (rows["static-2"]["only_first"], rows["static-2"]["only_other"]) == (2, 0)
     assert rows["static-2"]["p"] == 0.5  # 2 of 2 discordant problems one way: 2 * 0.5**2
     assert (rows["random-2"]["only_first"], rows["random-2"]["only_other"], rows["random-2"]["p"]) == (2.5, 0.5, None)
+
+
+def test_oracle_over_fixed_masks() -> None:
+    """Union of the problems each distinct fixed mask of a size solves; router and pruned rows do
+    not count, repeated masks (two random seeds drawing the same layers) count once."""
+    from first_gguf.evaluation.results import format_oracle, oracle
+
+    def s(members, passed, n):
+        return {"members": members, "humaneval": {"passed": passed, "n": n * len(members),
+                                                  "pass@1": sum(map(len, passed.values())) / (n * len(members))}}
+
+    strategies = {"full": {"kind": "full", "skip": []}, "first@0.5": {"kind": "first", "skip": []},
+                  "static-1": {"kind": "static", "skip": [5]}, "pruned-1": {"kind": "pruned", "skip": [5]},
+                  "random-1/s0": {"kind": "random", "skip": [3]}, "random-1/s1": {"kind": "random", "skip": [3]},
+                  "early-exit-1": {"kind": "early-exit", "skip": [8]},
+                  "static-2": {"kind": "static", "skip": [4, 5]}}
+    summary = {"full": s(["full"], {"full": ["a", "b"]}, 4),
+               "first@0.5": s(["first@0.5"], {"first@0.5": ["a", "b", "c", "d"]}, 4),
+               "static-1": s(["static-1"], {"static-1": ["a"]}, 4),
+               "pruned-1": s(["pruned-1"], {"pruned-1": ["d"]}, 4),
+               "random-1": s(["random-1/s0", "random-1/s1"], {"random-1/s0": ["b"], "random-1/s1": ["c"]}, 4),
+               "early-exit-1": s(["early-exit-1"], {"early-exit-1": ["a"]}, 4),
+               "static-2": s(["static-2"], {"static-2": []}, 3)}  # another problem set: no full to compare
+    rows = oracle({"strategies": strategies, "summary": summary})
+    assert [(r["k"], r["masks"], r["solved"], r["n"]) for r in rows] == [(1, [(3,), (5,), (8,)], 3, 4),
+                                                                         (2, [(4, 5)], 0, 3)]
+    assert rows[0]["of_full"] == 1.5 and rows[1]["of_full"] is None
+    assert "| 1 | 3, 5, 8 | 0.750 (3/4) | 150% |" in format_oracle({"strategies": strategies, "summary": summary})

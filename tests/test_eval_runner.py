@@ -131,6 +131,28 @@ def test_speeds_pair_rows_of_one_run():
     full = {"chat": [row(0, "a", 1.0), row(1, "b", 2.0)]}
     s = _strategy_summary({"chat": [row(0, "a", 0.5), row(1, "c", 0.1)]}, full)
     assert s["speed"]["decode_tok_s"] == 20.0 and s["speed"]["decode_x"] == 2.0  # item 1 is another run
+    assert s["speed"]["n_items"] == 1
+
+
+def test_speeds_are_medians_over_items():
+    """One item slowed 40x by other work on the machine moves a ratio of sums, not the median of
+    per-item ratios; items with too few decoded tokens give no decode ratio."""
+    from first_gguf.evaluation.runner import MIN_DECODE, _strategy_summary
+
+    def row(i, t, n=10, tp=1.0):
+        return {"task": "humaneval", "id": str(i), "run": "a", "n_decode": n, "t_decode": t, "n_prompt": 5,
+                "t_prefill": tp, "skipped": []}
+
+    full = {"humaneval": [row(i, 1.0) for i in range(4)] + [row(4, 1.0, n=MIN_DECODE - 1)]}
+    mine = [row(0, 0.8), row(1, 0.8, tp=0.5), row(2, 0.9), row(3, 40.0, tp=40.0), row(4, 0.1, n=MIN_DECODE - 1)]
+    speed = _strategy_summary({"humaneval": mine}, full)["speed"]
+    assert speed["n_items"] == 5
+    assert speed["decode_x"] == pytest.approx((1.25 + 1 / 0.9) / 2)  # median of 1.25, 1.25, 1.11, 0.025
+    assert speed["decode_tok_s"] == pytest.approx((12.5 + 10 / 0.9) / 2)
+    assert speed["decode_x_iqr"][0] < speed["decode_x"] <= speed["decode_x_iqr"][1] == 1.25
+    assert speed["prefill_x"] == 1.0  # ratios 1, 2, 1, 1/40, 1 over five items
+    slow = _strategy_summary({"humaneval": [row(0, 0.1, n=3)]}, full)["speed"]
+    assert slow["decode_x"] is None and slow["decode_tok_s"] is None and slow["prefill_x"] == 1.0
 
 
 def test_not_a_first_gguf_is_refused(default_base, tmp_path):

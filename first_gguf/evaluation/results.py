@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..figures import pyplot
+from .runner import MIN_DECODE
 
 ORDER = ("full", "first", "static", "pruned", "early-exit", "random")
 
@@ -31,7 +32,8 @@ def rows(result: dict) -> list[dict]:
                "top1": s.get("tf", {}).get("top1"), "kl": s.get("tf", {}).get("kl"), "ppl": s.get("tf", {}).get("ppl"),
                "chat_prefix": s.get("chat", {}).get("prefix_fraction"), "chat_exact": s.get("chat", {}).get("exact"),
                "decode_tok_s": speed.get("decode_tok_s"), "prefill_tok_s": speed.get("prefill_tok_s"),
-               "decode_x": speed.get("decode_x"), "prefill_x": speed.get("prefill_x")}
+               "decode_x": speed.get("decode_x"), "prefill_x": speed.get("prefill_x"),
+               "decode_x_iqr": speed.get("decode_x_iqr"), "prefill_x_iqr": speed.get("prefill_x_iqr")}
         out.append(row)
     return sorted(out, key=lambda r: (ORDER.index(r["kind"]), r["skipped"] or 0, r["strategy"]))
 
@@ -40,10 +42,14 @@ def _f(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def _x(v, iqr) -> str:
+    return "-" if v is None else f"{v:.3f}" + (f" ({iqr[0]:.2f}-{iqr[1]:.2f})" if iqr else "")
+
+
 def format_table(result: dict) -> str:
     """The main table as Markdown."""
     lines = ["| strategy | mean skipped (all / HumanEval) | HumanEval pass@1 | of full | top-1 | KL | ppl "
-             "| chat prefix / exact | decode tok/s | x full | prefill tok/s | x full |",
+             "| chat prefix / exact | decode tok/s | x full (IQR) | prefill tok/s | x full (IQR) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows(result):
         he = ("-" if r["pass@1"] is None
@@ -52,8 +58,8 @@ def format_table(result: dict) -> str:
                      f"{_f(r['pass_rel'], '.0%')} | "
                      f"{_f(r['top1'], '.3f')} | {_f(r['kl'], '.3f')} | {_f(r['ppl'], '.2f')} | "
                      f"{_f(r['chat_prefix'], '.2f')} / {_f(r['chat_exact'], '.2f')} | "
-                     f"{_f(r['decode_tok_s'], '.1f')} | {_f(r['decode_x'], '.3f')} | "
-                     f"{_f(r['prefill_tok_s'], '.1f')} | {_f(r['prefill_x'], '.3f')} |")
+                     f"{_f(r['decode_tok_s'], '.1f')} | {_x(r['decode_x'], r['decode_x_iqr'])} | "
+                     f"{_f(r['prefill_tok_s'], '.1f')} | {_x(r['prefill_x'], r['prefill_x_iqr'])} |")
     return "\n".join(lines)
 
 
@@ -109,6 +115,52 @@ def format_paired(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def oracle(result: dict) -> list[dict]:
+    """Per skip count K, HumanEval solved by a per-problem oracle over the fixed K-layer masks run.
+
+    The masks are those of the input-agnostic strategies with a full-depth prompt (``static``,
+    every ``random`` seed, ``early-exit``): the masks a router could pick from per input. A
+    problem counts if at least one of them solves it, so the figure bounds what choosing among
+    these masks per input could reach at that skip count (it sees the tests: a bound, not a method).
+
+    Returns:
+        Rows ``{"k", "masks", "solved", "n", "pass@1", "of_full"}`` in order of K.
+    """
+    summary, strategies = result["summary"], result["strategies"]
+    full = summary.get("full", {}).get("humaneval", {})
+    by_k: dict[int, dict[tuple[int, ...], set[str]]] = {}
+    n_by_k: dict[int, set[int]] = {}
+    for name, s in summary.items():
+        he = s.get("humaneval")
+        if _kind(name, result) not in ("static", "random", "early-exit") or not he or "passed" not in he:
+            continue
+        for member in s["members"]:
+            skip = tuple(strategies[member]["skip"])
+            by_k.setdefault(len(skip), {}).setdefault(skip, set()).update(he["passed"].get(member, []))
+            n_by_k.setdefault(len(skip), set()).add(he["n"] // len(s["members"]))
+    out = []
+    for k in sorted(by_k):
+        if len(n_by_k[k]) != 1:  # the strategies of this K cover different problem sets
+            continue
+        n = n_by_k[k].pop()
+        solved = len(set().union(*by_k[k].values()))
+        out.append({"k": k, "masks": sorted(by_k[k]), "solved": solved, "n": n, "pass@1": solved / n,
+                    "of_full": solved / n / full["pass@1"] if full.get("pass@1") and full.get("n") == n else None})
+    return out
+
+
+def format_oracle(result: dict) -> str:
+    rs = oracle(result)
+    if not rs:
+        return ""
+    lines = ["Headroom for input adaptivity: HumanEval solved by at least one of the fixed K-layer masks run "
+             "(static, random seeds, early-exit; a per-problem oracle that sees the tests, so a bound):", "",
+             "| K | masks | oracle pass@1 | of full |", "|---|---|---|---|"]
+    lines += [f"| {r['k']} | {', '.join('-'.join(map(str, m)) for m in r['masks'])} | "
+              f"{r['pass@1']:.3f} ({r['solved']}/{r['n']}) | {_f(r['of_full'], '.0%')} |" for r in rs]
+    return "\n".join(lines) + "\n"
+
+
 def format_heatmap(result: dict) -> str:
     n_layer = result["n_layer"]
     lines = []
@@ -134,12 +186,14 @@ def format_report(result: dict) -> str:
              f"sandboxed ({cfg['timeout']:g} s per program). Teacher-forced: {cfg['n_per_family']} held-out "
              f"prompts per family ({cfg['max_prompt_tokens']} tokens at most), {cfg['cont_tokens']} tokens of the "
              f"full model's greedy continuation; ppl on the real text after the prompt. Chat: {cfg['n_chat']} "
-             f"held-out chat requests, {cfg['chat_tokens']} greedy tokens. Speeds: all generation of the run, "
-             f"strategies interleaved item by item"
+             f"held-out chat requests, {cfg['chat_tokens']} greedy tokens. Speeds: strategies interleaved item by item; "
+             f"per HumanEval problem and chat request, the strategy's tok/s and its ratio to full's run of the "
+             f"same item by the same command; the table gives medians over items (decode: items where both "
+             f"generated at least {MIN_DECODE} tokens) and the ratio's quartiles"
              + (f". `random-K` pools {'/'.join(map(str, seeds))} seeds." if seeds else "."), ""]
     if result.get("commands"):
         parts += ["```sh", *result["commands"], "```", ""]
-    parts += [format_table(result), "", format_paired(result),
+    parts += [format_table(result), "", format_paired(result), format_oracle(result),
               f"Static order (block influence on training prompts, least first): {result['static_order']}", "",
               format_heatmap(result)]
     return "\n".join(parts)

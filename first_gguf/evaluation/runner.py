@@ -506,28 +506,39 @@ def _strategy_summary(tasks: dict[str, list[dict]], full: dict[str, list[dict]],
         if agree:
             s["chat"] = {"prefix_fraction": float(np.mean([a["prefix_fraction"] for a in agree])),
                          "exact": float(np.mean([a["exact"] for a in agree])), "n": len(agree)}
-    # speeds: rows with a row of full for the same item from the same run (command), against
-    # those rows of full (a run directory can hold rows of several commands)
+    # speeds: each row against full's row of the same item from the same run (command); a run
+    # directory can hold rows of several commands. The median over items is robust to a stretch
+    # of the run that shared the cores with other work, which a ratio of summed times is not.
     if references is None:
         references = {(r["task"], r["id"], r.get("run")): r for task in ("humaneval", "chat")
                       for r in full.get(task, [])}
-    gen = [r for r in tasks.get("humaneval", []) + chat if (r["task"], r["id"], r.get("run")) in references]
-    if gen:
-        s["speed"] = speed = _speeds(gen)
-        ref = _speeds([references[k] for k in dict.fromkeys((r["task"], r["id"], r.get("run")) for r in gen)])
-        for key in ("decode", "prefill"):
-            mine, base = speed[f"{key}_tok_s"], ref[f"{key}_tok_s"]
-            speed[f"{key}_x"] = mine / base if mine and base else None
+    pairs = [(r, references[(r["task"], r["id"], r.get("run"))]) for r in tasks.get("humaneval", []) + chat
+             if (r["task"], r["id"], r.get("run")) in references]
+    if pairs:
+        s["speed"] = _speeds(pairs)
     every = [r for rs in tasks.values() for r in rs]
     if every:
         s["skipped"] = float(np.mean([len(r["skipped"]) for r in every]))
     return s
 
 
-def _speeds(rows: list[dict]) -> dict:
-    n_dec, t_dec = sum(r["n_decode"] for r in rows), sum(r["t_decode"] for r in rows)
-    n_pre, t_pre = sum(r["n_prompt"] for r in rows), sum(r["t_prefill"] for r in rows)
-    return {"decode_tok_s": n_dec / t_dec if t_dec else None, "prefill_tok_s": n_pre / t_pre if t_pre else None}
+MIN_DECODE = 8  # decode speeds of items where both sides generated at least this many tokens
+
+
+def _speeds(pairs: list[tuple[dict, dict]]) -> dict:
+    """Median over items of tok/s and of the ratio to full's row of the item, with its quartiles."""
+    out: dict[str, Any] = {"n_items": len(pairs)}
+    for key, n, t, least in (("decode", "n_decode", "t_decode", MIN_DECODE), ("prefill", "n_prompt", "t_prefill", 1)):
+        ok = [(r[n] / r[t], f[n] / f[t]) for r, f in pairs
+              if r[n] >= least and f[n] >= least and r[t] > 0 and f[t] > 0]
+        if not ok:
+            out.update({f"{key}_tok_s": None, f"{key}_x": None, f"{key}_x_iqr": None})
+            continue
+        mine, ratio = np.array([a for a, _ in ok]), np.array([a / b for a, b in ok])
+        out[f"{key}_tok_s"] = float(np.median(mine))
+        out[f"{key}_x"] = float(np.median(ratio))
+        out[f"{key}_x_iqr"] = [float(np.quantile(ratio, 0.25)), float(np.quantile(ratio, 0.75))]
+    return out
 
 
 def _skip_heatmap(rows: list[dict], strategies: list[Strategy], n_layer: int) -> dict:
