@@ -18,7 +18,7 @@ from first_gguf.router import FirstRouters, decode_hard, decode_soft, first_gene
 from first_gguf.router_file import load_router_file
 from first_gguf.train import data as D
 from first_gguf.train import losses, trainer
-from first_gguf.train.evaluate import evaluate_routers
+from first_gguf.train.quality import evaluate_routers
 from first_gguf.train.trainer import read_history, train_routers
 from tiny_hf import tiny_model
 

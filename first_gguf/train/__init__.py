@@ -1,13 +1,13 @@
 """Router training (and LoRA healing) for Hugging Face causal LMs: ``shared/FIRST.md`` section 1.
 
-``train_routers`` is what ``first-gguf train`` runs; ``evaluate_routers`` measures routers
-under the hard rule (``format_report`` prints its tables). They import torch, so this package
-loads them on first use.
+``train_routers`` is what ``first-gguf train`` runs; ``evaluate_routers`` (``quality.py``)
+measures routers teacher-forced under the hard rule (``format_training_report`` prints its
+tables). They import torch, so this package loads them on first use.
 """
 
 from __future__ import annotations
 
-__all__ = ["train_routers", "evaluate_routers", "format_report"]
+__all__ = ["train_routers", "evaluate_routers", "format_training_report"]
 
 
 def __getattr__(name: str):
@@ -16,11 +16,11 @@ def __getattr__(name: str):
 
         return train_routers
     if name == "evaluate_routers":
-        from .evaluate import evaluate_routers
+        from .quality import evaluate_routers
 
         return evaluate_routers
-    if name == "format_report":
-        from .report import format_report
+    if name == "format_training_report":
+        from .report import format_training_report
 
-        return format_report
+        return format_training_report
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

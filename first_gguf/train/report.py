@@ -64,7 +64,7 @@ def plot_skips(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(result: dict, out_dir: Path, name: str) -> None:
+def write_training_report(result: dict, out_dir: Path, name: str) -> None:
     """``<name>-eval.json``, ``<name>-quality.png`` and ``<name>-skips.png`` in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}-eval.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -72,7 +72,7 @@ def write_report(result: dict, out_dir: Path, name: str) -> None:
     plot_skips(result, out_dir / f"{name}-skips.png")
 
 
-def format_report(result: dict) -> str:
+def format_training_report(result: dict) -> str:
     """The evaluation as Markdown tables: the sweep, the static masks, the per-family skip table."""
     fams = list(result["examples"])
     per_family = " | ".join(f"{f} skipped / top-1 / KL" for f in fams)

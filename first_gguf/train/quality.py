@@ -38,7 +38,7 @@ from ..router_file import load_router_file
 from ..router_set import RouterSet
 from . import recipe
 from .data import FAMILIES, Example, Limits, build_examples
-from .report import write_report
+from .report import write_training_report
 from .base import context_length, load_base, set_threads
 
 AUTO_SKIPS = (0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4, 5, 6)  # mean skipped layers the auto sweep aims at
@@ -311,7 +311,7 @@ def evaluate_routers(base: str, routers: str | RouterSet, tasks: Sequence[str] =
     _log(f"scored {len(held)} held-out examples in {time.monotonic() - t0:.0f} s")
     result = _result(scores, info, static, sweep, r, rs, report_threshold, held)
     if out_dir is not None:
-        write_report(result, Path(out_dir), name)
+        write_training_report(result, Path(out_dir), name)
     return result
 
 
