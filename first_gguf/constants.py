@@ -34,10 +34,11 @@ REQUIRED_KEYS = (
 )
 OPTIONAL_KEYS = (KEY_TRAIN_SOURCE,)
 
+# Allowed values of the string keys (first.version 1 has one each).
 AGGREGATION_MEAN = "mean"
-AGGREGATIONS = (AGGREGATION_MEAN,)
+AGGREGATION_VALUES = (AGGREGATION_MEAN,)
 PREFILL_FULL = "full"
-PREFILLS = (PREFILL_FULL,)
+PREFILL_VALUES = (PREFILL_FULL,)
 
 # --- Defaults ----------------------------------------------------------------------------
 DEFAULT_HIDDEN_SIZE = 64
@@ -96,7 +97,3 @@ def router_shape(role: str, n_embd: int, hidden: int) -> tuple[int, ...]:
 
 # Roles whose tensor may be stored as F16 in a GGUF (every other one is F32).
 ROUTER_F16_ROLES = (ROUTER_IN_WEIGHT,)
-
-# --- Runtime (C API of the patched library) ---------------------------------------------
-# Prefix of every exported C symbol of the patch series.
-C_SYMBOL_PREFIX = "llama_first_"

@@ -21,7 +21,7 @@ import numpy as np
 
 from .constants import (
     AGGREGATION_MEAN,
-    AGGREGATIONS,
+    AGGREGATION_VALUES,
     DEFAULT_HIDDEN_SIZE,
     DEFAULT_NORM_EPS,
     DEFAULT_THRESHOLD,
@@ -37,7 +37,7 @@ from .constants import (
     KEY_VERSION,
     OPTIONAL_KEYS,
     PREFILL_FULL,
-    PREFILLS,
+    PREFILL_VALUES,
     REQUIRED_KEYS,
     ROUTER_F16_ROLES,
     ROUTER_IN_BIAS,
@@ -254,7 +254,7 @@ def check_metadata(where: str, meta: dict[str, object], n_layer: int) -> None:
             raise FormatError(f"{where}: {KEY_PROTECTED_LAYERS} has layer {layer}, outside 0..{n_layer - 1}")
     if len(set(protected)) != len(protected):
         raise FormatError(f"{where}: {KEY_PROTECTED_LAYERS} {protected} lists a layer twice")
-    for key, allowed in ((KEY_AGGREGATION, AGGREGATIONS), (KEY_PREFILL, PREFILLS)):
+    for key, allowed in ((KEY_AGGREGATION, AGGREGATION_VALUES), (KEY_PREFILL, PREFILL_VALUES)):
         if meta[key] not in allowed:
             raise FormatError(f"{where}: {key} is {meta[key]!r}; first.version {FIRST_VERSION} "
                               f"allows only {', '.join(map(repr, allowed))}")
