@@ -13,25 +13,31 @@ decoder layer modules with a ``cache_utils.DynamicCache``, the final norm and ``
 
 from __future__ import annotations
 
+import importlib
 import operator
 from dataclasses import dataclass, field, replace
-from typing import Any
-
-import torch
-from transformers.cache_utils import DynamicCache
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from typing import TYPE_CHECKING, Any
 
 from .errors import FirstError
+
+if TYPE_CHECKING:  # torch and transformers load on first use: the registry itself is plain data
+    import torch
+    from transformers.cache_utils import DynamicCache
 
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 
-# Attention pattern of a layer (HF ``config.layer_types``) -> the transformers helper that
-# builds its mask, exactly as the HF model's own forward does.
+# Attention pattern of a layer (HF ``config.layer_types``) -> the helper of
+# ``transformers.masking_utils`` that builds its mask, exactly as the HF model's own forward does.
 MASK_BUILDERS = {
-    FULL_ATTENTION: create_causal_mask,
-    SLIDING_ATTENTION: create_sliding_window_causal_mask,
+    FULL_ATTENTION: "create_causal_mask",
+    SLIDING_ATTENTION: "create_sliding_window_causal_mask",
 }
+
+
+def mask_builder(kind: str) -> Any:
+    """The transformers function of ``MASK_BUILDERS[kind]`` (imports transformers and torch)."""
+    return getattr(importlib.import_module("transformers.masking_utils"), MASK_BUILDERS[kind])
 
 
 class UnsupportedArchError(FirstError):
@@ -123,11 +129,13 @@ class DecoderStack:
         Build it before any layer runs: the masks take their KV length from the cache's first
         layer, which then holds exactly ``start`` positions (every layer of the cache must).
         """
+        import torch
+
         cache_position = torch.arange(start, start + h.shape[1], device=h.device)
         position_ids = cache_position.unsqueeze(0)
-        masks = {kind: MASK_BUILDERS[kind](config=self.config, input_embeds=h, attention_mask=None,
-                                           cache_position=cache_position, past_key_values=cache,
-                                           position_ids=position_ids)
+        masks = {kind: mask_builder(kind)(config=self.config, input_embeds=h, attention_mask=None,
+                                          cache_position=cache_position, past_key_values=cache,
+                                          position_ids=position_ids)
                  for kind in set(self.layer_types)}
         rope = {kw: operator.attrgetter(attr)(self.text)(h, position_ids) for kw, attr in self.spec.rope.items()}
         return {"masks": masks, "rope": rope, "cache_position": cache_position, "position_ids": position_ids}
@@ -145,5 +153,5 @@ class DecoderStack:
         logits = operator.attrgetter(self.spec.head)(self.model)(h)
         cap = getattr(self.config, self.spec.logit_softcap, None) if self.spec.logit_softcap else None
         if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
+            logits = (logits / cap).tanh() * cap
         return logits

