@@ -5,17 +5,21 @@ gates mirror inference, bad data fails clearly, and the evaluation and LoRA stag
 from __future__ import annotations
 
 import json
+import math
 import sysconfig
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from first_gguf.constants import ROUTER_OUT_WEIGHT
 from first_gguf.errors import FirstError
 from first_gguf.router import FirstRouters, decode_hard, decode_soft, first_generate_logits, prefill
 from first_gguf.router_file import load_router_file
+from first_gguf.router_set import make_identity_routers
 from first_gguf.train import data as D
 from first_gguf.train import losses, trainer
 from first_gguf.train.quality import evaluate_routers
@@ -135,8 +139,26 @@ def test_refuses_to_overwrite_without_force(tiny_dir, text_file, tmp_path):
 @pytest.mark.parametrize("kwargs", [dict(distill=False), dict(gate="straight-through", target_skip=1.0),
                                     dict(gate="concrete", target_skip=1.0)])
 def test_other_objectives_train(tiny_dir, text_file, tmp_path, kwargs):
-    out = run(tiny_dir, text_file, tmp_path / "r.safetensors", steps=4, **kwargs)
-    assert len(read_history(out)) == 4
+    """Each objective's own term is in the loss: cross-entropy on the data (no distillation:
+    a random tiny model is far from its targets), or relu(target - S)^2 beside the task and
+    skip terms (straight-through at init: p = 0.9 runs both routable layers, so S = 0 and the
+    term is exactly 1); and the routers move away from their init."""
+    lam = 0.5
+    out = run(tiny_dir, text_file, tmp_path / "r.safetensors", steps=4, lam=lam, **kwargs)
+    history = read_history(out)
+    assert len(history) == 4
+    assert all(math.isfinite(v) for h in history for v in h.values()), history
+    extra = [h["loss"] - h["task"] - lam * h["p"] for h in history]  # the target term, if any
+    if kwargs.get("target_skip") is None:
+        assert all(h["task"] > 1.0 for h in history), history
+        assert extra == pytest.approx([0.0] * 4, abs=1e-5)
+    else:
+        assert all(e >= -1e-5 for e in extra) and sum(extra) > 0, extra
+        if kwargs["gate"] == "straight-through":
+            assert extra[0] == pytest.approx(1.0, abs=1e-5)
+    trained = load_router_file(out)
+    init = make_identity_routers(trained.n_layer, trained.n_embd, trained.hidden_size, seed=0)
+    assert not np.array_equal(trained.tensors[1][ROUTER_OUT_WEIGHT], init.tensors[1][ROUTER_OUT_WEIGHT])
 
 
 def test_frozen_pass_and_gates_mirror_inference(loaded):
