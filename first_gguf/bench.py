@@ -100,8 +100,7 @@ def run_bench(model: Path, skip_count: int = 6, repeats: int = 5, prompt_tokens:
         decode_ratio, prefill_ratio, ...}}}``.
     """
     from . import build
-    from .gguf_router import inspect_gguf
-    from .prune import prune_gguf
+    from .format import inspect_gguf, prune_gguf
 
     info = inspect_gguf(model)
     n_layer, threads = info["n_layer"], threads or os.cpu_count() or 1
@@ -144,7 +143,7 @@ def run_bench(model: Path, skip_count: int = 6, repeats: int = 5, prompt_tokens:
 
 def _plain_copy(model: Path, tmp: Path) -> Path:
     # the stock library cannot load router tensors: strip them (a zero-layer prune)
-    from .prune import prune_gguf
+    from .format import prune_gguf
 
     return prune_gguf(model, [], tmp / "plain.gguf")
 

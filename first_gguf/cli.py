@@ -149,13 +149,12 @@ def convert(hf_dir: Path, output: Path, routers: Path | None, outtype: str, forc
 def init_routers(base: Path, output: Path, hidden_size: int | None, seed: int, keep_prob: float,
                  force: bool) -> None:
     """Write untrained, deterministic routers sized for BASE (they keep every layer)."""
-    from . import gguf_router as gr
+    from .format import inspect_gguf, make_identity_routers, save_router_file
 
-    info = gr.inspect_gguf(base)
+    info = inspect_gguf(base)
     kwargs = {"hidden_size": hidden_size} if hidden_size else {}
-    routers = gr.make_identity_routers(info["n_layer"], info["n_embd"], seed=seed, keep_prob=keep_prob,
-                                       **kwargs)
-    gr.save_router_file(routers, output, force=force)
+    routers = make_identity_routers(info["n_layer"], info["n_embd"], seed=seed, keep_prob=keep_prob, **kwargs)
+    save_router_file(routers, output, force=force)
     click.echo(output)
 
 
@@ -167,10 +166,9 @@ def init_routers(base: Path, output: Path, hidden_size: int | None, seed: int, k
 @click.option("--w1-f16", is_flag=True, help="Store the routers' W1 as F16 (default F32).")
 def attach(base: Path, routers: Path, output: Path, force: bool, w1_f16: bool) -> None:
     """Write BASE plus the ROUTERS (.safetensors) as a FiRST-GGUF."""
-    from . import gguf_router as gr
+    from .format import attach_routers
 
-    out = gr.attach_routers(base, gr.load_router_file(routers), output, force=force,
-                            w1_dtype="f16" if w1_f16 else "f32")
+    out = attach_routers(base, routers, output, force=force, w1_dtype="f16" if w1_f16 else "f32")
     click.echo(out)
 
 
@@ -181,7 +179,7 @@ def attach(base: Path, routers: Path, output: Path, force: bool, w1_f16: bool) -
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 def prune(base: Path, skip: str, output: Path, force: bool) -> None:
     """Write BASE without some blocks (the physical limit of skipping them)."""
-    from .prune import parse_layers, prune_gguf
+    from .format import parse_layers, prune_gguf
 
     click.echo(prune_gguf(base, parse_layers(skip), output, force=force))
 
@@ -192,12 +190,12 @@ def prune(base: Path, skip: str, output: Path, force: bool) -> None:
 @click.option("--require-first", is_flag=True, help="Exit non-zero unless FILE is a valid FiRST-GGUF.")
 def inspect(file: Path, as_json: bool, require_first: bool) -> None:
     """Describe a GGUF: architecture, quantization, FiRST keys and routers."""
-    from . import gguf_router as gr
+    from .format import format_inspect, inspect_gguf, validate_first_gguf
 
     if require_first:
-        gr.validate_first_gguf(file)
-    info = gr.inspect_gguf(file)
-    click.echo(json.dumps(info, indent=1) if as_json else gr.format_inspect(info))
+        validate_first_gguf(file)
+    info = inspect_gguf(file)
+    click.echo(json.dumps(info, indent=1) if as_json else format_inspect(info))
 
 
 @cli.command()

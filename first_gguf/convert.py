@@ -8,11 +8,12 @@ Stages, one progress line each on stderr:
    Upstream knows every architecture's tensor names and tokenizer quirks; we do not.
 2. quantize (K-quants and the other llama-quantize types): the f16 intermediate through the
    loaded library's ``llama_model_quantize``, the entry point ``llama-quantize`` calls.
-3. attach: the routers, after quantization so they stay F32 (``gguf_router.attach_routers``).
+3. attach: the routers, after quantization so they stay F32 (``format.attach_checked``).
 
 Every check that can fail on the inputs runs before stage 1 (HF directory, model type,
-routers against config.json, output path). Temporary files live next to the output and are
-removed on any failure, KeyboardInterrupt included; the output appears only by a rename.
+routers against config.json, output path); the routers are checked there, once. Temporary
+files live next to the output and are removed on any failure, KeyboardInterrupt included; the
+output appears only by a rename.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import importlib.util
 import json
 import os
 import re
-import secrets
 import shutil
 import subprocess
 import sys
@@ -34,9 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import FirstError
-from .paths import cache_dir
-from .router_file import check_output_path, load_router_file
-from .router_set import RouterSet
+from .format import RouterSet, attach_checked, checked_routers, inspect_gguf, read_header
+from .paths import ScratchFiles, cache_dir, check_output_path, move_output, temp_path
 
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")  # written by upstream's converter itself
 # Quantized by llama_model_quantize from an f16 intermediate (no importance matrix needed).
@@ -122,9 +121,8 @@ def _check_layer_pattern(path: Path, model_type: str, text) -> None:
 
 
 def load_routers(routers: str | os.PathLike | RouterSet, model: HFModel) -> RouterSet:
-    """The routers (a router file or a RouterSet), checked against the model's layers and n_embd."""
-    rs = routers if isinstance(routers, RouterSet) else load_router_file(routers)
-    rs.check()
+    """The routers (a router file or a RouterSet), checked once, and against the model's layers and n_embd."""
+    rs = checked_routers(routers)
     if rs.n_layer != model.n_layer:
         raise FirstError(f"{rs.source}: routers are for {rs.n_layer} layers but {model.path} has {model.n_layer}")
     if rs.n_embd != model.n_embd:
@@ -144,7 +142,7 @@ def converter_dir(cache: Path | None = None) -> Path:
         return dest
     sdist = fetch_sdist(base, cache or cache_dir())
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{dest.name}.{secrets.token_hex(6)}.tmp"
+    tmp = temp_path(dest)
     try:
         with tarfile.open(sdist) as tar:
             members = []
@@ -236,25 +234,6 @@ def quantize(inp: Path, out: Path, outtype: str, threads: int | None = None) -> 
         raise FirstError(f"llama_model_quantize failed (code {rc}) quantizing {inp} to {outtype}")
 
 
-class _Scratch:
-    """Temporary files next to the output, all removed on exit (success or any failure)."""
-
-    def __init__(self, out: Path):
-        self.out, self.paths = out, []
-
-    def path(self, stage: str) -> Path:
-        p = self.out.with_name(f".{self.out.name}.{secrets.token_hex(6)}.{stage}.tmp")
-        self.paths.append(p)
-        return p
-
-    def __enter__(self) -> "_Scratch":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for p in self.paths:
-            p.unlink(missing_ok=True)
-
-
 def convert_hf(hf_dir: str | os.PathLike, out: str | os.PathLike,
                routers: str | os.PathLike | RouterSet | None = None, outtype: str = "f16",
                force: bool = False, threads: int | None = None) -> Path:
@@ -293,7 +272,7 @@ def convert_hf(hf_dir: str | os.PathLike, out: str | os.PathLike,
     def step(name: str, what: str) -> None:
         _log(f"{stages.index(name) + 1}/{len(stages)} {name} (at {time.monotonic() - t0:.0f} s): {what}")
 
-    with _Scratch(out) as scratch:
+    with ScratchFiles(out) as scratch:
         first_type = outtype if outtype in CONVERTER_TYPES else QUANT_INTERMEDIATE
         base = scratch.path(first_type)
         step("convert", f"{model.path} ({model.model_type}, {model.n_layer} layers) -> {first_type} "
@@ -307,20 +286,15 @@ def convert_hf(hf_dir: str | os.PathLike, out: str | os.PathLike,
             base = quantized
         if rs is not None:
             step("attach", f"routers of {rs.n_layer} layers, hidden {rs.hidden_size} ({rs.source})")
-            from .gguf_router import attach_routers
-
-            attach_routers(base, rs, out, force=force)
+            attach_checked(base, rs, out, force=force)  # checked once, by load_routers
         else:
-            check_output_path(out, force)  # it may have appeared while we worked
-            os.replace(base, out)
+            move_output(base, out, force)
     _log(summary(out, time.monotonic() - t0))
     return out
 
 
 def summary(path: Path, seconds: float | None = None) -> str:
     """One line: architecture, layers, quantization, size, router hidden size, path."""
-    from .gguf_read import inspect_gguf
-
     info = inspect_gguf(path)
     hidden = info["first"]["hidden_size"] if info["first"] else "none"
     took = f" in {seconds:.0f} s" if seconds is not None else ""
@@ -339,8 +313,6 @@ def hf_tokenizer_from_gguf(gguf_path: str | os.PathLike):
     """
     import gguf
     from transformers import AddedToken, AutoTokenizer
-
-    from .gguf_header import read_header
 
     path = Path(gguf_path)
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

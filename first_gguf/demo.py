@@ -15,11 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import gguf_router as gr
+from . import format as fmt
 from . import models
 from .errors import FirstError
 from .paths import cache_dir
-from .router_file import stored_w1_dtype
 
 
 def _log(msg: str) -> None:
@@ -31,19 +30,19 @@ def demo_first_gguf(model: str, seed: int = 0) -> Path:
     base = models.fetch(model)
     routers, shipped = shipped_routers(model), shipped_routers_path(model)
     if routers is None:
-        info = gr.inspect_gguf(base)
-        routers = gr.make_identity_routers(info["n_layer"], info["n_embd"], seed=seed)
-    w1 = stored_w1_dtype(shipped) if shipped else "f32"  # a W1 shipped as F16 stays F16 in the GGUF
+        info = fmt.inspect_gguf(base)
+        routers = fmt.make_identity_routers(info["n_layer"], info["n_embd"], seed=seed)
+    w1 = fmt.stored_w1_dtype(shipped) if shipped else "f32"  # a W1 shipped as F16 stays F16 in the GGUF
     out_dir = cache_dir() / "demo"
     out_dir.mkdir(parents=True, exist_ok=True)
-    router_file = gr.save_router_file(routers, out_dir / f"{model}.routers.safetensors", force=True, w1_dtype=w1)
+    router_file = fmt.save_router_file(routers, out_dir / f"{model}.routers.safetensors", force=True, w1_dtype=w1)
     out = out_dir / f"{model}.first.gguf"
     if (out.is_file() and out.stat().st_mtime >= base.stat().st_mtime and _same_routers(out, routers)
             and _w1_dtype(out) == w1):
         _log(f"reusing {out}")
         return out
     _log(f"attaching {router_file.name} to {base.name}")
-    return gr.attach_routers(base, gr.load_router_file(router_file), out, force=True, w1_dtype=w1)
+    return fmt.attach_routers(base, router_file, out, force=True, w1_dtype=w1)
 
 
 def _w1_dtype(path: Path) -> str:
@@ -63,15 +62,15 @@ def shipped_routers_path(model: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def shipped_routers(model: str) -> gr.RouterSet | None:
+def shipped_routers(model: str) -> fmt.RouterSet | None:
     """Trained routers committed with the package for ``model``, if any."""
     path = shipped_routers_path(model)
-    return gr.load_router_file(path) if path else None
+    return fmt.load_router_file(path) if path else None
 
 
-def _same_routers(path: Path, routers: gr.RouterSet) -> bool:
+def _same_routers(path: Path, routers: fmt.RouterSet) -> bool:
     try:
-        have = gr.validate_first_gguf(path)
+        have = fmt.validate_first_gguf(path)
     except FirstError:
         return False
     return have.metadata() == routers.metadata() and all(
@@ -101,7 +100,7 @@ def run_demo(model: str | None = None, prompt: str = "def fibonacci(n):", max_to
 
     model = model or models.DEFAULT_MODEL
     path = demo_first_gguf(model)
-    print(gr.format_inspect(gr.inspect_gguf(path)))
+    print(fmt.format_inspect(fmt.inspect_gguf(path)))
     rt = runtime_info()
     print(f"\nruntime: {rt['library']} (format v{rt['format_version']}, build {rt['build_key']})")
     text, speed, rep = generate(path, prompt, max_tokens, threads)

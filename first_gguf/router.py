@@ -43,7 +43,7 @@ from .constants import (
     default_protected_layers,
 )
 from .errors import FirstError
-from .router_set import RouterSet
+from .format import RouterSet
 
 # RouterSet role -> parameter of a Router (same shape: constants.router_shape).
 ROLE_PARAMS = {

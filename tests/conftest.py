@@ -26,7 +26,7 @@ def spread_routers(n_layer: int, n_embd: int, seed: int = 1):
     skips some layers: exercises every code path that identity routers (p = 0.9) do not."""
     import numpy as np
 
-    from first_gguf.gguf_router import make_identity_routers
+    from first_gguf.format import make_identity_routers
 
     rs = make_identity_routers(n_layer, n_embd, seed=0, train_source=f"tests: spread routers seed {seed}")
     rng = np.random.default_rng(seed)
@@ -46,7 +46,7 @@ def default_base() -> Path:
 @pytest.fixture(scope="session")
 def default_first(default_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default model with spread routers (a ~500 MB FiRST-GGUF in a temporary directory)."""
-    from first_gguf.gguf_router import attach_routers, inspect_gguf
+    from first_gguf.format import attach_routers, inspect_gguf
 
     info = inspect_gguf(default_base)
     out = tmp_path_factory.mktemp("default") / "default.first.gguf"

@@ -19,9 +19,9 @@ sys.meta_path.insert(0, _Block())
 
 
 @pytest.mark.parametrize("module", [
-    "first_gguf.constants", "first_gguf.arch", "first_gguf.gguf_router", "first_gguf.models", "first_gguf.build",
+    "first_gguf.constants", "first_gguf.arch", "first_gguf.format", "first_gguf.models", "first_gguf.build",
     "first_gguf.cli", "first_gguf.demo", "first_gguf.runtime", "first_gguf.runtime.engine",
-    "first_gguf.prune", "first_gguf.bench", "first_gguf.convert", "first_gguf.evaluation.runner",
+    "first_gguf.format.prune", "first_gguf.bench", "first_gguf.convert", "first_gguf.evaluation.runner",
     "first_gguf.evaluation.results", "first_gguf.evaluation.sandbox", "first_gguf.evaluation.metrics",
 ])
 def test_imports_without_torch(module: str) -> None:

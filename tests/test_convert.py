@@ -29,7 +29,7 @@ import tiny_ckpt
 from conftest import spread_routers
 from first_gguf.convert import convert_hf
 from first_gguf.errors import FirstError
-from first_gguf.gguf_router import inspect_gguf, make_identity_routers, save_router_file, validate_first_gguf
+from first_gguf.format import inspect_gguf, make_identity_routers, save_router_file, validate_first_gguf
 from first_gguf.router import FirstRouters, first_generate_logits, prefill
 from llama_worker import compare
 
@@ -196,7 +196,7 @@ def test_converted_file_is_a_valid_first_gguf(case: Case):
 
 def test_tokenizer_survives_conversion(case: Case):
     """The converted GGUF tokenizes as the GGUF the tokenizer files came from, token for token."""
-    from first_gguf.gguf_header import read_header
+    from first_gguf.format import read_header
 
     src, got = read_header(case.vocab_gguf), read_header(case.gguf)
     value = lambda r, key: r.fields[key].contents() if key in r.fields else None  # noqa: E731
@@ -430,7 +430,7 @@ def test_real_default_model_end_to_end(default_base: Path, tmp_path_factory):
 
     from first_gguf.convert import hf_dir_from_gguf
     from first_gguf.demo import shipped_routers_path
-    from first_gguf.gguf_router import attach_routers, load_router_file
+    from first_gguf.format import attach_routers, load_router_file
     from first_gguf.runtime import FirstModel
 
     shipped = shipped_routers_path("qwen2.5-coder-0.5b-instruct")

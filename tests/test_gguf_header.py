@@ -1,4 +1,4 @@
-"""The fast GGUF reader (``gguf_header``): agrees with gguf.GGUFReader, fails fast on bad bytes.
+"""The fast GGUF reader (``format.header``): agrees with gguf.GGUFReader, fails fast on bad bytes.
 
 Agreement is checked on the tiny GGUFs of tests/ggufs.py (every key's type, value and bytes,
 every tensor's name, ne, type, offset and data) and, marked slow, on the default zoo model
@@ -21,9 +21,10 @@ import pytest
 from gguf import GGUFValueType as T
 
 import ggufs
-from first_gguf import gguf_router as gr
+from first_gguf import format as gr
 from first_gguf.errors import FormatError
-from first_gguf.gguf_header import GGUFHeader, read_header
+from first_gguf.format.header import GGUFHeader, read_header
+from first_gguf.format.reader import field_type
 
 UNREADABLE = r"^.*: not a readable GGUF file \("
 
@@ -51,8 +52,8 @@ def assert_agrees(path: Path) -> GGUFHeader:
     for key, want in ref_fields.items():
         field = got.fields[key]
         assert (field.name, field.offset, field.types) == (want.name, want.offset, want.types), key
-        assert gr.field_type(field) == gr.field_type(want), key
-        assert (field.type, field.item_type) == gr.field_type(want), key
+        assert field_type(field) == field_type(want), key
+        assert (field.type, field.item_type) == field_type(want), key
         assert ggufs.kv_raw(field) == ggufs.kv_raw(want), key
         assert sum(p.nbytes for p in field.parts) == sum(p.nbytes for p in want.parts) == field.end - field.offset
         assert _flat(field.contents()) == want.contents(), key

@@ -24,9 +24,9 @@ from safetensors.numpy import save_file
 
 import ggufs
 from first_gguf import constants as C
-from first_gguf import gguf_router as gr
+from first_gguf import format as gr
 from first_gguf.errors import FirstError, FormatError
-from first_gguf.router_file import atomic_output
+from first_gguf.paths import atomic_output
 
 W1_0 = C.router_tensor_name(C.ROUTER_IN_WEIGHT, 0)
 
@@ -191,12 +191,11 @@ def test_attach_never_overwrites_its_base(tmp_path):
 
 def test_router_file_with_f16_w1(tiny_base, tmp_path):
     """W1 stored as F16 loads as float32 (the rounded values) and attaches to the same F16 GGUF."""
-    from first_gguf.router_file import stored_w1_dtype
 
     routers = _routers()
     half = gr.save_router_file(routers, tmp_path / "half.safetensors", w1_dtype="f16")
     full = gr.save_router_file(routers, tmp_path / "full.safetensors")
-    assert (stored_w1_dtype(half), stored_w1_dtype(full)) == ("f16", "f32")
+    assert (gr.stored_w1_dtype(half), gr.stored_w1_dtype(full)) == ("f16", "f32")
     assert half.stat().st_size < full.stat().st_size
     back = gr.load_router_file(half)
     for bid in range(ggufs.N_LAYER):
@@ -572,9 +571,9 @@ def test_save_router_file_rejects_invalid_routers(tmp_path):
 
 # --- boundaries --------------------------------------------------------------------------
 
-def test_gguf_router_imports_without_torch():
+def test_format_imports_without_torch():
     code = ("import sys; sys.modules['torch'] = None\n"
-            "import first_gguf.gguf_router\n"
+            "import first_gguf.format\n"
             "assert 'torch' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
 

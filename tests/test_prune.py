@@ -8,8 +8,7 @@ import pytest
 
 import ggufs
 from first_gguf.errors import FirstError, FormatError
-from first_gguf.gguf_header import read_header
-from first_gguf.prune import parse_layers, prune_gguf
+from first_gguf.format import parse_layers, prune_gguf, read_header
 
 
 def test_prune_renumbers_and_copies_bytes(tmp_path: Path) -> None:

@@ -38,8 +38,7 @@ from first_gguf.router import (
     forward_masked,
     prefill,
 )
-from first_gguf.router_file import load_router_file, save_router_file
-from first_gguf.router_set import RouterSet, make_identity_routers
+from first_gguf.format import RouterSet, load_router_file, make_identity_routers, save_router_file
 from tiny_hf import MODEL_TYPES, N_LAYER, VOCAB, tiny_model
 
 # float32 logits of magnitude ~5: a prompt pass plus decode sums in another order than one pass.

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import spread_routers
 from first_gguf.errors import FirstError
-from first_gguf.prune import prune_gguf
+from first_gguf.format import prune_gguf
 from llama_worker import compare, run_in_subprocess, run_spec
 
 pytestmark = pytest.mark.slow
@@ -269,7 +269,7 @@ def test_three_turn_chat_equals_recomputing_the_conversation(default_first):
 
 
 def test_bad_input_is_a_clear_error(default_base, default_first, tmp_path):
-    from first_gguf.gguf_router import attach_routers
+    from first_gguf.format import attach_routers
     from first_gguf.runtime import FirstModel
 
     llm = FirstModel(default_first, n_ctx=256, n_threads=2)
@@ -295,13 +295,13 @@ def test_bad_input_is_a_clear_error(default_base, default_first, tmp_path):
 
 def _write_unchecked(base: Path, routers, out: Path) -> Path:
     """A FiRST-GGUF written without attach's validation: how a broken file reaches a user."""
-    from first_gguf.gguf_header import read_header
-    from first_gguf.gguf_router import _write_gguf
-    from first_gguf.router_file import router_arrays as _router_arrays
+    from first_gguf.format import read_header
+    from first_gguf.format.attach import write_gguf
+    from first_gguf.format.routers import router_arrays
 
     reader = read_header(base)
     arch = reader.fields["general.architecture"].contents()
-    _write_gguf(reader, arch, routers.metadata(), _router_arrays(routers, "f32"), out)
+    write_gguf(reader, arch, routers.metadata(), router_arrays(routers, "f32"), out)
     return out
 
 

@@ -18,8 +18,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from first_gguf.constants import ROUTER_OUT_WEIGHT
 from first_gguf.errors import FirstError
 from first_gguf.router import FirstRouters, decode_hard, decode_soft, first_generate_logits, prefill
-from first_gguf.router_file import load_router_file
-from first_gguf.router_set import make_identity_routers
+from first_gguf.format import load_router_file, make_identity_routers
 from first_gguf.train import data as D
 from first_gguf.train import losses, trainer
 from first_gguf.train.quality import evaluate_routers

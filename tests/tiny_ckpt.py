@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from first_gguf.gguf_header import read_header
+from first_gguf.format import read_header
 from tiny_hf import tiny_config
 
 # model_type -> (tokenizer kind, source GGUF: "sdist:<vocab name>" or "zoo:<model name>")

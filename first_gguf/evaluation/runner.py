@@ -238,7 +238,7 @@ class Evaluation:
 
     def run(self) -> dict:
         """Run every missing row, then return the summary (also written to ``results.json``)."""
-        from ..gguf_router import read_routers
+        from ..format import read_routers
 
         cfg = self.cfg
         routers = read_routers(Path(cfg.model))
@@ -567,8 +567,9 @@ def run_eval(model: str | None = None, out: Path | None = None, **options: Any) 
     Returns:
         (results, path of ``report.md``).
     """
-    from .. import gguf_router, models
+    from .. import models
     from ..demo import demo_first_gguf
+    from ..format import is_first_gguf
     from .results import write_report
 
     name = model or models.DEFAULT_MODEL
@@ -577,7 +578,7 @@ def run_eval(model: str | None = None, out: Path | None = None, **options: Any) 
         if name not in models.MODELS:
             raise FirstError(f"{name}: no such file, and not a zoo model ({', '.join(models.MODELS)})")
         path = demo_first_gguf(name)
-    elif not gguf_router.is_first_gguf(path):
+    elif not is_first_gguf(path):
         raise FirstError(f"{path}: not a FiRST-GGUF (no routers); attach routers first (first-gguf attach)")
     cfg = EvalConfig(model=str(path.resolve()), **options)
     unknown = set(cfg.tasks) - set(TASKS)

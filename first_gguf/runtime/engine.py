@@ -89,11 +89,11 @@ class FirstModel(Llama):
 
     def __init__(self, model_path: str | Path, *, mode: str | None = None, mask: Sequence[bool] | None = None,
                  prefill: str = "full", threshold: float | None = None, **kwargs: Any) -> None:
-        from .. import gguf_router
+        from ..format import is_first_gguf, read_routers
 
         self._flib = _lib.load()  # a clear error on a stock llama-cpp-python, before loading
         path = Path(model_path)
-        self.routers = gguf_router.read_routers(path) if gguf_router.is_first_gguf(path) else None
+        self.routers = read_routers(path) if is_first_gguf(path) else None
         if kwargs.get("n_seq_max", 1) != 1:
             raise FirstError("FiRST decisions are per sequence: use one context per sequence (n_seq_max=1)")
         kwargs.setdefault("verbose", False)

@@ -32,10 +32,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..format import RouterSet, load_router_file
 from ..paths import cache_dir
 from ..router import FirstRouters, decode_hard, first_generate_logits, prefill
-from ..router_file import load_router_file
-from ..router_set import RouterSet
 from . import recipe
 from .data import FAMILIES, Example, Limits, build_examples
 from .report import write_training_report

@@ -35,9 +35,9 @@ from tqdm import tqdm
 
 from ..arch import DecoderStack
 from ..errors import FirstError
+from ..format import make_identity_routers, save_router_file
+from ..paths import atomic_output, check_output_path
 from ..router import FirstRouters, PrefillResult, _run, decode_soft
-from ..router_file import atomic_output, check_output_path, save_router_file
-from ..router_set import make_identity_routers
 from . import losses, recipe
 from .base import context_length, dist_state, load_base, peak_memory_gb, set_threads
 from .data import Example, Limits, build_examples

@@ -12,17 +12,16 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
-import gguf
 from gguf import GGUFValueType
 
-from .constants import FIRST_KEY_PREFIX, ROUTER_NAME_MARKER
-from .errors import FormatError
-from .gguf_header import read_header
-from .gguf_read import model_dims
-from .gguf_router import _copied_fields, _raw_value, _Writer  # the byte-exact copy machinery
-from .router_file import atomic_output, check_output_path
+from ..constants import FIRST_KEY_PREFIX, ROUTER_NAME_MARKER
+from ..errors import FormatError
+from ..paths import atomic_output, check_output_path
+from .header import read_header
+from .reader import Reader, model_dims
+from .writer import CopyWriter, copied_fields, gguf_writer, write_tensors
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 
@@ -50,41 +49,39 @@ def prune_gguf(base_path: str | os.PathLike, skip: Iterable[int], out_path: str 
     keep = [i for i in range(n_layer) if i not in skip]
     if not keep:
         raise FormatError(f"{base}: pruning every layer leaves no model")
-    renumber = {old: new for new, old in enumerate(keep)}
-    block_count = f"{arch}.block_count"
     with atomic_output(out) as tmp:
-        writer = _Writer(tmp, arch=arch, endianess=reader.endianess)
-        try:
-            alignment = reader.fields.get(gguf.Keys.General.ALIGNMENT)
-            if alignment is not None:
-                writer.data_alignment = int(alignment.contents())
-            for field in _copied_fields(reader):
-                if field.name == block_count:
-                    writer.add_uint32(block_count, len(keep))
-                elif _per_layer_array(field, arch, n_layer):
-                    values = field.contents()
-                    writer.add_array(field.name, [values[i] for i in keep])
-                else:
-                    writer.add_key_value(field.name, _raw_value(reader, field), field.types[0])
-            tensors = []
-            for t in reader.tensors:
-                m = _BLOCK.match(t.name)
-                if ROUTER_NAME_MARKER in t.name or (m and int(m.group(1)) not in renumber):
-                    continue
-                name = f"blk.{renumber[int(m.group(1))]}.{m.group(2)}" if m else t.name
-                tensors.append((name, t))
-                writer.add_tensor_info(name, t.data.shape, t.data.dtype, t.data.nbytes, raw_dtype=t.tensor_type)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            for _, t in tensors:
-                writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
-        finally:
-            writer.close()
+        with gguf_writer(reader, arch, tmp) as writer:
+            _copy_fields(writer, reader, arch, n_layer, keep)
+            write_tensors(writer, reader, _kept_tensors(reader, keep))
         _, got_layers, _ = model_dims(read_header(tmp), str(out))
         if got_layers != len(keep):
             raise FormatError(f"{out}: read-back check failed: {got_layers} layers, expected {len(keep)}")
     return out
+
+
+def _copy_fields(writer: CopyWriter, reader: Reader, arch: str, n_layer: int, keep: list[int]) -> None:
+    """Every key byte for byte, except the block count and per-layer arrays, cut to ``keep``."""
+    block_count = f"{arch}.block_count"
+    for field in copied_fields(reader):
+        if field.name == block_count:
+            writer.add_uint32(block_count, len(keep))
+        elif _per_layer_array(field, arch, n_layer):
+            values = field.contents()
+            writer.add_array(field.name, [values[i] for i in keep])
+        else:
+            writer.copy_field(reader, field)
+
+
+def _kept_tensors(reader: Reader, keep: list[int]) -> list[tuple[str, Any]]:
+    """(new name, tensor) of every tensor but the routers and the removed blocks; blocks renumbered."""
+    renumber = {old: new for new, old in enumerate(keep)}
+    kept = []
+    for t in reader.tensors:
+        m = _BLOCK.match(t.name)
+        if ROUTER_NAME_MARKER in t.name or (m and int(m.group(1)) not in renumber):
+            continue
+        kept.append((f"blk.{renumber[int(m.group(1))]}.{m.group(2)}" if m else t.name, t))
+    return kept
 
 
 def parse_layers(text: str) -> list[int]:
@@ -100,6 +97,6 @@ def parse_layers(text: str) -> list[int]:
 
 
 def _per_layer_array(field, arch: str, n_layer: int) -> bool:
-    # e.g. per-layer head counts; a FiRST key never reaches here (_copied_fields drops them)
+    # e.g. per-layer head counts; a FiRST key never reaches here (copied_fields drops them)
     return (field.name.startswith(f"{arch}.") and field.types[0] == GGUFValueType.ARRAY
             and len(field.contents()) == n_layer and not field.name.startswith(FIRST_KEY_PREFIX))

@@ -6,36 +6,34 @@ torch shape, ``constants.router_shape`` (W1 is ``(hidden, n_embd)``, w2 ``(1, hi
 its value as JSON (``"first.router.threshold": "0.5"``, ``"first.router.protected_layers":
 "[0, 23]"``); other metadata entries (e.g. torch's ``format``) are ignored. n_layer and
 n_embd are not stored: they follow from the tensors (layers 0..max, the length of g).
-Loading applies the FiRST-GGUF rules of ``router_set``; messages name the file.
+Loading applies the FiRST-GGUF rules of ``rules``; messages name the file.
 
-Also here: ``atomic_output``, the write-to-temp-then-rename used by every writer of ours.
+``checked_routers`` is where routers enter a write path: a file is checked as it loads, a
+``RouterSet`` by ``RouterSet.check``; after that the RouterSet is trusted.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import secrets
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import safetensors
 from safetensors.numpy import save_file
 
-from .constants import (
+from ..constants import (
     FIRST_KEY_PREFIX,
     KEY_ROUTER_HIDDEN_SIZE,
     KEY_VERSION,
     ROUTER_F16_ROLES,
     ROUTER_NORM,
-    ROUTER_TENSORS,
     router_tensor_name,
 )
-from .errors import FirstError, FormatError
-from .router_set import (
-    RouterSet,
+from ..errors import FormatError
+from ..paths import atomic_output, check_output_path
+from .routers import RouterSet, check_w1_dtype, router_arrays, routers_from_metadata
+from .rules import (
     StoredTensor,
     check_keys_present,
     check_metadata,
@@ -43,43 +41,7 @@ from .router_set import (
     check_version,
     collect_layers,
     parse_router_name,
-    routers_from_metadata,
 )
-
-
-def check_output_path(out: Path, force: bool, inputs: tuple[Path, ...] = ()) -> None:
-    """Refuse an output that is one of the inputs (always) or exists (unless ``force``)."""
-    for src in inputs:
-        if out.resolve() == src.resolve() or (out.exists() and src.exists() and out.samefile(src)):
-            raise FirstError(f"{out}: the output would overwrite the input {src}; write to another file")
-    if out.is_dir():
-        raise FirstError(f"{out} is a directory")
-    if out.exists() and not force:
-        raise FirstError(f"{out} exists; pass --force")
-    if not out.parent.is_dir():
-        raise FirstError(f"{out.parent}: no such directory")
-
-
-@contextlib.contextmanager
-def atomic_output(out: Path) -> Iterator[Path]:
-    """Yield a fresh temporary path next to ``out``; rename it to ``out`` if the block succeeds.
-
-    On any exception (KeyboardInterrupt too) the temporary file is removed and ``out`` is
-    untouched, so a reader never sees half a file.
-    """
-    tmp = out.with_name(f".{out.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # mode follows the umask
-    except OSError as exc:
-        raise FirstError(f"{out}: cannot write next to it ({exc.strerror})") from None
-    mode = tmp.stat().st_mode & 0o777
-    try:
-        yield tmp
-        os.chmod(tmp, mode)  # some writers (safetensors) recreate the file as 0600
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def save_router_file(routers: RouterSet, path: str | os.PathLike, force: bool = False,
@@ -106,35 +68,6 @@ def save_router_file(routers: RouterSet, path: str | os.PathLike, force: bool = 
     meta = {key: json.dumps(value) for key, value in routers.metadata().items()}
     with atomic_output(out) as tmp:
         save_file(tensors, tmp, metadata=meta)
-    return out
-
-
-W1_DTYPES = ("f32", "f16")
-
-
-def check_w1_dtype(w1_dtype: str) -> None:
-    if w1_dtype not in W1_DTYPES:
-        raise FirstError(f"w1_dtype must be one of {', '.join(W1_DTYPES)}, got {w1_dtype!r}")
-
-
-def router_arrays(routers: RouterSet, w1_dtype: str) -> list[tuple[str, np.ndarray]]:
-    """(name, contiguous array) of every router tensor in layer order, W1 cast to ``w1_dtype``.
-
-    Raises:
-        FormatError: W1 overflows F16.
-    """
-    out = []
-    for bid in range(routers.n_layer):
-        for role in ROUTER_TENSORS:
-            name = router_tensor_name(role, bid)
-            arr = np.ascontiguousarray(routers.tensors[bid][role], dtype=np.float32)
-            if role in ROUTER_F16_ROLES and w1_dtype == "f16":
-                with np.errstate(over="ignore"):  # reported below, with the layer
-                    arr = arr.astype(np.float16)
-                if not np.isfinite(arr).all():
-                    raise FormatError(f"{routers.source}: layer {bid}: {name} overflows F16 "
-                                      f"(max |value| {np.abs(routers.tensors[bid][role]).max():g}); use F32")
-            out.append((name, arr))
     return out
 
 
@@ -173,6 +106,20 @@ def load_router_file(path: str | os.PathLike) -> RouterSet:
     check_metadata(where, meta, n_layer)
     tensors = collect_layers(where, stored, n_layer, n_embd, meta[KEY_ROUTER_HIDDEN_SIZE], gguf_ne=False)
     return routers_from_metadata(meta, n_layer, n_embd, tensors, where)
+
+
+def checked_routers(routers: RouterSet | str | os.PathLike) -> RouterSet:
+    """The routers, checked once: a router file as it loads, a RouterSet by ``RouterSet.check``.
+
+    Every write path (attach, convert) calls this where routers come in and trusts the result.
+
+    Raises:
+        FormatError: naming the file (or the RouterSet's ``source``) and the broken rule.
+    """
+    if isinstance(routers, RouterSet):
+        routers.check()
+        return routers
+    return load_router_file(routers)
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, StoredTensor], dict[str, str]]:

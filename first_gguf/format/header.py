@@ -11,7 +11,7 @@ is wrong, fast and without allocating by a corrupt length.
 The objects mirror the part of ``GGUFReader`` this package uses: ``fields[key]`` with
 ``.name .types .parts .offset .contents()``; ``tensors[i]`` with ``.name .tensor_type
 .shape .n_elements .n_bytes .data_offset .data``; ``.alignment .data_offset .endianess
-.byte_order .data``. So ``gguf_read``'s helpers work on either reader. Differences: no
+.byte_order .data``. So ``reader``'s helpers work on either reader. Differences: no
 ``GGUF.*`` pseudo-keys (see ``version``, ``tensor_count``), an array's ``parts`` end with
 its whole payload as one segment, and a nested array's ``contents()`` is a list of lists
 (GGUFReader flattens it). GGUF versions 2 and 3, either byte order, as GGUFReader.
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFEndian, GGUFValueType
 
-from .errors import FormatError
+from ..errors import FormatError
 
 SUPPORTED_VERSIONS = (2, 3)
 GGML_MAX_DIMS = 4

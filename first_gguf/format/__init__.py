@@ -1,0 +1,28 @@
+"""The GGUF / router-file format layer: the one door the rest of first-gguf goes through.
+
+numpy + gguf + safetensors only, never torch (a user who only converts and chats installs no
+torch). Inside: ``header`` (a fast, safe GGUF reader), ``rules`` (the FiRST-GGUF rules every
+reader applies), ``routers`` (``RouterSet``, the untrained recipe), ``router_file``
+(.safetensors router files), ``reader`` (validate and read a FiRST-GGUF), ``inspection``
+(``first-gguf inspect``), ``writer`` (byte-exact GGUF rewrite), ``attach`` and ``prune``.
+The strings of the format are ``first_gguf.constants``; the generic output helpers (refuse
+to overwrite, write then rename) are ``first_gguf.paths``.
+"""
+
+from __future__ import annotations
+
+from .attach import attach_checked, attach_routers
+from .header import GGUFHeader, read_header
+from .inspection import format_inspect, inspect_gguf
+from .prune import parse_layers, prune_gguf
+from .reader import is_first_gguf, open_gguf, read_routers, validate_first_gguf
+from .router_file import checked_routers, load_router_file, save_router_file, stored_w1_dtype
+from .routers import RouterSet, make_identity_routers
+
+__all__ = [
+    "RouterSet", "make_identity_routers",
+    "save_router_file", "load_router_file", "stored_w1_dtype", "checked_routers",
+    "attach_routers", "attach_checked", "prune_gguf", "parse_layers",
+    "read_routers", "validate_first_gguf", "is_first_gguf", "inspect_gguf", "format_inspect",
+    "open_gguf", "read_header", "GGUFHeader",
+]

@@ -1,0 +1,121 @@
+"""Attach routers to a GGUF: base + routers -> FiRST-GGUF (``shared/FIRST.md`` section 2).
+
+numpy + gguf + safetensors only, never torch. Shapes: in memory and in router files the
+tensors are NumPy / torch shaped (``constants.router_shape``: W1 is ``(hidden, n_embd)``);
+the GGUF stores them with ``ne`` reversed (``constants.router_ne``: W1 is ``[n_embd, hidden]``).
+
+``attach_routers`` rewrites the base GGUF byte for byte (``writer``), then adds the routers
+and first.* keys. It writes a temporary file next to the output, reads it back and checks
+it, then renames it. The routers are checked once, where they come in (``checked_routers``);
+``attach_checked`` is the same write for routers a caller has already checked (``convert``
+checks them before its long stages).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from ..constants import FIRST_KEY_PREFIX, ROUTER_NAME_MARKER
+from ..errors import FormatError
+from ..paths import atomic_output, check_output_path
+from .header import read_header
+from .reader import KEY_TYPES, Reader, field_type, int_key, model_dims, routers_from_reader
+from .router_file import checked_routers
+from .routers import RouterSet, check_w1_dtype, router_arrays
+from .rules import parse_router_name
+from .writer import base_tensors, copied_fields, gguf_writer, write_tensors
+
+logger = logging.getLogger(__name__)
+
+
+def write_gguf(reader: Reader, arch: str, metadata: dict[str, object],
+               new: list[tuple[str, np.ndarray]], path: Path) -> None:
+    """Base KVs and tensors (bytes and types as they are), then the first.* keys and routers.
+
+    No check of any kind: ``attach_checked`` checks before and reads back after.
+    """
+    with gguf_writer(reader, arch, path) as writer:
+        for field in copied_fields(reader):
+            writer.copy_field(reader, field)
+        for key, value in metadata.items():
+            writer.add_key_value(key, value, KEY_TYPES[key][0], sub_type=KEY_TYPES[key][1])
+        write_tensors(writer, reader, [(t.name, t) for t in base_tensors(reader)], new)
+
+
+def _verify_written(path: Path, base: Reader, new: list[tuple[str, np.ndarray]], where: str) -> None:
+    """Read the new file back: valid FiRST-GGUF, every KV and tensor (name, type, shape) as planned."""
+    out = read_header(path)
+    back = routers_from_reader(out, where)
+    want_kv = [(f.name, field_type(f)) for f in copied_fields(base)]
+    got_kv = [(f.name, field_type(f)) for f in copied_fields(out)]
+    if want_kv != got_kv:
+        raise FormatError(f"{where}: read-back check failed: the key/value table differs from the base")
+    ggml = {np.dtype(np.float16): GGMLQuantizationType.F16, np.dtype(np.float32): GGMLQuantizationType.F32}
+    want = [(t.name, t.tensor_type, tuple(int(n) for n in t.shape), t.n_bytes) for t in base_tensors(base)]
+    want += [(name, ggml[arr.dtype], tuple(reversed(arr.shape)), arr.nbytes) for name, arr in new]
+    got = [(t.name, t.tensor_type, tuple(int(n) for n in t.shape), t.n_bytes) for t in out.tensors]
+    if want != got:
+        i = next((i for i, (w, g) in enumerate(zip(want, got)) if w != g), min(len(want), len(got)))
+        raise FormatError(f"{where}: read-back check failed at tensor #{i}: planned "
+                          f"{want[i] if i < len(want) else None}, written {got[i] if i < len(got) else None}")
+    for name, arr in new:
+        bid, role = parse_router_name(name)
+        if not np.array_equal(back.tensors[bid][role], arr.astype(np.float32)):
+            raise FormatError(f"{where}: read-back check failed: {name} differs from the routers")
+
+
+def attach_routers(base_path: str | os.PathLike, routers: RouterSet | str | os.PathLike,
+                   out_path: str | os.PathLike, force: bool = False, w1_dtype: str = "f32") -> Path:
+    """Write ``base + routers`` as a FiRST-GGUF; the inputs are never modified.
+
+    Every check runs before anything is written (routers valid, base readable, routers sized
+    for the base, output path allowed); the file is written to a temporary name next to the
+    output, read back and checked, then renamed. A base that is already a FiRST-GGUF has
+    its routers and first.* keys replaced.
+
+    Args:
+        base_path: The base GGUF (any quantization).
+        routers: A RouterSet, or a router file (.safetensors), for exactly the base's
+            ``block_count`` layers and ``embedding_length``; checked once, here.
+        out_path: The FiRST-GGUF to write; never the base itself.
+        force: Overwrite an existing output.
+        w1_dtype: "f32" or "f16" for W1 (every other router tensor is F32).
+
+    Returns:
+        The output path.
+    """
+    return attach_checked(base_path, checked_routers(routers), out_path, force=force, w1_dtype=w1_dtype)
+
+
+def attach_checked(base_path: str | os.PathLike, routers: RouterSet, out_path: str | os.PathLike,
+                   force: bool = False, w1_dtype: str = "f32") -> Path:
+    """``attach_routers`` for routers already checked (``checked_routers``, ``load_router_file``).
+
+    The routers' rules are not checked again; everything else is (base, sizes, output).
+    """
+    base, out = Path(base_path), Path(out_path)
+    check_w1_dtype(w1_dtype)
+    check_output_path(out, force, inputs=(base,))
+    reader = read_header(base)
+    arch, n_layer, n_embd = model_dims(reader, str(base))
+    if (int_key(reader, gguf.Keys.Split.LLM_KV_SPLIT_COUNT) or 1) > 1:
+        raise FormatError(f"{base}: one shard of a split GGUF; merge it first (llama-gguf-split --merge)")
+    for what, mine, theirs in (("layers", routers.n_layer, n_layer), ("n_embd", routers.n_embd, n_embd)):
+        if mine != theirs:
+            amount = f"{mine} layers" if what == "layers" else f"n_embd {mine}"
+            raise FormatError(f"{routers.source}: routers are for {amount} but {base} has {theirs}")
+    new = router_arrays(routers, w1_dtype)
+    old = [t.name for t in reader.tensors if ROUTER_NAME_MARKER in t.name]
+    if old or any(name.startswith(FIRST_KEY_PREFIX) for name in reader.fields):
+        logger.warning("%s is already a FiRST-GGUF: replacing its %d router tensors and first.* keys",
+                       base, len(old))
+    with atomic_output(out) as tmp:
+        write_gguf(reader, arch, routers.metadata(), new, tmp)
+        _verify_written(tmp, reader, new, str(out))
+    return out
