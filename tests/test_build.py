@@ -69,6 +69,19 @@ def test_stale_patch_fails_with_regenerate_hint(sdist: Path, tmp_path: Path) -> 
         build.apply_patches(tree, build.patch_files())
 
 
+def test_dev_tree_exports_the_committed_series_byte_for_byte(tmp_path: Path) -> None:
+    # The series must be exactly what its scratch tree regenerates (ollama's CI checks its
+    # series the same way): a hand-edited patch, or one `--export` would rewrite, fails here.
+    # dev_tree only makes the git tree; compiling is dev_build's, so this stays quick.
+    dev, out = tmp_path / "dev", tmp_path / "exported"
+    build.dev_tree(dev)
+    out.mkdir()
+    exported, committed = build.export_patches(dev, out), build.patch_files()
+    assert [p.name for p in exported] == [p.name for p in committed]
+    for new, old in zip(exported, committed):
+        assert new.read_bytes() == old.read_bytes(), f"{old.name} differs from its regeneration"
+
+
 def test_build_key_tracks_sdist_patches_and_flags(tmp_path: Path) -> None:
     base, patches, args = build.read_base(), build.patch_files(), build.cmake_args("")
     key = build.build_key(base, patches, args)
