@@ -4,6 +4,7 @@ library is the patched build of this checkout; a stock library gives a clear err
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -122,6 +123,17 @@ def test_c_sources_spell_the_keys_of_constants() -> None:
     for template in constants.ROUTER_TENSORS.values():
         stem = template.split(".")[2]  # blk.{bid}.<stem>.weight
         assert f'"blk.%d.{stem}"' in patch, stem
+
+
+def test_bindings_match_the_c_api_of_the_series() -> None:
+    # Every llama_first_* function the patches declare has a typed binding of the same arity.
+    from first_gguf.runtime import _lib
+
+    header = "".join(p.read_text() for p in build.patch_files())
+    declared = {m[1]: 0 if m[2].strip() == "void" else m[2].count(",") + 1
+                for m in re.finditer(r"^\+\s*LLAMA_API [^(]*?\b(llama_first_\w+)\s*\(([^)]*)\)", header, re.M)}
+    bound = {f.symbol: len(f.argtypes) for f in _lib._C_FUNCTIONS.values()}
+    assert declared == bound
 
 
 @pytest.mark.slow
