@@ -366,9 +366,17 @@ def dev_build(dev: Path, extra_cmake_args: str | None = None) -> Path:
     return build / "bin"
 
 
-def export_patches(dev: Path) -> list[Path]:
-    """Regenerate ``patches/`` from the scratch tree's commits after ``first-base``."""
-    tree, out = dev / "tree", patches_dir()
+def export_patches(dev: Path, out: Path | None = None) -> list[Path]:
+    """Regenerate the series from the scratch tree's commits after ``first-base``.
+
+    Args:
+        dev: the directory given to ``first-gguf build --dev``.
+        out: where the ``NNNN-*.patch`` files go (default: ``patches/``); its old ones are replaced.
+
+    Returns:
+        The exported patches, in order.
+    """
+    tree, out = dev / "tree", out or patches_dir()
     if _git(["status", "--porcelain", "--untracked-files=no"], tree).stdout.strip():
         raise BuildError(f"{tree}: uncommitted changes; commit them (one commit per patch) first")
     with tempfile.TemporaryDirectory() as tmp:

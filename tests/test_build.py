@@ -4,6 +4,7 @@ library is the patched build of this checkout; a stock library gives a clear err
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -69,6 +70,19 @@ def test_stale_patch_fails_with_regenerate_hint(sdist: Path, tmp_path: Path) -> 
         build.apply_patches(tree, build.patch_files())
 
 
+def test_dev_tree_exports_the_committed_series_byte_for_byte(tmp_path: Path) -> None:
+    # The series must be exactly what its scratch tree regenerates (ollama's CI checks its
+    # series the same way): a hand-edited patch, or one `--export` would rewrite, fails here.
+    # dev_tree only makes the git tree; compiling is dev_build's, so this stays quick.
+    dev, out = tmp_path / "dev", tmp_path / "exported"
+    build.dev_tree(dev)
+    out.mkdir()
+    exported, committed = build.export_patches(dev, out), build.patch_files()
+    assert [p.name for p in exported] == [p.name for p in committed]
+    for new, old in zip(exported, committed):
+        assert new.read_bytes() == old.read_bytes(), f"{old.name} differs from its regeneration"
+
+
 def test_build_key_tracks_sdist_patches_and_flags(tmp_path: Path) -> None:
     base, patches, args = build.read_base(), build.patch_files(), build.cmake_args("")
     key = build.build_key(base, patches, args)
@@ -109,6 +123,17 @@ def test_c_sources_spell_the_keys_of_constants() -> None:
     for template in constants.ROUTER_TENSORS.values():
         stem = template.split(".")[2]  # blk.{bid}.<stem>.weight
         assert f'"blk.%d.{stem}"' in patch, stem
+
+
+def test_bindings_match_the_c_api_of_the_series() -> None:
+    # Every llama_first_* function the patches declare has a typed binding of the same arity.
+    from first_gguf.runtime import _lib
+
+    header = "".join(p.read_text() for p in build.patch_files())
+    declared = {m[1]: 0 if m[2].strip() == "void" else m[2].count(",") + 1
+                for m in re.finditer(r"^\+\s*LLAMA_API [^(]*?\b(llama_first_\w+)\s*\(([^)]*)\)", header, re.M)}
+    bound = {f.symbol: len(f.argtypes) for f in _lib._C_FUNCTIONS.values()}
+    assert declared == bound
 
 
 @pytest.mark.slow

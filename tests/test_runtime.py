@@ -4,7 +4,6 @@ ubatch splitting, thresholds, multi-turn KV consistency and bad input."""
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import numpy as np
@@ -68,13 +67,10 @@ def test_mask_prefill_full_keeps_prompt_exact_and_skips_in_decode(default_first,
 def _layer_inputs(path: Path, prompt: list[int], n_layer: int, n_ubatch: int = 512) -> list[np.ndarray]:
     """Hidden state entering each layer for every prompt token, from llama.cpp itself."""
     from llama_cpp import Llama
-    from llama_cpp import llama_cpp as lc
 
-    lib = lc._lib
-    set_inp = getattr(lib, "_Z30llama_set_embeddings_layer_inpP13llama_contextjb")
-    set_inp.argtypes, set_inp.restype = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_bool], None
-    get_inp = getattr(lib, "_Z30llama_get_embeddings_layer_inpP13llama_contextj")
-    get_inp.argtypes, get_inp.restype = [ctypes.c_void_p, ctypes.c_uint32], ctypes.POINTER(ctypes.c_float)
+    from first_gguf.runtime._lib import layer_input_fns
+
+    set_inp, get_inp = layer_input_fns()
     llm = Llama(str(path), n_ctx=512, n_threads=2, verbose=False, n_batch=512, n_ubatch=n_ubatch)
     for il in range(n_layer):
         set_inp(llm._ctx.ctx, il, True)
