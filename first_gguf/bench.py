@@ -38,7 +38,7 @@ def middle_layers(n_layer: int, k: int) -> list[int]:
 
 def worker(spec: dict) -> dict:
     """One timed run: prefill ``prompt_tokens`` tokens, then decode ``decode_tokens`` greedily."""
-    from llama_cpp import Llama
+    from .runtime.greedy import PlainModel, greedy
 
     kw = dict(n_ctx=spec["prompt_tokens"] + spec["decode_tokens"] + 16, n_threads=spec["threads"],
               n_batch=max(512, spec["prompt_tokens"]), n_ubatch=512, verbose=False)
@@ -47,27 +47,13 @@ def worker(spec: dict) -> dict:
 
         llm = FirstModel(spec["path"], mode=spec["mode"], mask=spec.get("mask"), **kw)
     else:
-        llm = Llama(spec["path"], **kw)
+        llm = PlainModel(spec["path"], **kw)
     prompt = _prompt_tokens(llm, spec["prompt_tokens"])
-
-    def prefill() -> None:
-        if spec["engine"] == "first":
-            llm.prefill(prompt)
-        else:
-            llm.reset()
-            llm.eval(prompt)
-
-    prefill()  # warm-up: pages the weights in and builds the graphs
-    for _ in range(WARMUP_DECODE):
-        llm.eval([llm.sample(temp=0.0)])
-    t0 = time.perf_counter()
-    prefill()
-    t1 = time.perf_counter()
-    for _ in range(spec["decode_tokens"]):
-        llm.eval([llm.sample(temp=0.0)])
-    t2 = time.perf_counter()
-    skipped = list(llm.last_prefill.skipped) if spec["engine"] == "first" else spec.get("pruned", [])
-    return {"prefill_tok_s": len(prompt) / (t1 - t0), "decode_tok_s": spec["decode_tokens"] / (t2 - t1),
+    # warm-up: pages the weights in and builds the graphs; then a fixed count of decode steps
+    greedy(llm, prompt, WARMUP_DECODE + 1, eog=False)
+    g = greedy(llm, prompt, spec["decode_tokens"] + 1, eog=False)
+    skipped = g.skipped if spec["engine"] == "first" else spec.get("pruned", [])
+    return {"prefill_tok_s": len(prompt) / g.t_prefill, "decode_tok_s": g.n_decode / g.t_decode,
             "skipped_layers": skipped}
 
 

@@ -429,7 +429,7 @@ def test_real_default_model_end_to_end(default_base: Path, tmp_path_factory):
     import shutil
 
     from first_gguf.convert import hf_dir_from_gguf
-    from first_gguf.demo import shipped_routers_path
+    from first_gguf.models import shipped_routers_path
     from first_gguf.gguf_router import attach_routers, load_router_file
     from first_gguf.runtime import FirstModel
 
