@@ -3,7 +3,7 @@
     python examples/chat.py MODEL.first.gguf [--threshold 0.5]
 
 Each turn prints which layers the routers dropped for that answer. The KV cache is reused
-across turns within FIRST.md's rules (positions decoded under a mask are recomputed).
+across turns within docs/FORMAT.md's rules (positions decoded under a mask are recomputed).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Every measurement runs in a fresh worker process (``python -m first_gguf.bench -
 so the stock library (``LLAMA_CPP_LIB_PATH``) and the patched one never share a process;
 the strategies alternate within each repeat, so machine noise hits them alike. Reported
 per strategy: median decode and prefill tok/s with their spread, and the median of the
-per-repeat ratios to ``full`` (paired, FIRST.md section 4).
+per-repeat ratios to ``full`` (paired, docs/FORMAT.md section 4).
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ import time
 from pathlib import Path
 
 from .errors import FirstError
+from .log import logger
 
 WARMUP_DECODE = 4
 DEFAULT_PROMPT = "def quicksort(items):\n    \"\"\"Sort a list of numbers.\"\"\"\n"
 
 
-def _log(msg: str) -> None:
-    print(f"[first-gguf bench] {msg}", file=sys.stderr, flush=True)
+_log = logger("bench")
 
 
 def middle_layers(n_layer: int, k: int) -> list[int]:
@@ -38,7 +38,7 @@ def middle_layers(n_layer: int, k: int) -> list[int]:
 
 def worker(spec: dict) -> dict:
     """One timed run: prefill ``prompt_tokens`` tokens, then decode ``decode_tokens`` greedily."""
-    from llama_cpp import Llama
+    from .runtime.greedy import PlainModel, greedy
 
     kw = dict(n_ctx=spec["prompt_tokens"] + spec["decode_tokens"] + 16, n_threads=spec["threads"],
               n_batch=max(512, spec["prompt_tokens"]), n_ubatch=512, verbose=False)
@@ -47,27 +47,13 @@ def worker(spec: dict) -> dict:
 
         llm = FirstModel(spec["path"], mode=spec["mode"], mask=spec.get("mask"), **kw)
     else:
-        llm = Llama(spec["path"], **kw)
+        llm = PlainModel(spec["path"], **kw)
     prompt = _prompt_tokens(llm, spec["prompt_tokens"])
-
-    def prefill() -> None:
-        if spec["engine"] == "first":
-            llm.prefill(prompt)
-        else:
-            llm.reset()
-            llm.eval(prompt)
-
-    prefill()  # warm-up: pages the weights in and builds the graphs
-    for _ in range(WARMUP_DECODE):
-        llm.eval([llm.sample(temp=0.0)])
-    t0 = time.perf_counter()
-    prefill()
-    t1 = time.perf_counter()
-    for _ in range(spec["decode_tokens"]):
-        llm.eval([llm.sample(temp=0.0)])
-    t2 = time.perf_counter()
-    skipped = list(llm.last_prefill.skipped) if spec["engine"] == "first" else spec.get("pruned", [])
-    return {"prefill_tok_s": len(prompt) / (t1 - t0), "decode_tok_s": spec["decode_tokens"] / (t2 - t1),
+    # warm-up: pages the weights in and builds the graphs; then a fixed count of decode steps
+    greedy(llm, prompt, WARMUP_DECODE + 1, eog=False)
+    g = greedy(llm, prompt, spec["decode_tokens"] + 1, eog=False)
+    skipped = g.skipped if spec["engine"] == "first" else spec.get("pruned", [])
+    return {"prefill_tok_s": len(prompt) / g.t_prefill, "decode_tok_s": g.n_decode / g.t_decode,
             "skipped_layers": skipped}
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BuildError
+from .log import logger
 from .paths import cache_dir, repo_root
 
 # Small build: libllama + ggml only. Tests/examples/tools are already off for the vendored
@@ -43,8 +44,7 @@ KEY_SYMBOL_PROBE = (
 )
 
 
-def _log(msg: str) -> None:
-    print(f"[first-gguf build] {msg}", file=sys.stderr, flush=True)
+_log = logger("build")
 
 
 @dataclass(frozen=True)

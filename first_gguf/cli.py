@@ -94,7 +94,7 @@ def fetch(name: str, no_install: bool) -> None:
 @click.option("--examples", default=None, type=int, help="Training examples drawn (default: the recipe's).")
 @click.option("--batch-size", default=None, type=int, help="Examples per optimizer step.")
 @click.option("--gate", type=click.Choice(["soft", "concrete", "straight-through"]), default=None,
-              help="Gate of the training forward (default: soft, FIRST.md's).")
+              help="Gate of the training forward (default: soft, docs/FORMAT.md's).")
 @click.option("--lr", default=None, type=float)
 @click.option("--lam", default=None, type=float, help="Skip-penalty weight (default 0.01, the paper's).")
 @click.option("--target-skip", default=None, type=float, help="Also aim at this many skipped layers.")
@@ -226,13 +226,20 @@ def bench(model: Path | None, skip_count: int, repeats: int, prompt_tokens: int,
           threads: int | None, no_stock: bool, strategies: str | None, as_json: bool) -> None:
     """Decode/prefill speed of full, first, mask, pruned and stock, side by side."""
     from . import bench as b
-    from .demo import demo_first_gguf
-    from .models import DEFAULT_MODEL
+    from .models import DEFAULT_MODEL, first_gguf_path
 
-    result = b.run_bench(model or demo_first_gguf(DEFAULT_MODEL), skip_count=skip_count, repeats=repeats,
+    result = b.run_bench(model or first_gguf_path(DEFAULT_MODEL), skip_count=skip_count, repeats=repeats,
                          prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, threads=threads,
                          stock=not no_stock, strategies=strategies.split(",") if strategies else None)
     click.echo(json.dumps(result, indent=1) if as_json else b.format_bench(result))
+
+
+class _RecordedCommand(click.Command):
+    """Keeps the arguments as given (``ctx.meta["argv"]``): a run records the command that wrote it."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["argv"] = list(args)
+        return super().parse_args(ctx, args)
 
 
 def _csv(value: str | None, cast, option: str):
@@ -243,7 +250,7 @@ def _csv(value: str | None, cast, option: str):
                                  param_hint=option) from None
 
 
-@cli.command("eval")
+@cli.command("eval", cls=_RecordedCommand)
 @click.argument("model", required=False)
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run directory (rows, results, report; an existing run resumes). Default eval/<model>.")
@@ -271,7 +278,8 @@ def eval_(model: str | None, out: Path | None, tasks: str | None, strategies: st
             "ks": _csv(ks, int, "--ks"), "thresholds": _csv(thresholds, float, "--thresholds"),
             "random_seeds": random_seeds, "limit": limit,
             "n_per_family": n_per_family, "n_chat": n_chat, "max_new_tokens": max_new_tokens, "threads": threads}
-    result, report = run_eval(model, out, **{k: v for k, v in opts.items() if v is not None})
+    command = " ".join(["first-gguf eval", *click.get_current_context().meta["argv"]])
+    result, report = run_eval(model, out, command=command, **{k: v for k, v in opts.items() if v is not None})
     click.echo(json.dumps(result, indent=1) if as_json else report.read_text())
 
 

@@ -1,6 +1,6 @@
 """Every FiRST-GGUF key and tensor name, and the format's defaults.
 
-This module is the one place that spells the strings of ``shared/FIRST.md`` section 2;
+This module is the one place that spells the strings of ``docs/FORMAT.md`` section 2;
 the converter, the runtime bindings and the tests import them from here. It imports
 nothing heavy so that any part of the package can use it.
 """

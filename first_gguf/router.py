@@ -1,4 +1,4 @@
-"""The FiRST router and the PyTorch reference forward, whole (``shared/FIRST.md`` sections 1, 3).
+"""The FiRST router and the PyTorch reference forward, whole (``docs/FORMAT.md`` sections 1, 3).
 
 A ``Router`` gives one probability per token from the residual stream entering its layer;
 ``FirstRouters`` holds one per layer plus the decision settings and converts to and from the
@@ -289,7 +289,7 @@ def forward_masked(model: nn.Module, input_ids: torch.Tensor, mask: Sequence[boo
 def first_generate_logits(model: nn.Module, routers: FirstRouters | None, prompt_ids: torch.Tensor,
                           cont_ids: torch.Tensor, mode: str = "first", mask: Sequence[bool] | None = None,
                           prefill: str = "full") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Logits of one sequence under a runtime mode of FIRST.md section 3 (teacher-forced).
+    """Logits of one sequence under a runtime mode of docs/FORMAT.md section 3 (teacher-forced).
 
     Args:
         model: A frozen HF causal LM.

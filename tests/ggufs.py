@@ -3,7 +3,7 @@
 A file is described by two plain dicts that a test can edit before writing:
 ``kv`` (key -> (value, GGUF type, array item type or None)) and ``tensors``
 (name -> (NumPy array, GGML type or None)); quantized arrays are the uint8 bytes from
-``gguf.quants.quantize``. The first.* GGUF types are spelled here from FIRST.md section 2,
+``gguf.quants.quantize``. The first.* GGUF types are spelled here from docs/FORMAT.md section 2,
 not taken from the code under test.
 """
 
@@ -27,7 +27,7 @@ N_VOCAB = 32
 KV = dict[str, tuple[object, T, T | None]]
 Tensors = dict[str, tuple[np.ndarray, Q | None]]
 
-# FIRST.md section 2: u32, u32, f32, f32, array[i32], string, string, string.
+# docs/FORMAT.md section 2: u32, u32, f32, f32, array[i32], string, string, string.
 FIRST_TYPES = {
     C.KEY_VERSION: (T.UINT32, None),
     C.KEY_ROUTER_HIDDEN_SIZE: (T.UINT32, None),
@@ -77,7 +77,7 @@ def base_tensors(n_layer: int = N_LAYER, n_embd: int = N_EMBD, seed: int = 0) ->
 
 
 def first_kv(hidden: int = HIDDEN, n_layer: int = N_LAYER) -> KV:
-    """Valid first.* keys, spelled with FIRST.md's types."""
+    """Valid first.* keys, spelled with docs/FORMAT.md's types."""
     values = {
         C.KEY_VERSION: C.FIRST_VERSION,
         C.KEY_ROUTER_HIDDEN_SIZE: hidden,

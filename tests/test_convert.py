@@ -40,7 +40,7 @@ PROMPTS = ("def fibonacci(n):\n    if n < 2:\n        return n\n",
            "1, 2, 3, 5, 8, 13, 21, 34,")
 CONTINUATION = " and the answer is forty-two, of course."
 THRESHOLD = 0.5
-NEAR = 1e-3     # FIRST.md: layers whose p_i lies this close to the threshold may differ
+NEAR = 1e-3     # docs/FORMAT.md: layers whose p_i lies this close to the threshold may differ
 MARGIN = 0.02   # routers are chosen so that every p_i is this far from the threshold
 NMSE_MAX = 1e-4
 P_MAX = 1e-4    # p_i, runtime vs reference
@@ -429,8 +429,8 @@ def test_real_default_model_end_to_end(default_base: Path, tmp_path_factory):
     import shutil
 
     from first_gguf.convert import hf_dir_from_gguf
-    from first_gguf.demo import shipped_routers_path
     from first_gguf.format import attach_routers, load_router_file
+    from first_gguf.models import shipped_routers_path
     from first_gguf.runtime import FirstModel
 
     shipped = shipped_routers_path("qwen2.5-coder-0.5b-instruct")

@@ -122,7 +122,7 @@ def test_a_later_command_adds_strategies_and_problems(small_run, default_first):
 
 def test_speeds_pair_rows_of_one_run():
     """A strategy's speed is compared with full's rows of the same items and the same run only."""
-    from first_gguf.evaluation.runner import _strategy_summary
+    from first_gguf.evaluation.summary import _strategy_summary
 
     def row(i, run, t):
         return {"task": "chat", "id": str(i), "run": run, "n_decode": 10, "t_decode": t, "n_prompt": 5,
@@ -137,7 +137,7 @@ def test_speeds_pair_rows_of_one_run():
 def test_speeds_are_medians_over_items():
     """One item slowed 40x by other work on the machine moves a ratio of sums, not the median of
     per-item ratios; items with too few decoded tokens give no decode ratio."""
-    from first_gguf.evaluation.runner import MIN_DECODE, _strategy_summary
+    from first_gguf.evaluation.summary import MIN_DECODE, _strategy_summary
 
     def row(i, t, n=10, tp=1.0):
         return {"task": "humaneval", "id": str(i), "run": "a", "n_decode": n, "t_decode": t, "n_prompt": 5,

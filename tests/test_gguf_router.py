@@ -273,7 +273,7 @@ def test_missing_file_is_one_clear_error(tmp_path):
         gr.inspect_gguf(tmp_path / "nope.gguf")
 
 
-# --- validation: every rule of FIRST.md section 2 -------------------------------------------
+# --- validation: every rule of docs/FORMAT.md section 2 -------------------------------------------
 
 def _drop_layer(kv, tensors):
     for role in C.ROUTER_TENSORS:

@@ -81,7 +81,7 @@ def random_router_set(n_layer: int, n_embd: int, hidden: int = 16, seed: int = 0
 
 
 def numpy_router(t: dict[str, np.ndarray], h: np.ndarray, eps: float) -> np.ndarray:
-    """FIRST.md section 1 by hand, in float64: (..., n_embd) -> (...) probabilities."""
+    """docs/FORMAT.md section 1 by hand, in float64: (..., n_embd) -> (...) probabilities."""
     h = h.astype(np.float64)
     x = h / np.sqrt((h * h).mean(-1, keepdims=True) + eps) * t[ROUTER_NORM]
     z = x @ t[ROUTER_IN_WEIGHT].T.astype(np.float64) + t[ROUTER_IN_BIAS]
@@ -312,7 +312,7 @@ def test_soft_gates_at_0_1_equal_hard_mask(models, model_type):
 def test_forward_masked_equals_hf_with_layers_removed(models, model_type, keep):
     # HF layers keep the attention type they were built with, so for Gemma 3 this pruned copy
     # is the same as bypassing those layers. A pruned Gemma 3 GGUF instead re-derives the
-    # sliding pattern from the new layer indices (FIRST.md section 3); that is not modelled here.
+    # sliding pattern from the new layer indices (docs/FORMAT.md section 3); that is not modelled here.
     model = models[model_type]
     seq = torch.cat([PROMPT, CONT])[None]
     pruned, kept = pruned_copy(model, keep, renumber=True)

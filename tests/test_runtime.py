@@ -16,7 +16,7 @@ from llama_worker import compare, run_in_subprocess, run_spec
 
 pytestmark = pytest.mark.slow
 
-SKIP = (9, 10, 11, 12, 13, 14)  # the middle block FIRST.md measures (6 of 24)
+SKIP = (9, 10, 11, 12, 13, 14)  # the middle block docs/FORMAT.md measures (6 of 24)
 
 
 def _mask(n_layer: int, skip=SKIP) -> list[bool]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..figures import pyplot
-from .runner import MIN_DECODE
+from .summary import MIN_DECODE
 
 ORDER = ("full", "first", "static", "pruned", "early-exit", "random")
 

@@ -29,15 +29,17 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
 from ..errors import FirstError
 from . import humaneval, metrics
+from .items import Item, LlamaTokenizer, chat_items, humaneval_items, tf_items, training_prompts
 from .strategies import KINDS, Strategy, block_influence, build_strategies, static_order, strategy_from_name
+from .summary import summarize
 
 TASKS = ("humaneval", "tf", "chat")
 SELECTORS = ("tasks", "kinds", "ks", "thresholds", "random_seeds", "limit")  # which rows, not how
@@ -73,91 +75,6 @@ class EvalConfig:
         path = Path(self.model)  # the file by name and size: reports carry no machine paths
         d["model"] = {"name": path.name, "bytes": path.stat().st_size}
         return json.loads(json.dumps(d))  # tuples as lists, as config.json holds them
-
-
-@dataclass
-class Item:
-    """One unit of work of a task: a prompt (and what is compared on it)."""
-
-    task: str
-    id: str
-    prompt: list[int]
-    family: str = ""
-    response: list[int] = field(default_factory=list)   # tf: the real continuation (perplexity)
-    problem: Any = None                                  # humaneval: the Problem
-
-
-# --- tokenizer adapter: the built-in data families (train/data.py) on llama.cpp's tokenizer ----
-
-class LlamaTokenizer:
-    """The slice of the HF tokenizer interface ``train/data.py`` uses, on a ``Llama``."""
-
-    def __init__(self, llm) -> None:
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        self.llm = llm
-        template = llm.metadata.get("tokenizer.chat_template")
-        self.chat_template = template
-        self._chat = None
-        if template:
-            vocab = llm._model
-            eos = vocab.token_get_text(vocab.token_eos()) if vocab.token_eos() >= 0 else ""
-            bos = vocab.token_get_text(vocab.token_bos()) if vocab.token_bos() >= 0 else ""
-            self._chat = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos, add_generation_prompt=True)
-
-    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
-        return {"input_ids": self.llm.tokenize(text.encode(), add_bos=add_special_tokens, special=True)}
-
-    def apply_chat_template(self, messages: list[dict], tokenize: bool = False,
-                            add_generation_prompt: bool = True) -> str:
-        if self._chat is None:
-            raise FirstError(f"{self.llm.model_path}: the GGUF has no chat template")
-        return self._chat(messages=messages).prompt
-
-
-# --- generation and scoring on the runtime --------------------------------------------------
-
-def _last_logits(llm) -> np.ndarray:
-    from llama_cpp import llama_cpp as lc
-
-    ptr = lc.llama_get_logits_ith(llm.ctx, -1)
-    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
-
-
-def generate(llm, prompt: Sequence[int], max_new: int, stop: Any = None) -> dict:
-    """Greedy generation with timing: the prefill, then decode steps one token at a time.
-
-    Args:
-        llm: A configured ``FirstModel``.
-        prompt: Token ids.
-        max_new: Token budget.
-        stop: ``f(text) -> bool`` called on the decoded text after each token.
-
-    Returns:
-        ``{"tokens", "text", "t_prefill", "t_decode", "n_decode", "skipped"}``.
-    """
-    from llama_cpp import llama_cpp as lc
-
-    vocab = llm._model.vocab
-    t0 = time.perf_counter()
-    report = llm.prefill(list(prompt))
-    t1 = time.perf_counter()
-    tokens: list[int] = []
-    n_decode = 0
-    text = ""
-    while True:
-        tok = int(np.argmax(_last_logits(llm)))
-        if lc.llama_vocab_is_eog(vocab, tok):
-            break
-        tokens.append(tok)
-        text = llm.detokenize(tokens).decode("utf-8", errors="ignore")
-        if len(tokens) >= max_new or (stop and stop(text)):
-            break
-        llm.eval([tok])
-        n_decode += 1
-    t2 = time.perf_counter()
-    return {"tokens": tokens, "text": text, "t_prefill": t1 - t0, "t_decode": t2 - t1, "n_decode": n_decode,
-            "skipped": list(report.skipped)}
 
 
 def _stop_humaneval(text: str) -> bool:
@@ -252,14 +169,14 @@ class Evaluation:
             tok = LlamaTokenizer(llm)
             items: dict[str, list[Item]] = {}
             if "humaneval" in cfg.tasks:
-                items["humaneval"] = self._humaneval_items(llm)
+                items["humaneval"] = humaneval_items(llm, cfg.limit)
                 self._generation_task(llm, strategies, items["humaneval"], cfg.max_new_tokens, _stop_humaneval)
                 self._score_humaneval()
             if "chat" in cfg.tasks:
-                items["chat"] = self._chat_items(tok)
+                items["chat"] = chat_items(tok, cfg.n_chat, cfg.max_prompt_tokens, cfg.seed)
                 self._generation_task(llm, strategies, items["chat"], cfg.chat_tokens, None)
             if "tf" in cfg.tasks:
-                items["tf"] = self._tf_items(tok)
+                items["tf"] = tf_items(tok, cfg.n_per_family, cfg.max_prompt_tokens, cfg.cont_tokens, cfg.seed)
         finally:
             llm.close()
         if items.get("tf"):
@@ -306,45 +223,15 @@ class Evaluation:
         path = self.out / "static.json"
         if path.is_file():
             return json.loads(path.read_text())["order"]
-        from ..train.data import FAMILIES, Limits, build_examples
-
         cfg = self.cfg
-        tok = LlamaTokenizer(llm)
-        limits = Limits(cfg.max_prompt_tokens, 2, llm.n_ctx())
-        examples = build_examples(tok, limits, tasks=FAMILIES, n_examples=cfg.n_static * len(FAMILIES),
-                                  seed=cfg.seed + 1, split="train")
+        examples = training_prompts(llm, cfg.n_static, cfg.max_prompt_tokens, cfg.seed + 1)
         self.log(f"block influence on {len(examples)} training prompts")
-        inputs = [layer_inputs(llm, ex.prompt) for ex in examples]
+        inputs = [llm.layer_inputs(ex.prompt) for ex in examples]
         bi = block_influence(inputs)
         order = static_order(bi, protected)
         path.write_text(json.dumps({"order": order, "block_influence": [float(x) for x in bi[:-1]],
                                     "prompts": len(examples)}, indent=1) + "\n")
         return order
-
-    # items
-
-    def _humaneval_items(self, llm) -> list[Item]:
-        problems = humaneval.load_problems(self.cfg.limit)
-        return [Item("humaneval", p.task_id, llm.tokenize(p.prompt.encode(), add_bos=True), "humaneval", problem=p)
-                for p in problems]
-
-    def _heldout(self, tok, families: Sequence[str], n: int, max_response: int):
-        from ..train.data import Limits, build_examples
-
-        limits = Limits(self.cfg.max_prompt_tokens, max_response, 4096)
-        return build_examples(tok, limits, tasks=families, n_examples=n * len(families), seed=self.cfg.seed,
-                              split="heldout")
-
-    def _chat_items(self, tok) -> list[Item]:
-        exs = self._heldout(tok, ["instruct"], self.cfg.n_chat, 8)
-        return [Item("chat", f"chat/{i}", list(ex.prompt), "chat") for i, ex in enumerate(exs)]
-
-    def _tf_items(self, tok) -> list[Item]:
-        from ..train.data import FAMILIES
-
-        exs = self._heldout(tok, FAMILIES, self.cfg.n_per_family, self.cfg.cont_tokens)
-        return [Item("tf", f"{ex.family}/{i}", list(ex.prompt), ex.family, list(ex.response))
-                for i, ex in enumerate(exs)]
 
     # tasks
 
@@ -355,13 +242,15 @@ class Evaluation:
     def _generation_task(self, llm, strategies: list[Strategy], items: list[Item], max_new: int, stop) -> None:
         from tqdm import tqdm
 
+        from ..runtime.greedy import greedy
+
         todo = [it for it in items if any((it.task, it.id, s.name) not in self.done for s in strategies)]
         if not todo:
             return
         task = items[0].task
         for s in strategies:  # warm-up: every graph built and the weights paged in before timing
             s.apply(llm)
-            generate(llm, todo[0].prompt[:16], 2)
+            greedy(llm, todo[0].prompt[:16], 2)
         bar = tqdm(total=len(todo) * len(strategies), desc=task, file=sys.stderr)
         for n, it in enumerate(todo):
             # speeds compare within one run only: full runs again beside strategies new to this item
@@ -371,7 +260,7 @@ class Evaluation:
                     bar.update()
                     continue
                 s.apply(llm)
-                g = generate(llm, it.prompt, max_new, stop)
+                g = greedy(llm, it.prompt, max_new, stop).row()
                 before = self.done.get((it.task, it.id, s.name))
                 if before is not None and before["tokens"] != g["tokens"]:
                     self.log(f"warning: {s.name} on {it.id} generated other tokens than in an earlier run")
@@ -404,12 +293,14 @@ class Evaluation:
         """
         from tqdm import tqdm
 
+        from ..runtime.greedy import greedy
+
         todo = [it for it in items if any(("tf", it.id, s.name) not in self.done for s in strategies)]
         bar = tqdm(total=len(todo), desc="tf", file=sys.stderr)
         full = strategies[0]
         for it in todo:
             full.apply(llm)
-            cont = generate(llm, it.prompt, self.cfg.cont_tokens)["tokens"]
+            cont = greedy(llm, it.prompt, self.cfg.cont_tokens).tokens
             if len(cont) < 2:
                 bar.update()
                 continue
@@ -433,142 +324,20 @@ class Evaluation:
         bar.close()
 
 
-def layer_inputs(llm, prompt: Sequence[int]) -> np.ndarray:
-    """[n_layer, n_tokens, n_embd]: the hidden state entering each layer (full depth)."""
-    from ..runtime._lib import layer_input_fns
-
-    set_inp, get_inp = layer_input_fns()
-    n_layer, n_embd = llm.n_layer, llm.n_embd()
-    llm.configure(mode="full")
-    for il in range(n_layer):
-        set_inp(llm.ctx, il, True)
-    try:
-        llm.prefill(list(prompt))
-        n = len(prompt)
-        return np.stack([np.ctypeslib.as_array(get_inp(llm.ctx, il), shape=(n * n_embd,)).reshape(n, n_embd).copy()
-                         for il in range(n_layer)])
-    finally:
-        for il in range(n_layer):
-            set_inp(llm.ctx, il, False)
-
-
-# --- summary ---------------------------------------------------------------------------------
-
-def summarize(rows: Iterable[dict], strategies: list[Strategy], meta: dict,
-              references: dict[tuple[str, str, str | None], dict] | None = None) -> dict:
-    """Per strategy (random seeds pooled under ``random-K``): quality, speed, skipped layers.
-
-    ``references`` holds full's generation rows by (task, item, run); speeds compare a row with
-    full's row of the same item and run (default: full's rows among ``rows``).
-    """
-    rows = list(rows)
-    by: dict[str, dict[str, list[dict]]] = {}
-    for r in rows:
-        by.setdefault(r["strategy"], {}).setdefault(r["task"], []).append(r)
-    fams = list(dict.fromkeys(s.family for s in strategies))
-    out: dict[str, dict] = {}
-    for fam in fams:
-        names = [s.name for s in strategies if s.family == fam]
-        tasks: dict[str, list[dict]] = {}
-        for name in names:
-            for task, rs in by.get(name, {}).items():
-                tasks.setdefault(task, []).extend(rs)
-        out[fam] = _strategy_summary(tasks, by.get("full", {}), references)
-        out[fam]["members"] = names
-    return {**meta, "summary": out, "skip_heatmap": _skip_heatmap(rows, strategies, meta["n_layer"])}
-
-
-def _strategy_summary(tasks: dict[str, list[dict]], full: dict[str, list[dict]],
-                      references: dict[tuple[str, str, str | None], dict] | None = None) -> dict:
-    s: dict[str, Any] = {}
-    he = [r for r in tasks.get("humaneval", []) if "status" in r]
-    if he:
-        passed = {name: sorted(r["id"] for r in he if r["strategy"] == name and r["status"] == "passed")
-                  for name in dict.fromkeys(r["strategy"] for r in he)}
-        s["humaneval"] = {"pass@1": float(np.mean([r["status"] == "passed" for r in he])), "n": len(he),
-                          "skipped": float(np.mean([len(r["skipped"]) for r in he])), "passed": passed}
-    tf = tasks.get("tf", [])
-    if tf:
-        w = np.array([r["n"] for r in tf], dtype=float)
-        wr = np.array([r["n_real"] for r in tf], dtype=float)
-        s["tf"] = {"top1": float(np.average([r["top1"] for r in tf], weights=w)),
-                   "kl": float(np.average([r["kl"] for r in tf], weights=w)),
-                   "ppl": float(np.exp(np.average([r["nll"] for r in tf], weights=wr))), "n": len(tf)}
-        for fam in dict.fromkeys(r["family"] for r in tf):
-            sub = [r for r in tf if r["family"] == fam]
-            s["tf"][fam] = {"top1": float(np.average([r["top1"] for r in sub], weights=[r["n"] for r in sub])),
-                            "kl": float(np.average([r["kl"] for r in sub], weights=[r["n"] for r in sub])),
-                            "skipped": float(np.mean([len(r["skipped"]) for r in sub]))}
-    chat = tasks.get("chat", [])
-    if chat:
-        ref = {r["id"]: r["tokens"] for r in full.get("chat", [])}
-        agree = [metrics.greedy_agreement(ref[r["id"]], r["tokens"]) for r in chat if r["id"] in ref]
-        if agree:
-            s["chat"] = {"prefix_fraction": float(np.mean([a["prefix_fraction"] for a in agree])),
-                         "exact": float(np.mean([a["exact"] for a in agree])), "n": len(agree)}
-    # speeds: each row against full's row of the same item from the same run (command); a run
-    # directory can hold rows of several commands. The median over items is robust to a stretch
-    # of the run that shared the cores with other work, which a ratio of summed times is not.
-    if references is None:
-        references = {(r["task"], r["id"], r.get("run")): r for task in ("humaneval", "chat")
-                      for r in full.get(task, [])}
-    pairs = [(r, references[(r["task"], r["id"], r.get("run"))]) for r in tasks.get("humaneval", []) + chat
-             if (r["task"], r["id"], r.get("run")) in references]
-    if pairs:
-        s["speed"] = _speeds(pairs)
-    every = [r for rs in tasks.values() for r in rs]
-    if every:
-        s["skipped"] = float(np.mean([len(r["skipped"]) for r in every]))
-    return s
-
-
-MIN_DECODE = 8  # decode speeds of items where both sides generated at least this many tokens
-
-
-def _speeds(pairs: list[tuple[dict, dict]]) -> dict:
-    """Median over items of tok/s and of the ratio to full's row of the item, with its quartiles."""
-    out: dict[str, Any] = {"n_items": len(pairs)}
-    for key, n, t, least in (("decode", "n_decode", "t_decode", MIN_DECODE), ("prefill", "n_prompt", "t_prefill", 1)):
-        ok = [(r[n] / r[t], f[n] / f[t]) for r, f in pairs
-              if r[n] >= least and f[n] >= least and r[t] > 0 and f[t] > 0]
-        if not ok:
-            out.update({f"{key}_tok_s": None, f"{key}_x": None, f"{key}_x_iqr": None})
-            continue
-        mine, ratio = np.array([a for a, _ in ok]), np.array([a / b for a, b in ok])
-        out[f"{key}_tok_s"] = float(np.median(mine))
-        out[f"{key}_x"] = float(np.median(ratio))
-        out[f"{key}_x_iqr"] = [float(np.quantile(ratio, 0.25)), float(np.quantile(ratio, 0.75))]
-    return out
-
-
-def _skip_heatmap(rows: list[dict], strategies: list[Strategy], n_layer: int) -> dict:
-    """For each ``first`` strategy: per task family, the fraction of prompts skipping each layer."""
-    out: dict[str, dict[str, list[float]]] = {}
-    for s in strategies:
-        if s.kind != "first":
-            continue
-        groups: dict[str, list[list[int]]] = {}
-        for r in rows:
-            if r["strategy"] == s.name:
-                groups.setdefault(r["family"] or r["task"], []).append(r["skipped"])
-        out[s.name] = {g: [float(np.mean([il in sk for sk in v])) for il in range(n_layer)]
-                       for g, v in groups.items()}
-    return out
-
-
-def run_eval(model: str | None = None, out: Path | None = None, **options: Any) -> tuple[dict, Path]:
+def run_eval(model: str | None = None, out: Path | None = None, command: str | None = None,
+             **options: Any) -> tuple[dict, Path]:
     """Evaluate a FiRST-GGUF (or a zoo model with its routers) and write its report.
 
     Args:
         model: FiRST-GGUF path or zoo name (default: the default zoo model).
         out: Run directory (default ``eval/<model file stem>``); an existing run resumes.
+        command: The command line that asked for this run, recorded in ``config.json`` and the report.
         **options: ``EvalConfig`` fields.
 
     Returns:
         (results, path of ``report.md``).
     """
     from .. import models
-    from ..demo import demo_first_gguf
     from ..format import is_first_gguf
     from .results import write_report
 
@@ -577,7 +346,7 @@ def run_eval(model: str | None = None, out: Path | None = None, **options: Any) 
     if not path.exists():
         if name not in models.MODELS:
             raise FirstError(f"{name}: no such file, and not a zoo model ({', '.join(models.MODELS)})")
-        path = demo_first_gguf(name)
+        path = models.first_gguf_path(name)
     elif not is_first_gguf(path):
         raise FirstError(f"{path}: not a FiRST-GGUF (no routers); attach routers first (first-gguf attach)")
     cfg = EvalConfig(model=str(path.resolve()), **options)
@@ -585,6 +354,5 @@ def run_eval(model: str | None = None, out: Path | None = None, **options: Any) 
     if unknown:
         raise FirstError(f"unknown tasks {sorted(unknown)}; choose from {', '.join(TASKS)}")
     out = Path(out) if out else Path("eval") / path.name.removesuffix(".gguf")
-    command = "first-gguf eval " + " ".join(sys.argv[2:]) if Path(sys.argv[0]).name == "first-gguf" else None
     result = Evaluation(cfg, out, command=command).run()
     return result, write_report(result, out)

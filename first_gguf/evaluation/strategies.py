@@ -1,7 +1,7 @@
 """The strategies ``first-gguf eval`` compares, as configurations of one runtime context.
 
 - ``full``: every layer.
-- ``first@T``: the routers at threshold T (the prompt at full depth, FIRST.md section 1).
+- ``first@T``: the routers at threshold T (the prompt at full depth, docs/FORMAT.md section 1).
 - ``static-K``: the best input-agnostic mask of K layers under the same full-depth prompt,
   chosen on training prompts only: the K non-protected layers of least block influence
   (ShortGPT: BI_i = 1 - cos(h_i, h_i+1), the hidden states entering layer i and i + 1, mean

@@ -15,7 +15,7 @@ from .attach import attach_checked, attach_routers
 from .header import GGUFHeader, read_header
 from .inspection import format_inspect, inspect_gguf
 from .prune import parse_layers, prune_gguf
-from .reader import is_first_gguf, open_gguf, read_routers, validate_first_gguf
+from .reader import gguf_w1_dtype, is_first_gguf, open_gguf, read_routers, validate_first_gguf
 from .router_file import checked_routers, load_router_file, save_router_file, stored_w1_dtype
 from .routers import RouterSet, make_identity_routers
 
@@ -23,6 +23,6 @@ __all__ = [
     "RouterSet", "make_identity_routers",
     "save_router_file", "load_router_file", "stored_w1_dtype", "checked_routers",
     "attach_routers", "attach_checked", "prune_gguf", "parse_layers",
-    "read_routers", "validate_first_gguf", "is_first_gguf", "inspect_gguf", "format_inspect",
+    "read_routers", "validate_first_gguf", "is_first_gguf", "gguf_w1_dtype", "inspect_gguf", "format_inspect",
     "open_gguf", "read_header", "GGUFHeader",
 ]

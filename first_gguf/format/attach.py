@@ -1,4 +1,4 @@
-"""Attach routers to a GGUF: base + routers -> FiRST-GGUF (``shared/FIRST.md`` section 2).
+"""Attach routers to a GGUF: base + routers -> FiRST-GGUF (``docs/FORMAT.md`` section 2).
 
 numpy + gguf + safetensors only, never torch. Shapes: in memory and in router files the
 tensors are NumPy / torch shaped (``constants.router_shape``: W1 is ``(hidden, n_embd)``);

@@ -1,5 +1,5 @@
 """A GGUF with some blocks physically removed: the speed limit of layer skipping and the
-reference that ``mask`` mode with ``prefill=masked`` must match (FIRST.md section 3).
+reference that ``mask`` mode with ``prefill=masked`` must match (docs/FORMAT.md section 3).
 
 Like ``llama-quantize --prune-layers``: the kept blocks are renumbered 0..k-1, the block
 count and any per-layer array key are cut to them, every other key and tensor is copied

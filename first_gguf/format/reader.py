@@ -37,7 +37,7 @@ from .header import GGUFHeader, read_header
 from .routers import RouterSet, routers_from_metadata
 from .rules import StoredTensor, check_keys_present, check_metadata, check_version, collect_layers
 
-# GGUF type of each first.* key (FIRST.md section 2): (type, array item type).
+# GGUF type of each first.* key (docs/FORMAT.md section 2): (type, array item type).
 KEY_TYPES: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {
     KEY_VERSION: (GGUFValueType.UINT32, None),
     KEY_ROUTER_HIDDEN_SIZE: (GGUFValueType.UINT32, None),
@@ -143,7 +143,7 @@ def routers_from_reader(reader: Reader, where: str) -> RouterSet:
 
 
 def validate_first_gguf(path: str | os.PathLike) -> RouterSet:
-    """Check a FiRST-GGUF against every rule of FIRST.md section 2 and return its routers.
+    """Check a FiRST-GGUF against every rule of docs/FORMAT.md section 2 and return its routers.
 
     Raises:
         FormatError: naming the file, the layer (if any) and the broken rule.
@@ -159,3 +159,12 @@ def is_first_gguf(path: str | os.PathLike) -> bool:
 def read_routers(path: str | os.PathLike) -> RouterSet:
     """The routers of a FiRST-GGUF (float32, NumPy shapes). Reading always validates."""
     return validate_first_gguf(path)
+
+
+def gguf_w1_dtype(path: str | os.PathLike) -> str:
+    """"f16" or "f32": how a FiRST-GGUF stores its routers' W1."""
+    from ..constants import ROUTER_F16_ROLES, router_tensor_name
+
+    name = router_tensor_name(ROUTER_F16_ROLES[0], 0)
+    kind = next((t.tensor_type for t in gguf.GGUFReader(path).tensors if t.name == name), None)
+    return "f16" if kind == gguf.GGMLQuantizationType.F16 else "f32"

@@ -1,6 +1,6 @@
 """Routers in memory (``RouterSet``), the untrained recipe, and their arrays as files store them.
 
-A ``RouterSet`` holds one FiRST router per layer (``shared/FIRST.md`` section 1) as float32
+A ``RouterSet`` holds one FiRST router per layer (``docs/FORMAT.md`` section 1) as float32
 NumPy arrays in NumPy / torch shape, ``constants.router_shape(role, n_embd, hidden)``:
 W1 is ``(hidden, n_embd)``, exactly a torch ``Linear(n_embd, hidden).weight``. The GGUF stores
 the same tensors with ``ne`` reversed (``constants.router_ne``). ``RouterSet.check`` applies

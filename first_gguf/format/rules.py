@@ -1,4 +1,4 @@
-"""The FiRST-GGUF rules (``shared/FIRST.md`` section 2), shared by every path that reads routers.
+"""The FiRST-GGUF rules (``docs/FORMAT.md`` section 2), shared by every path that reads routers.
 
 The GGUF reader (``reader``), the safetensors reader (``router_file``) and ``RouterSet.check``
 (``routers``) all apply these checks, so every path rejects the same files with the same
@@ -100,7 +100,7 @@ def check_value_types(where: str, meta: dict[str, object]) -> None:
 
 
 def check_metadata(where: str, meta: dict[str, object], n_layer: int) -> None:
-    """The first.* values obey FIRST.md section 2 (types already checked)."""
+    """The first.* values obey docs/FORMAT.md section 2 (types already checked)."""
     check_version(where, meta[KEY_VERSION])
     hidden = meta[KEY_ROUTER_HIDDEN_SIZE]
     if hidden < 1:

@@ -2,7 +2,7 @@
 
 Everything llama-cpp-python offers (completion, streaming, chat templates, sampling
 options) works unchanged; FirstModel only decides, at every generation, which evaluation
-is the prefill (the first one) and keeps the KV cache consistent with FIRST.md section 3:
+is the prefill (the first one) and keeps the KV cache consistent with docs/FORMAT.md section 3:
 
 - the prompt runs every layer (``first`` mode: with the routers in the same graph); the
   mask the routers choose holds for every decode step of that generation;
@@ -11,6 +11,8 @@ is the prefill (the first one) and keeps the KV cache consistent with FIRST.md s
 - p_i is the mean over every prompt position of the sequence, however much of it the
   cache reused: the router sums of reused positions are kept per evaluated segment, so
   a multi-turn chat routes exactly as if the whole conversation were evaluated anew.
+
+The scoring methods (``fork``, ``branch_logits``, ``layer_inputs``, ...) are ``scoring.py``'s.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from llama_cpp import llama_cpp
 
 from ..errors import FirstError
 from . import _lib
+from .scoring import Scoring, _Fork
 
 MODES = {"full": _lib.MODE_FULL, "first": _lib.MODE_FIRST, "mask": _lib.MODE_MASK}
 PREFILLS = {"full": _lib.PREFILL_FULL, "masked": _lib.PREFILL_MASKED}
@@ -74,7 +77,7 @@ def mask_from_skip(n_layer: int, skip: Iterable[int]) -> list[bool]:
     return [i not in skip for i in range(n_layer)]
 
 
-class FirstModel(Llama):
+class FirstModel(Scoring, Llama):
     """A GGUF on the patched llama.cpp, with FiRST layer skipping.
 
     Args:
@@ -157,6 +160,10 @@ class FirstModel(Llama):
         buf = (ctypes.c_uint8 * self.n_layer)(*mask)
         self._check(self._flib.set_mask(self.ctx, buf, self.n_layer), "set_mask")
         self.mask = tuple(mask)
+
+    def _set_mode(self, mode: str) -> None:
+        self._check(self._flib.set_mode(self.ctx, MODES[mode]), "set_mode")
+        self.mode = mode
 
     def _check(self, rc: int, what: str) -> None:
         if rc < 0:
@@ -286,7 +293,7 @@ class FirstModel(Llama):
         super().load_state(state)
         self._segments = []  # unknown provenance: the next prefill recomputes everything
 
-    # --- evaluation helpers --------------------------------------------------------------
+    # --- a new sequence ----------------------------------------------------------------
 
     def prefill(self, prompt: Sequence[int]) -> PrefillReport:
         """Start a new sequence with ``prompt`` as its prefill; later ``eval`` calls decode."""
@@ -295,115 +302,6 @@ class FirstModel(Llama):
         self._pending_prefill = True
         self.eval(list(prompt))
         return self.last_prefill
-
-    def teacher_forced_logits(self, prompt: Sequence[int], continuation: Sequence[int]) -> np.ndarray:
-        """Logits of every position: the prompt as a prefill, then ``continuation`` as decode.
-
-        Needs ``logits_all=True``. Returns an array [len(prompt) + len(continuation), n_vocab];
-        row t predicts token t + 1.
-        """
-        if not self._logits_all:
-            raise FirstError("teacher_forced_logits needs FirstModel(..., logits_all=True)")
-        self.prefill(prompt)
-        if continuation:
-            self.eval(list(continuation))
-        return np.array(self.scores[: self.n_tokens], dtype=np.float32)
-
-    def continuation_logits(self, prompt: Sequence[int], continuation: Sequence[int]) -> np.ndarray:
-        """The logits that predict each token of ``continuation`` (teacher-forced), and no others.
-
-        ``teacher_forced_logits`` without the prompt rows: the prefill computes the output
-        layer for its last token only, so this is several times cheaper on long prompts.
-        Needs ``logits_all=True`` (for the continuation's rows). Returns [len(continuation), n_vocab].
-        """
-        self.fork(prompt)
-        return self.branch_logits(continuation)
-
-    def fork(self, prompt: Sequence[int]) -> PrefillReport:
-        """Prefill ``prompt`` as the common start of later ``branch_logits`` calls.
-
-        Only the last prompt row goes through the output layer. Every strategy whose prompt
-        runs at full depth (``full``, ``first`` at any threshold, ``mask`` with
-        ``prefill="full"``) shares this prompt KV, so one fork in ``first`` mode scores
-        them all: ``router_mask`` gives the mask of any threshold.
-        Needs ``logits_all=True`` (for the branches' rows).
-        """
-        if not self._logits_all:
-            raise FirstError("fork/branch_logits need FirstModel(..., logits_all=True)")
-        self._fork = None
-        self._logits_all = False  # the prefill: logits of the last prompt token only
-        try:
-            report = self.prefill(prompt)
-        finally:
-            self._logits_all = True
-        last = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab(),)).copy()
-        self._fork = _Fork(tuple(int(t) for t in prompt), report, last, self._prefill_kv())
-        return report
-
-    def router_mask(self, threshold: float | None = None) -> tuple[bool, ...]:
-        """The run mask the routers choose at ``threshold`` for the last ``first``-mode prefill.
-
-        The runtime's own rule (FIRST.md section 1): p_i >= threshold in float32, protected
-        layers always run. ``None``: the threshold that prefill used.
-        """
-        rep = self.last_prefill
-        if rep is None or rep.probs is None:
-            raise FirstError("router_mask needs a prefill in 'first' mode first")
-        thr = np.float32(rep.threshold if threshold is None else threshold)
-        if not 0.0 <= thr <= 1.0:
-            raise FirstError(f"threshold {threshold} outside [0, 1]")
-        protected = set(self.routers.protected_layers)
-        return tuple(bool(i in protected or np.float32(p) >= thr) for i, p in enumerate(rep.probs))
-
-    def branch_logits(self, continuation: Sequence[int], mask: Sequence[bool] | None = None) -> np.ndarray:
-        """Teacher-forced logits of ``continuation`` decoded after the last ``fork`` under ``mask``.
-
-        The cache is cut back to the fork's prompt first, so any number of continuations and
-        masks can be scored on one prefill; each call equals a prefill of that prompt followed
-        by the decode of ``continuation`` under ``mask`` (None: the mask the fork's prefill
-        chose). Row 0 is the prefill's last row (the prompt's own prediction). After a
-        ``prefill="masked"`` fork, ``mask`` may run only layers that prefill ran. The
-        configuration (mode, mask) is left as it was. Returns [len(continuation), n_vocab].
-        """
-        fork = self._fork
-        if fork is None:
-            raise FirstError("branch_logits needs a fork(prompt) first")
-        end = len(fork.prompt)
-        if (self.n_tokens < end or any(int(t) != u for t, u in zip(self.input_ids[:end], fork.prompt))
-                or any(seg.kv != fork.kv for seg in self._segments if seg.start < end)):
-            raise FirstError("the cache no longer holds the fork's prompt (another generation ran since fork)")
-        run = tuple(bool(m) for m in (fork.report.mask if mask is None else mask))
-        if len(run) != self.n_layer:
-            raise FirstError(f"mask has {len(run)} entries; the model has {self.n_layer} layers")
-        if fork.kv is not None and any(m and not p for m, p in zip(run, fork.report.mask)):
-            raise FirstError("the fork's prefill was masked: a branch may run only the layers it ran "
-                             f"(it skipped {list(fork.report.skipped)})")
-        if not continuation:
-            return np.zeros((0, self.n_vocab()), dtype=np.float32)
-        saved_mode, saved_mask = self.mode, self.mask
-        self.n_tokens = end
-        try:
-            self._set_mask(run)
-            self._check(self._flib.set_mode(self.ctx, MODES["mask"]), "set_mode")
-            self.mode = "mask"
-            self.eval(list(continuation[:-1]))
-            rows = np.array(self.scores[end: self.n_tokens], dtype=np.float32)
-        finally:
-            self._set_mask(fork.report.mask)  # mask mode, outside a prefill: the decode mask is the fork's again
-            self._check(self._flib.set_mode(self.ctx, MODES[saved_mode]), "set_mode")
-            self.mode = saved_mode
-            if saved_mask is not None:
-                self._set_mask(saved_mask)
-            self.mask = saved_mask
-        return np.concatenate([fork.last[None, :], rows])
-
-
-@dataclass(frozen=True)
-class _Fork:
-    prompt: tuple[int, ...]
-    report: PrefillReport
-    last: np.ndarray  # the prefill's last row of logits
-    kv: bytes | None  # how the prompt's KV was computed (None: every layer)
 
 
 def _kv_key(mask: Sequence[bool] | None) -> bytes | None:

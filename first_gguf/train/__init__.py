@@ -1,4 +1,4 @@
-"""Router training (and LoRA healing) for Hugging Face causal LMs: ``shared/FIRST.md`` section 1.
+"""Router training (and LoRA healing) for Hugging Face causal LMs: ``docs/FORMAT.md`` section 1.
 
 ``train_routers`` is what ``first-gguf train`` runs; ``evaluate_routers`` (``quality.py``)
 measures routers teacher-forced under the hard rule (``format_training_report`` prints its

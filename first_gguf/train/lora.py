@@ -1,4 +1,4 @@
-"""The optional second stage: LoRA adapters healing the skips, routers frozen (``shared/FIRST.md`` section 1).
+"""The optional second stage: LoRA adapters healing the skips, routers frozen (``docs/FORMAT.md`` section 1).
 
 Each step runs an example exactly as inference will, through the adapted model: the prompt at
 full depth (the routers, frozen, read its hidden states and choose the mask by the hard rule),

@@ -1,4 +1,4 @@
-"""Loss terms of router training (``shared/FIRST.md`` section 1) and the gates they act through.
+"""Loss terms of router training (``docs/FORMAT.md`` section 1) and the gates they act through.
 
 The task term compares the gated model's distributions over the response tokens with either
 the data (next-token cross-entropy) or the full model's own distributions on the same tokens
@@ -70,7 +70,7 @@ def routable(routers: FirstRouters, device: torch.device | None = None) -> torch
 def gates(routers: FirstRouters, p: torch.Tensor, mode: str, generator: torch.Generator | None = None) -> torch.Tensor:
     """Gates of the response pass from the router probabilities ``p`` (..., n_layer).
 
-    ``soft``: g = p (protected layers 1), as FIRST.md section 1 trains. ``concrete``: a relaxed
+    ``soft``: g = p (protected layers 1), as docs/FORMAT.md section 1 trains. ``concrete``: a relaxed
     Bernoulli(p) sample, g = sigmoid((logit p + logistic noise) / CONCRETE_TEMPERATURE), near 0
     or 1, so training sees whole layers removed, as the hard rule removes them, yet gradients
     stay smooth; its median is above 1/2 exactly when p >= 1/2. ``straight-through``: the

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from ..format import RouterSet, load_router_file
+from ..log import logger
 from ..paths import cache_dir
 from ..router import FirstRouters, decode_hard, first_generate_logits, prefill
 from . import recipe
@@ -72,8 +72,7 @@ def compare(full_logits: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tens
     return ref.argmax(-1) == cur.argmax(-1), (ref.exp() * (ref - cur)).sum(-1)
 
 
-def _log(msg: str) -> None:
-    print(f"[first-gguf eval] {msg}", file=sys.stderr, flush=True)
+_log = logger("train")
 
 
 # --- data ------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ WARMUP_STEPS = 10
 GRAD_CLIP = 1.0
 LAM = 0.01                   # the paper's skip penalty: lam * mean_i(p_i)
 TARGET_WEIGHT = 1.0          # weight of relu(target_skip - S)^2 when a target skip count is given
-GATE = "soft"                # "soft" (g = p, FIRST.md) or "straight-through" (hard forward)
+GATE = "soft"                # "soft" (g = p, docs/FORMAT.md) or "straight-through" (hard forward)
 HIDDEN_SIZE = 64
 THRESHOLD = DEFAULT_THRESHOLD
 INIT_KEEP_PROB = 0.9         # routers start as make_identity_routers(seed): p = 0.9 everywhere

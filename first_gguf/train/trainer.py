@@ -1,4 +1,4 @@
-"""Router training on a frozen model (``shared/FIRST.md`` section 1), resumable and seed-deterministic.
+"""Router training on a frozen model (``docs/FORMAT.md`` section 1), resumable and seed-deterministic.
 
 Per example: the prompt runs once at full depth without gradient (its KV and the hidden
 states entering every layer are kept, with the full model's distributions over the response
@@ -36,6 +36,7 @@ from tqdm import tqdm
 from ..arch import DecoderStack
 from ..errors import FirstError
 from ..format import make_identity_routers, save_router_file
+from ..log import logger
 from ..paths import atomic_output, check_output_path
 from ..router import FirstRouters, PrefillResult, _run, decode_soft
 from . import losses, recipe
@@ -186,8 +187,7 @@ def train_routers(base: str, out: str, data: Sequence[str] | None = None, tasks:
     return out_path
 
 
-def _log(msg: str) -> None:
-    print(f"[first-gguf train] {msg}", file=sys.stderr, flush=True)
+_log = logger("train")
 
 
 def init_routers(model, cfg: RunConfig) -> FirstRouters:
