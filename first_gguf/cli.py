@@ -124,6 +124,67 @@ def train(base: str, output: str, data: tuple[str, ...], tasks: tuple[str, ...],
     click.echo(out)
 
 
+def _gguf(model: str) -> Path:
+    """A GGUF path, or the base GGUF of a zoo model (fetched if needed)."""
+    from . import models as zoo
+
+    path = Path(model)
+    if path.exists() or model not in zoo.MODELS:
+        return path
+    return zoo.fetch(model)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--output", type=PathArg, required=True, help="Label file (JSONL); an existing one resumes.")
+@click.option("--per-family", default=64, show_default=True, help="Training prompts per family.")
+@click.option("--families", default="code,instruct,prose", show_default=True)
+@click.option("--max-prompt-tokens", default=160, show_default=True)
+@click.option("--cont-tokens", default=32, show_default=True, help="Length of the full model's continuation.")
+@click.option("--seed", default=1, show_default=True)
+@click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
+def damage(model: str, output: Path, per_family: int, families: str, max_prompt_tokens: int, cont_tokens: int,
+           seed: int, threads: int | None) -> None:
+    """Measure what skipping each layer alone costs (KL to full) on training prompts of MODEL.
+
+    MODEL is a GGUF file or a zoo name. The labels are the target of `first-gguf fit-routers`.
+    """
+    from .damage import make_labels
+
+    click.echo(make_labels(_gguf(model), output, families=_csv(families, str, "--families"),
+                           n_per_family=per_family, max_prompt_tokens=max_prompt_tokens,
+                           cont_tokens=cont_tokens, seed=seed, threads=threads))
+
+
+@cli.command("fit-routers")
+@click.argument("model")
+@click.argument("labels", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=PathArg, required=True, help="Router file to write (.safetensors).")
+@click.option("--d-ref", default=None, type=float, help="Damage (KL) that maps to p = 0.5.")
+@click.option("--epochs", default=None, type=int)
+@click.option("--hidden-size", default=None, type=int)
+@click.option("--weight-decay", default=None, type=float)
+@click.option("--threshold", default=0.5, show_default=True, help="Threshold stored in the file.")
+@click.option("--cv", default=0, show_default=True, help="First report K-fold cross-validation (0: none).")
+@click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
+def fit_routers(model: str, labels: Path, output: Path, d_ref: float | None, epochs: int | None,
+                hidden_size: int | None, weight_decay: float | None, threshold: float, cv: int, threads: int | None,
+                force: bool) -> None:
+    """Fit routers to damage LABELS of MODEL (GGUF file or zoo name): p_i follows each prompt's damage."""
+    import dataclasses
+
+    from .train.supervised import FitConfig, fit_routers as fit
+
+    opts = {"d_ref": d_ref, "epochs": epochs, "hidden_size": hidden_size, "weight_decay": weight_decay}
+    cfg = dataclasses.replace(FitConfig(), **{k: v for k, v in opts.items() if v is not None})
+    from .log import logger
+
+    result = fit(_gguf(model), labels, output, cfg, threshold=threshold, threads=threads, force=force,
+                 log=logger("fit"), cv=cv)
+    click.echo(result["out"])
+
+
 @cli.command()
 @click.argument("hf_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("-o", "--output", type=PathArg, required=True, help="GGUF to write.")
@@ -255,7 +316,9 @@ def _csv(value: str | None, cast, option: str):
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run directory (rows, results, report; an existing run resumes). Default eval/<model>.")
 @click.option("--tasks", default=None, help="Comma-separated subset of humaneval,tf,chat.")
-@click.option("--strategies", default=None, help="Comma-separated kinds: full,first,static,random,early-exit,pruned.")
+@click.option("--strategies", default=None,
+              help="Comma-separated kinds: full,first,static,random,early-exit,pruned (default), "
+                   "static-kl,modal (controls).")
 @click.option("--ks", default="4", show_default=True, help="Skip counts of the input-agnostic strategies.")
 @click.option("--thresholds", default=None, help="FiRST thresholds (default: the file's own).")
 @click.option("--random-seeds", default=2, show_default=True)
@@ -263,11 +326,13 @@ def _csv(value: str | None, cast, option: str):
 @click.option("--n-per-family", default=16, show_default=True, help="Held-out prompts per family (tf).")
 @click.option("--n-chat", default=16, show_default=True, help="Chat prompts.")
 @click.option("--max-new-tokens", default=384, show_default=True, help="HumanEval completion budget.")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Damage labels for static-kl (default: the ones shipped for a zoo model).")
 @click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json instead of the report.")
 def eval_(model: str | None, out: Path | None, tasks: str | None, strategies: str | None, ks: str,
           thresholds: str | None, random_seeds: int, limit: int | None, n_per_family: int, n_chat: int,
-          max_new_tokens: int, threads: int | None, as_json: bool) -> None:
+          max_new_tokens: int, labels: str | None, threads: int | None, as_json: bool) -> None:
     """Compare FiRST with full, static, random, early-exit and pruned skipping on MODEL.
 
     MODEL is a FiRST-GGUF or a zoo name (default: the default model with its routers).
@@ -277,7 +342,8 @@ def eval_(model: str | None, out: Path | None, tasks: str | None, strategies: st
     opts = {"tasks": _csv(tasks, str, "--tasks"), "kinds": _csv(strategies, str, "--strategies"),
             "ks": _csv(ks, int, "--ks"), "thresholds": _csv(thresholds, float, "--thresholds"),
             "random_seeds": random_seeds, "limit": limit,
-            "n_per_family": n_per_family, "n_chat": n_chat, "max_new_tokens": max_new_tokens, "threads": threads}
+            "n_per_family": n_per_family, "n_chat": n_chat, "max_new_tokens": max_new_tokens, "threads": threads,
+            "labels": labels}
     command = " ".join(["first-gguf eval", *click.get_current_context().meta["argv"]])
     result, report = run_eval(model, out, command=command, **{k: v for k, v in opts.items() if v is not None})
     click.echo(json.dumps(result, indent=1) if as_json else report.read_text())

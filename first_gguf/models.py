@@ -137,6 +137,12 @@ def shipped_routers_path(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def shipped_labels_path(name: str) -> Path | None:
+    """The damage labels (``first-gguf damage``) committed with the package for zoo model ``name``, if any."""
+    path = Path(__file__).parent / "data" / f"{name}.damage.jsonl"
+    return path if path.is_file() else None
+
+
 def shipped_routers(name: str) -> RouterSet | None:
     """Trained routers committed with the package for zoo model ``name``, if any."""
     from .format import load_router_file

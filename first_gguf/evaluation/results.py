@@ -9,7 +9,7 @@ import numpy as np
 from ..figures import pyplot
 from .summary import MIN_DECODE
 
-ORDER = ("full", "first", "static", "pruned", "early-exit", "random")
+ORDER = ("full", "first", "static", "static-kl", "modal", "pruned", "early-exit", "random")
 
 
 def _kind(name: str, result: dict) -> str:
@@ -118,7 +118,7 @@ def format_paired(result: dict) -> str:
 def oracle(result: dict) -> list[dict]:
     """Per skip count K, HumanEval solved by a per-problem oracle over the fixed K-layer masks run.
 
-    The masks are those of the input-agnostic strategies with a full-depth prompt (``static``,
+    The masks are those of the input-agnostic strategies with a full-depth prompt (``static``, ``static-kl``, ``modal``,
     every ``random`` seed, ``early-exit``): the masks a router could pick from per input. A
     problem counts if at least one of them solves it, so the figure bounds what choosing among
     these masks per input could reach at that skip count (it sees the tests: a bound, not a method).
@@ -132,7 +132,7 @@ def oracle(result: dict) -> list[dict]:
     n_by_k: dict[int, set[int]] = {}
     for name, s in summary.items():
         he = s.get("humaneval")
-        if _kind(name, result) not in ("static", "random", "early-exit") or not he or "passed" not in he:
+        if _kind(name, result) not in ("static", "static-kl", "modal", "random", "early-exit") or not he or "passed" not in he:
             continue
         for member in s["members"]:
             skip = tuple(strategies[member]["skip"])
@@ -154,7 +154,8 @@ def format_oracle(result: dict) -> str:
     if not rs:
         return ""
     lines = ["Headroom for input adaptivity: HumanEval solved by at least one of the fixed K-layer masks run "
-             "(static, random seeds, early-exit; a per-problem oracle that sees the tests, so a bound):", "",
+             "(static, static-kl, modal, random seeds, early-exit; a per-problem oracle that sees the tests, "
+             "so a bound):", "",
              "| K | masks | oracle pass@1 | of full |", "|---|---|---|---|"]
     lines += [f"| {r['k']} | {', '.join('-'.join(map(str, m)) for m in r['masks'])} | "
               f"{r['pass@1']:.3f} ({r['solved']}/{r['n']}) | {_f(r['of_full'], '.0%')} |" for r in rs]

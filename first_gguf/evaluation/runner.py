@@ -38,11 +38,13 @@ import numpy as np
 from ..errors import FirstError
 from . import humaneval, metrics
 from .items import Item, LlamaTokenizer, chat_items, humaneval_items, tf_items, training_prompts
-from .strategies import KINDS, Strategy, block_influence, build_strategies, static_order, strategy_from_name
+from .strategies import (KINDS, Controls, Strategy, block_influence, build_strategies, static_order,
+                         strategy_from_name, threshold_key)
+from .controls import kl_order_from_labels, modal_masks
 from .summary import summarize
 
 TASKS = ("humaneval", "tf", "chat")
-SELECTORS = ("tasks", "kinds", "ks", "thresholds", "random_seeds", "limit")  # which rows, not how
+SELECTORS = ("tasks", "kinds", "ks", "thresholds", "random_seeds", "limit", "labels")  # which rows, not how
 
 
 @dataclass
@@ -66,6 +68,7 @@ class EvalConfig:
     timeout: float = 10.0             # per HumanEval program
     threads: int | None = None
     seed: int = 0
+    labels: str | None = None         # damage labels for static-kl (default: the ones shipped for the model)
 
     def key(self) -> dict:
         """The settings every row of a run directory shares: all but what selects rows and the threads."""
@@ -164,8 +167,9 @@ class Evaluation:
             n_layer = llm.n_layer
             protected = list(routers.protected_layers)
             order = self._static_order(llm, protected)
+            controls = self._controls(llm, protected)
             strategies = build_strategies(n_layer, protected, order, cfg.ks, cfg.thresholds, cfg.random_seeds,
-                                          cfg.kinds)
+                                          cfg.kinds, controls)
             tok = LlamaTokenizer(llm)
             items: dict[str, list[Item]] = {}
             if "humaneval" in cfg.tasks:
@@ -185,7 +189,7 @@ class Evaluation:
                 self._tf_task(tf, strategies, items["tf"])
             finally:
                 tf.close()
-        strategies = strategies + self._earlier_strategies(strategies, items, n_layer, protected, order)
+        strategies = strategies + self._earlier_strategies(strategies, items, n_layer, protected, order, controls)
         self.strategies = strategies
         current = {(task, it.id) for task, its in items.items() for it in its}
         rows = [r for r in self.done.values() if (r["task"], r["id"]) in current]
@@ -194,7 +198,7 @@ class Evaluation:
         return result
 
     def _earlier_strategies(self, strategies: list[Strategy], items: dict[str, list[Item]], n_layer: int,
-                            protected: list[int], order: list[int]) -> list[Strategy]:
+                            protected: list[int], order: list[int], controls: Controls) -> list[Strategy]:
         """Strategies of earlier commands whose rows cover every item of this one (scored, for HumanEval)."""
         asked = {s.name for s in strategies}
         names = list(dict.fromkeys(name for _, _, name in self.done if name not in asked))
@@ -204,7 +208,7 @@ class Evaluation:
                 (task, it.id, name)]) for task, its in items.items() for it in its)
 
         try:
-            return [strategy_from_name(n, n_layer, protected, order) for n in names if complete(n)]
+            return [strategy_from_name(n, n_layer, protected, order, controls) for n in names if complete(n)]
         except FirstError as e:
             raise FirstError(f"{self.rows_path}: {e}") from None
 
@@ -232,6 +236,34 @@ class Evaluation:
         path.write_text(json.dumps({"order": order, "block_influence": [float(x) for x in bi[:-1]],
                                     "prompts": len(examples)}, indent=1) + "\n")
         return order
+
+    # controls: the measured-damage order and the routers' modal masks (kept in the run directory)
+
+    def _controls(self, llm, protected: list[int]) -> Controls:
+        kl_path, modal_path = self.out / "static-kl.json", self.out / "modal.json"
+        kl_order = json.loads(kl_path.read_text())["order"] if kl_path.is_file() else None
+        if kl_order is None and "static-kl" in self.cfg.kinds:
+            kl_order = kl_order_from_labels(self._labels_path(), llm.n_layer, protected)
+            kl_path.write_text(json.dumps({"labels": self._labels_path().name, "order": kl_order}, indent=1) + "\n")
+        modal = json.loads(modal_path.read_text()) if modal_path.is_file() else {}
+        missing = [t for t in self.cfg.thresholds if threshold_key(t) not in modal]
+        if missing and "modal" in self.cfg.kinds:
+            examples = training_prompts(llm, self.cfg.n_static * 4, self.cfg.max_prompt_tokens, self.cfg.seed + 1)
+            self.log(f"the routers' masks on {len(examples)} training prompts")
+            modal.update(modal_masks(llm, examples, missing))
+            modal_path.write_text(json.dumps(modal, indent=1) + "\n")
+        return Controls(tuple(kl_order) if kl_order is not None else None,
+                        {k: tuple(v) for k, v in modal.items()} if modal else None)
+
+    def _labels_path(self) -> Path:
+        from .. import models
+
+        name = Path(self.cfg.model).name.removesuffix(".gguf").removesuffix(".first")
+        labels = Path(self.cfg.labels) if self.cfg.labels else models.shipped_labels_path(name)
+        if labels is None:
+            raise FirstError(f"static-kl needs damage labels for {Path(self.cfg.model).name}: measure them with "
+                             "`first-gguf damage` and pass --labels")
+        return labels
 
     # tasks
 

@@ -10,6 +10,13 @@
 - ``early-exit-K``: the last K non-protected layers.
 - ``pruned-K``: the ``static-K`` mask with ``prefill=masked``: what a GGUF with those blocks
   physically removed computes.
+
+Controls that credit input adaptivity (``CONTROL_KINDS``, asked for by name):
+
+- ``static-kl-K``: the K non-protected layers of least measured damage (mean KL to the full
+  model when each is skipped alone, over training prompts: ``first_gguf.damage``).
+- ``modal`` / ``modal@T``: the routers' most frequent mask on training prompts at the file's
+  threshold (or T), used as one fixed mask for every input.
 """
 
 from __future__ import annotations
@@ -23,6 +30,25 @@ import numpy as np
 from ..errors import FirstError
 
 KINDS = ("full", "first", "static", "random", "early-exit", "pruned")
+CONTROL_KINDS = ("static-kl", "modal")
+ALL_KINDS = KINDS + CONTROL_KINDS
+
+
+@dataclass(frozen=True)
+class Controls:
+    """What the control strategies are built from.
+
+    kl_order: non-protected layers, least measured damage first (None: no damage labels).
+    modal: the routers' modal skip set on training prompts per threshold key (``threshold_key``).
+    """
+
+    kl_order: tuple[int, ...] | None = None
+    modal: dict[str, tuple[int, ...]] | None = None
+
+
+def threshold_key(threshold: float | None) -> str:
+    """How a threshold names a ``modal`` strategy and keys its mask: "file" or e.g. "0.25"."""
+    return "file" if threshold is None else f"{threshold:g}"
 
 
 @dataclass(frozen=True)
@@ -96,8 +122,8 @@ def early_exit_skip(n_layer: int, protected: Sequence[int], k: int) -> tuple[int
 
 
 def build_strategies(n_layer: int, protected: Sequence[int], order: Sequence[int], ks: Sequence[int],
-                     thresholds: Sequence[float | None], random_seeds: int, kinds: Sequence[str] = KINDS
-                     ) -> list[Strategy]:
+                     thresholds: Sequence[float | None], random_seeds: int, kinds: Sequence[str] = KINDS,
+                     controls: Controls = Controls()) -> list[Strategy]:
     """Every strategy of a run, ``full`` first.
 
     Args:
@@ -108,10 +134,15 @@ def build_strategies(n_layer: int, protected: Sequence[int], order: Sequence[int
         thresholds: FiRST thresholds (None: the file's own).
         random_seeds: Seeds of each ``random-K``.
         kinds: Which kinds to include (``full`` always is).
+        controls: What ``static-kl`` and ``modal`` are built from.
     """
-    unknown = set(kinds) - set(KINDS)
+    unknown = set(kinds) - set(ALL_KINDS)
     if unknown:
-        raise FirstError(f"unknown strategies {sorted(unknown)}; choose from {', '.join(KINDS)}")
+        raise FirstError(f"unknown strategies {sorted(unknown)}; choose from {', '.join(ALL_KINDS)}")
+    if "static-kl" in kinds and controls.kl_order is None:
+        raise FirstError("static-kl needs damage labels for this model (first-gguf damage; eval --labels)")
+    if "modal" in kinds and controls.modal is None:
+        raise FirstError("modal needs the routers' masks on training prompts")
     n_free = len(candidates(n_layer, protected))
     for k in ks:
         if not 1 <= k <= n_free:
@@ -131,13 +162,25 @@ def build_strategies(n_layer: int, protected: Sequence[int], order: Sequence[int
             out.append(Strategy(f"early-exit-{k}", "early-exit", "mask", early_exit_skip(n_layer, protected, k)))
         if "pruned" in kinds:
             out.append(Strategy(f"pruned-{k}", "pruned", "mask", static, prefill="masked"))
+        if "static-kl" in kinds:
+            out.append(Strategy(f"static-kl-{k}", "static-kl", "mask", tuple(sorted(controls.kl_order[:k]))))
+    if "modal" in kinds:
+        for t in thresholds:
+            skip = controls.modal.get(threshold_key(t))
+            if skip is None:
+                raise FirstError(f"no modal mask measured at threshold {threshold_key(t)}")
+            if skip:  # a modal mask that skips nothing is ``full``
+                out.append(Strategy("modal" if t is None else f"modal@{t:g}", "modal", "mask", tuple(skip),
+                                    threshold=t))
     return out
 
 
-_NAME = re.compile(r"(?:(full)|first(?:@([0-9.e+-]+))?|(static|early-exit|pruned)-(\d+)|random-(\d+)/s(\d+))")
+_NAME = re.compile(r"(?:(full)|(first|modal)(?:@([0-9.e+-]+))?|(static-kl|static|early-exit|pruned)-(\d+)"
+                   r"|random-(\d+)/s(\d+))")
 
 
-def strategy_from_name(name: str, n_layer: int, protected: Sequence[int], order: Sequence[int]) -> Strategy:
+def strategy_from_name(name: str, n_layer: int, protected: Sequence[int], order: Sequence[int],
+                       controls: Controls = Controls()) -> Strategy:
     """The strategy ``build_strategies`` names ``name`` (rows of an earlier run carry only names).
 
     Raises:
@@ -146,7 +189,7 @@ def strategy_from_name(name: str, n_layer: int, protected: Sequence[int], order:
     m = _NAME.fullmatch(name)
     if not m:
         raise FirstError(f"unknown strategy name {name!r}")
-    full, threshold, kind, k, rk, seed = m.groups()
+    full, by_threshold, threshold, kind, k, rk, seed = m.groups()
     if full:
         return build_strategies(n_layer, protected, order, (), (), 0, ("full",))[0]
     if kind:
@@ -154,7 +197,7 @@ def strategy_from_name(name: str, n_layer: int, protected: Sequence[int], order:
     elif rk:
         ks, kinds, seeds = (int(rk),), ("random",), int(seed) + 1
     else:
-        ks, kinds, seeds = (), ("first",), 0
+        ks, kinds, seeds = (), (by_threshold,), 0
     built = build_strategies(n_layer, protected, order, ks, (None if threshold is None else float(threshold),),
-                             seeds, kinds)
+                             seeds, kinds, controls)
     return next(s for s in built if s.name == name)
