@@ -156,9 +156,14 @@ def read_labels(path: str | Path) -> tuple[dict, list[dict]]:
     return head, rows
 
 
+def kl_matrix(rows: Sequence[dict]) -> np.ndarray:
+    """[n_rows, n_layer] damage labels, NaN where a layer was not measured (the protected ones)."""
+    return np.array([[np.nan if v is None else v for v in r["kl"]] for r in rows], dtype=np.float64)
+
+
 def mean_damage(rows: Sequence[dict], n_layer: int) -> np.ndarray:
     """Mean KL per layer over the rows (NaN for layers never measured: the protected ones)."""
-    kl = np.array([[np.nan if v is None else v for v in r["kl"]] for r in rows], dtype=np.float64)
+    kl = kl_matrix(rows)
     if kl.shape[1:] != (n_layer,):
         raise FirstError(f"labels have {kl.shape[1:]} layers, the model {n_layer}")
     if not len(kl):

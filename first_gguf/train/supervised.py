@@ -189,14 +189,14 @@ def fit_routers(model_path: str | Path, labels: str | Path, out: str | Path, cfg
         ``{"out", "history", "heldout"}``: the held-out rows' predictions against their labels.
     """
     from ..format import save_router_file
-    from ..damage import read_labels
+    from ..damage import kl_matrix, read_labels
 
     head, rows = read_labels(labels)
     if not rows:
         raise FirstError(f"{labels}: no labelled prompts")
     if cv == 1 or cv > len(rows):
         raise FirstError(f"--cv {cv}: needs 2 to {len(rows)} folds (or 0 for none)")
-    kl = np.array([[np.nan if v is None else v for v in r["kl"]] for r in rows], dtype=np.float64)
+    kl = kl_matrix(rows)
     protected = [i for i in range(kl.shape[1]) if np.isnan(kl[:, i]).all()]
     states = capture_states(model_path, [r["prompt"] for r in rows], threads)
     if cv:
