@@ -8,6 +8,7 @@ on stderr and a non-zero exit.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -183,6 +184,44 @@ def fit_routers(model: str, labels: Path, output: Path, d_ref: float | None, epo
     result = fit(_gguf(model), labels, output, cfg, threshold=threshold, threads=threads, force=force,
                  log=logger("fit"), cv=cv)
     click.echo(result["out"])
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--skip", required=True, help="The decode skip set to heal, e.g. 3,4,9 or 9-11.")
+@click.option("-o", "--output", type=PathArg, required=True, help="Healing adapter GGUF to write.")
+@click.option("--run-dir", type=PathArg, default=None, help="Checkpoint and adapter directory (default OUTPUT.run).")
+@click.option("--examples", default=None, type=int, help="Training examples (built-in families, train split).")
+@click.option("--epochs", default=None, type=int)
+@click.option("--rank", default=None, type=int)
+@click.option("--lr", default=None, type=float)
+@click.option("--targets", default=None, help="Comma-separated module names (default: every linear map).")
+@click.option("--layers", default=None, help="Layers that get adapters, e.g. 5,10 (default: the first kept "
+              "layer after each skipped run).")
+@click.option("--max-response-tokens", default=None, type=int)
+@click.option("--outtype", default="f16", show_default=True, help="f32, f16, bf16 or q8_0.")
+@click.option("--threads", default=None, type=int, help="torch threads (default: all cores).")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
+def heal(model: str, skip: str, output: Path, run_dir: Path | None, examples: int | None, epochs: int | None,
+         rank: int | None, lr: float | None, targets: str | None, layers: str | None, max_response_tokens: int | None, outtype: str,
+         threads: int | None, force: bool) -> None:
+    """Train a decode-only healing adapter for one skip set of MODEL (GGUF file or zoo name).
+
+    `full` stays bit-identical: the runtime applies the adapter only while that set decodes
+    (FirstModel(..., heal=FILE), `first-gguf eval --heal FILE`). An interrupted run resumes.
+    """
+    import dataclasses
+
+    from .format import parse_layers
+    from .train.heal import HealConfig, heal_gguf
+
+    opts = {"examples": examples, "epochs": epochs, "rank": rank, "lr": lr, "max_response": max_response_tokens,
+            "targets": tuple(_csv(targets, str, "--targets")) if targets else None,
+            "layers": tuple(sorted(parse_layers(layers))) if layers else None}
+    cfg = dataclasses.replace(HealConfig(skip=tuple(sorted(parse_layers(skip)))),
+                              **{k: v for k, v in opts.items() if v is not None})
+    click.echo(heal_gguf(str(_gguf(model)), cfg, output, run_dir=run_dir, threads=threads, outtype=outtype,
+                         force=force, source=" ".join(["first-gguf", "heal", *sys.argv[2:]])))
 
 
 @cli.command()

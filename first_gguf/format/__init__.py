@@ -12,6 +12,7 @@ to overwrite, write then rename) are ``first_gguf.paths``.
 from __future__ import annotations
 
 from .attach import attach_checked, attach_routers
+from .heal import HealInfo, read_heal, stamp_heal
 from .header import GGUFHeader, read_header
 from .inspection import format_inspect, inspect_gguf
 from .prune import parse_layers, prune_gguf
@@ -24,5 +25,5 @@ __all__ = [
     "save_router_file", "load_router_file", "stored_w1_dtype", "checked_routers",
     "attach_routers", "attach_checked", "prune_gguf", "parse_layers",
     "read_routers", "validate_first_gguf", "is_first_gguf", "gguf_w1_dtype", "inspect_gguf", "format_inspect",
-    "open_gguf", "read_header", "GGUFHeader",
+    "open_gguf", "read_header", "GGUFHeader", "HealInfo", "read_heal", "stamp_heal",
 ]

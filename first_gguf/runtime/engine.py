@@ -18,6 +18,7 @@ The scoring methods (``fork``, ``branch_logits``, ``layer_inputs``, ...) are ``s
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -53,6 +54,7 @@ class PrefillReport:
     threshold: float | None
     n_tokens: int
     n_evaluated: int
+    healed: bool = False
 
     @property
     def skipped(self) -> tuple[int, ...]:
@@ -87,11 +89,16 @@ class FirstModel(Scoring, Llama):
         prefill: "full" (the prompt runs every layer) or "masked" (the mask applies to the
             prompt too, as in a GGUF with the skipped blocks removed); "mask" mode only.
         threshold: overrides the file's router threshold, in [0, 1].
+        heal: healing adapters (``first-gguf heal``, docs/FORMAT.md section 6), one path or
+            several (one per skip set): llama.cpp's LoRA support applies an adapter while a
+            decode mask that skips exactly its set runs, never to a prefill or to ``full``.
         **kwargs: passed to ``llama_cpp.Llama`` (n_ctx, n_threads, n_batch, chat_format, ...).
     """
 
     def __init__(self, model_path: str | Path, *, mode: str | None = None, mask: Sequence[bool] | None = None,
-                 prefill: str = "full", threshold: float | None = None, **kwargs: Any) -> None:
+                 prefill: str = "full", threshold: float | None = None,
+                 heal: str | Path | Sequence[str | Path] | None = None,
+                 **kwargs: Any) -> None:
         from ..format import is_first_gguf, read_routers
 
         self._flib = _lib.load()  # a clear error on a stock llama-cpp-python, before loading
@@ -104,11 +111,47 @@ class FirstModel(Scoring, Llama):
         self._pending_prefill = False
         self._fork: _Fork | None = None
         self.last_prefill: PrefillReport | None = None
+        self.heals: list = []  # HealInfo of each loaded adapter
+        self._healing: int | None = None  # the adapter on the context now
         super().__init__(model_path=str(path), **kwargs)
         self.n_layer = int(llama_cpp.llama_model_n_layer(self._model.model))
+        heal_paths = [] if heal is None else [heal] if isinstance(heal, (str, Path)) else list(heal)
+        self._adapters = self._load_heals(heal_paths)
         self.mode, self.mask, self.prefill_kind, self.threshold = "full", None, "full", None
         self.configure(mode=mode or ("first" if self.has_routers else "full"), mask=mask, prefill=prefill,
                        threshold=threshold)
+
+    def _load_heals(self, paths: Sequence[str | Path]) -> list[Any]:
+        from ..format import read_heal
+
+        adapters = []
+        for path in paths:
+            info = read_heal(path)
+            if info.n_layer != self.n_layer:
+                raise FirstError(f"{path}: heals a model of {info.n_layer} layers; {self.model_path} has {self.n_layer}")
+            if any(h.skip == info.skip for h in self.heals):
+                raise FirstError(f"{path}: a second healing adapter for skip set {list(info.skip)}")
+            adapter = llama_cpp.llama_adapter_lora_init(self._model.model, str(path).encode())
+            if not adapter:
+                raise FirstError(f"{path}: llama.cpp refused the adapter for {self.model_path} "
+                                 f"(another architecture or tensor shapes; see the library log)")
+            self.heals.append(info)
+            adapters.append(adapter)
+        return adapters
+
+    def _use_heal(self, decode_mask: Sequence[bool] | None) -> bool:
+        """Apply the healing adapter whose skip set ``decode_mask`` skips, if any; returns whether one is on."""
+        pick = next((i for i, h in enumerate(self.heals) if decode_mask is not None and h.heals(decode_mask)), None)
+        if pick != self._healing:
+            if pick is not None:
+                adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._adapters[pick])
+                rc = llama_cpp.llama_set_adapters_lora(self.ctx, adapters, 1, (ctypes.c_float * 1)(1.0))
+            else:
+                rc = llama_cpp.llama_set_adapters_lora(self.ctx, None, 0, None)
+            if rc != 0:
+                raise FirstError(f"llama_set_adapters_lora failed (code {rc})")
+            self._healing = pick
+        return pick is not None
 
     @property
     def has_routers(self) -> bool:
@@ -181,9 +224,9 @@ class FirstModel(Scoring, Llama):
     def _decode_kv(self) -> bytes | None:
         if self.mode == "full":
             return None
-        if self.mode == "mask":
-            return _kv_key(self.mask)
-        return _kv_key(self.last_prefill.mask) if self.last_prefill else None
+        key = _kv_key(self.mask) if self.mode == "mask" else (
+            _kv_key(self.last_prefill.mask) if self.last_prefill else None)
+        return key + b"h" if key is not None and self._healing is not None else key
 
     def _compatible_upto(self, limit: int) -> int:
         """End of the longest prefix of cached segments the next prefill may reuse."""
@@ -248,6 +291,7 @@ class FirstModel(Scoring, Llama):
             tokens = [int(t) for t in self.input_ids[keep:self.n_tokens]] + tokens
             self.n_tokens = keep
             self._truncate_segments(keep)
+        self._use_heal(None)  # a prefill never runs the adapter
         self._check(self._flib.begin_prefill(self.ctx), "begin_prefill")
         if self.mode == "first":
             prior = [s for s in self._segments if s.sums is not None]
@@ -265,7 +309,9 @@ class FirstModel(Scoring, Llama):
                 raise FirstError(f"router sums cover {got} tokens, the prefill evaluated {self.n_tokens - start}")
         self._check(self._flib.end_prefill(self.ctx), "end_prefill")
         self._record(start, self.n_tokens, self._prefill_kv(), sums)
-        self.last_prefill = self._report(self.n_tokens - start)
+        report = self._report(self.n_tokens - start)
+        healable = self.mode != "full" and self.prefill_kind == "full"
+        self.last_prefill = dataclasses.replace(report, healed=self._use_heal(report.mask if healable else None))
 
     def _report(self, n_evaluated: int) -> PrefillReport:
         buf = (ctypes.c_uint8 * self.n_layer)()

@@ -128,7 +128,7 @@ class Scoring:
         The cache is cut back to the fork's prompt first, so any number of continuations and
         masks can be scored on one prefill; each call equals a prefill of that prompt followed
         by the decode of ``continuation`` under ``mask`` (None: the mask the fork's prefill
-        chose). Row 0 is the prefill's last row (the prompt's own prediction). After a
+        chose; a healing adapter runs when the branch's mask is its set). Row 0 is the prefill's last row (the prompt's own prediction). After a
         ``prefill="masked"`` fork, ``mask`` may run only layers that prefill ran. The
         configuration (mode, mask) is left as it was. Returns [len(continuation), n_vocab].
         """
@@ -152,9 +152,11 @@ class Scoring:
         try:
             self._set_mask(run)
             self._set_mode("mask")
+            self._use_heal(run if fork.kv is None else None)
             self.eval(list(continuation[:-1]))
             rows = np.array(self.scores[end: self.n_tokens], dtype=np.float32)
         finally:
+            self._use_heal(fork.report.mask if fork.report.healed else None)
             self._set_mask(fork.report.mask)  # mask mode, outside a prefill: the decode mask is the fork's again
             self._set_mode(saved_mode)
             if saved_mask is not None:
