@@ -354,17 +354,21 @@ def _csv(value: str | None, cast, option: str):
 @click.argument("model", required=False)
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run directory (rows, results, report; an existing run resumes). Default eval/<model>.")
-@click.option("--tasks", default=None, help="Comma-separated subset of humaneval,tf,chat.")
+@click.option("--tasks", default=None,
+              help="Comma-separated subset of humaneval,humaneval-chat,tf,chat (default humaneval,tf,chat).")
 @click.option("--strategies", default=None,
               help="Comma-separated kinds: full,first,static,random,early-exit,pruned (default), "
                    "static-kl,modal (controls).")
 @click.option("--ks", default="4", show_default=True, help="Skip counts of the input-agnostic strategies.")
 @click.option("--thresholds", default=None, help="FiRST thresholds (default: the file's own).")
 @click.option("--random-seeds", default=2, show_default=True)
-@click.option("--limit", default=None, type=int, help="First N HumanEval problems only (default all 164).")
+@click.option("--limit", default=None, type=int,
+              help="First N HumanEval problems only, for both HumanEval tasks (default all 164).")
 @click.option("--n-per-family", default=16, show_default=True, help="Held-out prompts per family (tf).")
 @click.option("--n-chat", default=16, show_default=True, help="Chat prompts.")
-@click.option("--max-new-tokens", default=384, show_default=True, help="HumanEval completion budget.")
+@click.option("--max-new-tokens", default=384, show_default=True,
+              help="HumanEval completion budget (humaneval-chat: beyond the problem's prompt, which the answer "
+                   "restates).")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Damage labels for static-kl (default: the ones shipped for a zoo model).")
 @click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")

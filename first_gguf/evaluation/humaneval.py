@@ -12,7 +12,7 @@ import gzip
 import json
 from dataclasses import dataclass
 from importlib import resources
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ..errors import FirstError
 from .sandbox import Outcome, run_programs
@@ -70,14 +70,20 @@ def truncate_completion(text: str) -> str:
 END_MARKER = "first-gguf: tests finished"
 
 
-def program(problem: Problem, completion: str) -> str:
-    """The script that passes iff ``completion`` solves ``problem`` (exit 0 and the end marker)."""
-    return (f"{problem.prompt}{completion}\n\n{problem.test}\n\ncheck({problem.entry_point})\n"
+def with_tests(problem: Problem, code: str) -> str:
+    """The script that passes iff ``code`` (which defines the entry point) solves ``problem``:
+    exit 0 and the end marker."""
+    return (f"{code}\n\n{problem.test}\n\ncheck({problem.entry_point})\n"
             f"import sys as _first_gguf_sys\n_first_gguf_sys.stderr.write({END_MARKER!r} + '\\n')\n")
 
 
+def program(problem: Problem, completion: str) -> str:
+    """The script that passes iff ``completion`` (of the prompt) solves ``problem``."""
+    return with_tests(problem, problem.prompt + completion)
+
+
 def score(problems: Sequence[Problem], completions: Sequence[str], timeout: float = 10.0,
-          workers: int = 1) -> list[Outcome]:
+          workers: int = 1, build: Callable[[Problem, str], str] = program) -> list[Outcome]:
     """Run each problem's tests against its completion in the sandbox.
 
     Args:
@@ -85,13 +91,14 @@ def score(problems: Sequence[Problem], completions: Sequence[str], timeout: floa
         completions: one (already truncated) completion per problem, in the same order.
         timeout: wall-clock seconds per program.
         workers: programs run at once.
+        build: ``(problem, completion) -> script`` (default :func:`program`, raw completion).
 
     Returns:
         One :class:`~.sandbox.Outcome` per problem, in order.
     """
     if len(problems) != len(completions):
         raise FirstError(f"{len(problems)} problems but {len(completions)} completions")
-    outcomes = run_programs([program(p, c) for p, c in zip(problems, completions)], timeout=timeout, workers=workers)
+    outcomes = run_programs([build(p, c) for p, c in zip(problems, completions)], timeout=timeout, workers=workers)
     return [o if not o.passed or o.detail.rstrip().endswith(END_MARKER)
             else Outcome("failed", f"exit code 0 before the tests finished\n{o.detail}".strip()) for o in outcomes]
 

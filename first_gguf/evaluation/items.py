@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 from ..errors import FirstError
 from ..prompts import FAMILIES, Example, Limits, builtin_examples
-from . import humaneval
+from . import humaneval, humaneval_chat
 
 
 @dataclass
@@ -23,7 +23,9 @@ class Item:
     prompt: list[int]
     family: str = ""
     response: list[int] = field(default_factory=list)   # tf: the real continuation (perplexity)
-    problem: Any = None                                  # humaneval: the Problem
+    problem: Any = None                                  # humaneval tasks: the Problem
+    restated: int = 0                                    # humaneval-chat: the problem prompt's tokens, which
+                                                         # the answer restates: added to the budget
 
 
 class LlamaTokenizer:
@@ -61,6 +63,17 @@ def humaneval_items(llm, limit: int | None) -> list[Item]:
     """The first ``limit`` HumanEval problems (all when None), prompts tokenized by ``llm``."""
     return [Item("humaneval", p.task_id, llm.tokenize(p.prompt.encode(), add_bos=True), "humaneval", problem=p)
             for p in humaneval.load_problems(limit)]
+
+
+def humaneval_chat_items(llm, limit: int | None) -> list[Item]:
+    """The first ``limit`` HumanEval problems as chat requests (``humaneval_chat``) in the GGUF's template."""
+    tok = LlamaTokenizer(llm)
+    out = []
+    for p in humaneval.load_problems(limit):
+        text = tok.apply_chat_template([{"role": "user", "content": humaneval_chat.user_message(p)}])
+        out.append(Item("humaneval-chat", p.task_id, tok(text)["input_ids"], "humaneval-chat", problem=p,
+                        restated=len(llm.tokenize(p.prompt.encode(), add_bos=False))))
+    return out
 
 
 def _heldout(tok, families: Sequence[str], n: int, max_prompt: int, max_response: int, seed: int) -> list[Example]:

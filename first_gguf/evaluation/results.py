@@ -10,6 +10,7 @@ from ..figures import pyplot
 from .summary import MIN_DECODE
 
 ORDER = ("full", "first", "static", "static-kl", "modal", "pruned", "early-exit", "random")
+TITLES = {"humaneval": "HumanEval", "humaneval-chat": "HumanEval (chat)"}  # the scored tasks, as the report names them
 
 
 def _kind(name: str, result: dict) -> str:
@@ -20,15 +21,14 @@ def _kind(name: str, result: dict) -> str:
 def rows(result: dict) -> list[dict]:
     """One flat row per reported strategy, in report order, with ratios to ``full``."""
     summary = result["summary"]
-    full_pass = summary.get("full", {}).get("humaneval", {}).get("pass@1")
+    full = summary.get("full", {})
     out = []
     for name, s in summary.items():
         speed = s.get("speed", {})
         he = s.get("humaneval", {})
         row = {"strategy": name, "kind": _kind(name, result), "skipped": s.get("skipped"),
-               "pass@1": he.get("pass@1"), "n_humaneval": he.get("n"),
+               **_pass(s, full, "humaneval", ""), **_pass(s, full, "humaneval-chat", "_chat"),
                "skipped_he": he.get("skipped"),
-               "pass_rel": he["pass@1"] / full_pass if he and full_pass else None,
                "top1": s.get("tf", {}).get("top1"), "kl": s.get("tf", {}).get("kl"), "ppl": s.get("tf", {}).get("ppl"),
                "chat_prefix": s.get("chat", {}).get("prefix_fraction"), "chat_exact": s.get("chat", {}).get("exact"),
                "decode_tok_s": speed.get("decode_tok_s"), "prefill_tok_s": speed.get("prefill_tok_s"),
@@ -36,6 +36,13 @@ def rows(result: dict) -> list[dict]:
                "decode_x_iqr": speed.get("decode_x_iqr"), "prefill_x_iqr": speed.get("prefill_x_iqr")}
         out.append(row)
     return sorted(out, key=lambda r: (ORDER.index(r["kind"]), r["skipped"] or 0, r["strategy"]))
+
+
+def _pass(s: dict, full: dict, task: str, suffix: str) -> dict:
+    """pass@1 of a scored task, its problem count and its ratio to full's, keys ending in ``suffix``."""
+    he, full_pass = s.get(task, {}), full.get(task, {}).get("pass@1")
+    return {f"pass@1{suffix}": he.get("pass@1"), f"n_humaneval{suffix}": he.get("n"),
+            f"pass_rel{suffix}": he["pass@1"] / full_pass if he and full_pass else None}
 
 
 def _f(v, fmt: str) -> str:
@@ -46,16 +53,20 @@ def _x(v, iqr) -> str:
     return "-" if v is None else f"{v:.3f}" + (f" ({iqr[0]:.2f}-{iqr[1]:.2f})" if iqr else "")
 
 
+def _passed(r: dict, suffix: str) -> str:
+    p, n = r[f"pass@1{suffix}"], r[f"n_humaneval{suffix}"]
+    return "-" if p is None else f"{p:.3f} ({round(p * n)}/{n})"
+
+
 def format_table(result: dict) -> str:
     """The main table as Markdown."""
-    lines = ["| strategy | mean skipped (all / HumanEval) | HumanEval pass@1 | of full | top-1 | KL | ppl "
-             "| chat prefix / exact | decode tok/s | x full (IQR) | prefill tok/s | x full (IQR) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| strategy | mean skipped (all / HumanEval) | HumanEval pass@1 | of full | pass@1 (chat) | of full "
+             "| top-1 | KL | ppl | chat prefix / exact | decode tok/s | x full (IQR) | prefill tok/s | x full (IQR) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows(result):
-        he = ("-" if r["pass@1"] is None
-              else f"{r['pass@1']:.3f} ({round(r['pass@1'] * r['n_humaneval'])}/{r['n_humaneval']})")
-        lines.append(f"| {r['strategy']} | {_f(r['skipped'], '.2f')} / {_f(r['skipped_he'], '.2f')} | {he} | "
-                     f"{_f(r['pass_rel'], '.0%')} | "
+        lines.append(f"| {r['strategy']} | {_f(r['skipped'], '.2f')} / {_f(r['skipped_he'], '.2f')} | "
+                     f"{_passed(r, '')} | {_f(r['pass_rel'], '.0%')} | "
+                     f"{_passed(r, '_chat')} | {_f(r['pass_rel_chat'], '.0%')} | "
                      f"{_f(r['top1'], '.3f')} | {_f(r['kl'], '.3f')} | {_f(r['ppl'], '.2f')} | "
                      f"{_f(r['chat_prefix'], '.2f')} / {_f(r['chat_exact'], '.2f')} | "
                      f"{_f(r['decode_tok_s'], '.1f')} | {_x(r['decode_x'], r['decode_x_iqr'])} | "
@@ -63,8 +74,8 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def paired(result: dict) -> list[dict]:
-    """HumanEval problem by problem, each ``first`` strategy against every non-``first`` one.
+def paired(result: dict, task: str = "humaneval") -> list[dict]:
+    """A HumanEval task problem by problem, each ``first`` strategy against every non-``first`` one.
 
     Returns:
         Rows ``{"first", "other", "only_first", "only_other", "p"}``: problems only one of the two
@@ -76,7 +87,7 @@ def paired(result: dict) -> list[dict]:
     summary = result["summary"]
 
     def solved(name: str) -> dict[str, float] | None:
-        he = summary[name].get("humaneval")
+        he = summary[name].get(task)
         if not he or "passed" not in he:
             return None
         out: dict[str, float] = {}
@@ -104,19 +115,19 @@ def paired(result: dict) -> list[dict]:
     return out
 
 
-def format_paired(result: dict) -> str:
-    rs = paired(result)
+def format_paired(result: dict, task: str = "humaneval") -> str:
+    rs = paired(result, task)
     if not rs:
         return ""
-    lines = ["HumanEval problem by problem (problems only one side solves; sign test on those):", "",
+    lines = [f"{TITLES[task]} problem by problem (problems only one side solves; sign test on those):", "",
              "| FiRST | other | only FiRST | only other | p |", "|---|---|---|---|---|"]
     lines += [f"| {r['first']} | {r['other']} | {r['only_first']:g} | {r['only_other']:g} | {_f(r['p'], '.3f')} |"
               for r in rs]
     return "\n".join(lines) + "\n"
 
 
-def oracle(result: dict) -> list[dict]:
-    """Per skip count K, HumanEval solved by a per-problem oracle over the fixed K-layer masks run.
+def oracle(result: dict, task: str = "humaneval") -> list[dict]:
+    """Per skip count K, a HumanEval task solved by a per-problem oracle over the fixed K-layer masks run.
 
     The masks are those of the input-agnostic strategies with a full-depth prompt (``static``, ``static-kl``, ``modal``,
     every ``random`` seed, ``early-exit``): the masks a router could pick from per input. A
@@ -127,11 +138,11 @@ def oracle(result: dict) -> list[dict]:
         Rows ``{"k", "masks", "solved", "n", "pass@1", "of_full"}`` in order of K.
     """
     summary, strategies = result["summary"], result["strategies"]
-    full = summary.get("full", {}).get("humaneval", {})
+    full = summary.get("full", {}).get(task, {})
     by_k: dict[int, dict[tuple[int, ...], set[str]]] = {}
     n_by_k: dict[int, set[int]] = {}
     for name, s in summary.items():
-        he = s.get("humaneval")
+        he = s.get(task)
         if _kind(name, result) not in ("static", "static-kl", "modal", "random", "early-exit") or not he or "passed" not in he:
             continue
         for member in s["members"]:
@@ -149,11 +160,11 @@ def oracle(result: dict) -> list[dict]:
     return out
 
 
-def format_oracle(result: dict) -> str:
-    rs = oracle(result)
+def format_oracle(result: dict, task: str = "humaneval") -> str:
+    rs = oracle(result, task)
     if not rs:
         return ""
-    lines = ["Headroom for input adaptivity: HumanEval solved by at least one of the fixed K-layer masks run "
+    lines = [f"Headroom for input adaptivity: {TITLES[task]} solved by at least one of the fixed K-layer masks run "
              "(static, static-kl, modal, random seeds, early-exit; a per-problem oracle that sees the tests, "
              "so a bound):", "",
              "| K | masks | oracle pass@1 | of full |", "|---|---|---|---|"]
@@ -174,28 +185,39 @@ def format_heatmap(result: dict) -> str:
     return "\n".join(lines)
 
 
-def format_report(result: dict) -> str:
-    """The whole report: setup line, the commands that wrote the rows, main table, static order, skip tables."""
-    cfg = result["config"]
-    he_n = next((r["n_humaneval"] for r in rows(result) if r["n_humaneval"]), None)
+def _tasks_line(result: dict) -> str:
+    """What each task ran, as the report's second paragraph."""
+    cfg, rs = result["config"], rows(result)
+    he_n = next((r["n_humaneval"] for r in rs if r["n_humaneval"]), None)
+    chat_n = next((r["n_humaneval_chat"] for r in rs if r["n_humaneval_chat"]), None)
     seeds = sorted({len(s["members"]) for s in result["summary"].values()
                     if result["strategies"][s["members"][0]]["kind"] == "random"})
+    he = (f"HumanEval: {he_n or 0} problems, greedy raw completion, at most {cfg['max_new_tokens']} new tokens. "
+          if he_n or not chat_n else "")
+    if chat_n:
+        he += (f"HumanEval (chat): {chat_n} problems asked through the model's chat template (evalplus's "
+               f"instruction), greedy, the code of the answer's first Python block, at most {cfg['max_new_tokens']} "
+               f"new tokens beyond the prompt's own, which the answer restates. ")
+    return (he + f"Programs sandboxed ({cfg['timeout']:g} s each). Teacher-forced: {cfg['n_per_family']} held-out "
+            f"prompts per family ({cfg['max_prompt_tokens']} tokens at most), {cfg['cont_tokens']} tokens of the "
+            f"full model's greedy continuation; ppl on the real text after the prompt. Chat: {cfg['n_chat']} "
+            f"held-out chat requests, {cfg['chat_tokens']} greedy tokens. Speeds: strategies interleaved item by "
+            f"item; per HumanEval problem (of either task) and chat request, the strategy's tok/s and its ratio to "
+            f"full's run of the same item by the same command; the table gives medians over items (decode: items "
+            f"where both generated at least {MIN_DECODE} tokens) and the ratio's quartiles"
+            + (f". `random-K` pools {'/'.join(map(str, seeds))} seeds." if seeds else "."))
+
+
+def format_report(result: dict) -> str:
+    """The whole report: setup line, the commands that wrote the rows, main table, static order, skip tables."""
     parts = [f"Model `{Path(result['model']).name}` ({result['n_layer']} layers, protected {result['protected']}); "
              f"{result['machine']}; written {result['date']} by the last command below "
-             f"({result['threads']} threads); the rows come from every command below.",
-             f"HumanEval: {he_n or 0} problems, greedy raw completion, at most {cfg['max_new_tokens']} new tokens, "
-             f"sandboxed ({cfg['timeout']:g} s per program). Teacher-forced: {cfg['n_per_family']} held-out "
-             f"prompts per family ({cfg['max_prompt_tokens']} tokens at most), {cfg['cont_tokens']} tokens of the "
-             f"full model's greedy continuation; ppl on the real text after the prompt. Chat: {cfg['n_chat']} "
-             f"held-out chat requests, {cfg['chat_tokens']} greedy tokens. Speeds: strategies interleaved item by item; "
-             f"per HumanEval problem and chat request, the strategy's tok/s and its ratio to full's run of the "
-             f"same item by the same command; the table gives medians over items (decode: items where both "
-             f"generated at least {MIN_DECODE} tokens) and the ratio's quartiles"
-             + (f". `random-K` pools {'/'.join(map(str, seeds))} seeds." if seeds else "."), ""]
+             f"({result['threads']} threads); the rows come from every command below.", _tasks_line(result), ""]
     if result.get("commands"):
         parts += ["```sh", *result["commands"], "```", ""]
-    parts += [format_table(result), "", format_paired(result), format_oracle(result),
-              f"Static order (block influence on training prompts, least first): {result['static_order']}", "",
+    parts += [format_table(result), ""] + [text for task in TITLES for f in (format_paired, format_oracle)
+                                           if (text := f(result, task))]
+    parts += [f"Static order (block influence on training prompts, least first): {result['static_order']}", "",
               format_heatmap(result)]
     return "\n".join(parts)
 
@@ -205,9 +227,12 @@ def plot_quality_speed(result: dict, path: Path) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     rs = rows(result)
-    panels = ((axes[0], "decode_x", "pass@1", "HumanEval pass@1"),
+    # raw HumanEval's pass@1, or the chat task's when it ran alone
+    he, title = ("pass@1", "HumanEval pass@1") if any(r["pass@1"] is not None for r in rs) else \
+        ("pass@1_chat", "HumanEval (chat) pass@1")
+    panels = ((axes[0], "decode_x", he, title),
               (axes[1], "decode_x", "top1", "top-1 agreement with full"),
-              (axes[2], "skipped_he", "pass@1", "HumanEval pass@1"))
+              (axes[2], "skipped_he", he, title))
     for ax, x, metric, label in panels:
         for j, kind in enumerate(ORDER):
             pts = sorted((r[x], r[metric], r["strategy"]) for r in rs

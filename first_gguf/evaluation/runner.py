@@ -1,9 +1,12 @@
 """``first-gguf eval``: every strategy on the real runtime, interleaved, resumable.
 
-One FiRST-GGUF, one set of strategies (``strategies.py``), three tasks:
+One FiRST-GGUF, one set of strategies (``strategies.py``), four tasks:
 
 - ``humaneval``: pass@1 (greedy, raw completion of the problem's prompt, ``humaneval.py``),
   the generated code scored in a sandboxed process (``sandbox.py``).
+- ``humaneval-chat``: pass@1 on the same problems asked through the model's chat template, the
+  code taken from the answer's first Python block (``humaneval_chat.py``). Not in the default
+  tasks: its answers restate the prompt, so it costs more than raw HumanEval.
 - ``tf``: teacher-forced quality on held-out built-in prompts (code, instruct, prose; never
   training files): top-1 agreement and KL against the full model along the full model's own
   greedy continuation, and perplexity of the real text that follows the prompt.
@@ -31,19 +34,20 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
 from ..errors import FirstError
-from . import humaneval, metrics
-from .items import Item, LlamaTokenizer, chat_items, humaneval_items, tf_items, training_prompts
+from . import humaneval, humaneval_chat, metrics
+from .items import Item, LlamaTokenizer, chat_items, humaneval_chat_items, humaneval_items, tf_items, training_prompts
 from .strategies import (KINDS, Controls, Strategy, block_influence, build_strategies, static_order,
                          strategy_from_name, threshold_key)
 from .controls import kl_order_from_labels, modal_masks
 from .summary import summarize
 
-TASKS = ("humaneval", "tf", "chat")
+TASKS = ("humaneval", "humaneval-chat", "tf", "chat")
+DEFAULT_TASKS = ("humaneval", "tf", "chat")
 SELECTORS = ("tasks", "kinds", "ks", "thresholds", "random_seeds", "limit", "labels")  # which rows, not how
 
 
@@ -52,19 +56,19 @@ class EvalConfig:
     """What one command evaluates; ``key()`` (stored in ``<out>/config.json``) binds the directory."""
 
     model: str
-    tasks: tuple[str, ...] = TASKS
+    tasks: tuple[str, ...] = DEFAULT_TASKS
     kinds: tuple[str, ...] = KINDS
     ks: tuple[int, ...] = (4,)
     thresholds: tuple[float | None, ...] = (None,)
     random_seeds: int = 2
-    limit: int | None = None          # HumanEval problems (default all 164)
+    limit: int | None = None          # HumanEval problems, both tasks (default all 164)
     n_per_family: int = 16            # held-out prompts per family for ``tf``
     n_chat: int = 16                  # chat prompts
     n_static: int = 8                 # training prompts per family for the block influence
     max_prompt_tokens: int = 96
     cont_tokens: int = 32             # teacher-forced continuation length
     chat_tokens: int = 64
-    max_new_tokens: int = 384         # HumanEval completion budget
+    max_new_tokens: int = 384         # HumanEval completion budget (humaneval-chat: beyond the restated prompt)
     timeout: float = 10.0             # per HumanEval program
     threads: int | None = None
     seed: int = 0
@@ -82,6 +86,21 @@ class EvalConfig:
 
 def _stop_humaneval(text: str) -> bool:
     return humaneval.truncate_completion(text) != text
+
+
+class _Scored(NamedTuple):
+    """A task the sandbox scores: its items, stop rule, answer -> scored code, (problem, code) -> program."""
+
+    items: Callable[..., list[Item]]
+    stop: Callable[[str], bool]
+    completion: Callable[[str], str]
+    program: Callable[[humaneval.Problem, str], str]
+
+
+SCORED_TASKS = {"humaneval": _Scored(humaneval_items, _stop_humaneval, humaneval.truncate_completion,
+                                     humaneval.program),
+                "humaneval-chat": _Scored(humaneval_chat_items, humaneval_chat.block_closed,
+                                          humaneval_chat.extract_code, humaneval_chat.program)}
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -172,10 +191,10 @@ class Evaluation:
                                           cfg.kinds, controls)
             tok = LlamaTokenizer(llm)
             items: dict[str, list[Item]] = {}
-            if "humaneval" in cfg.tasks:
-                items["humaneval"] = humaneval_items(llm, cfg.limit)
-                self._generation_task(llm, strategies, items["humaneval"], cfg.max_new_tokens, _stop_humaneval)
-                self._score_humaneval()
+            for task in [t for t in SCORED_TASKS if t in cfg.tasks]:
+                items[task] = SCORED_TASKS[task].items(llm, cfg.limit)
+                self._generation_task(llm, strategies, items[task], cfg.max_new_tokens, SCORED_TASKS[task].stop)
+                self._score(task)
             if "chat" in cfg.tasks:
                 items["chat"] = chat_items(tok, cfg.n_chat, cfg.max_prompt_tokens, cfg.seed)
                 self._generation_task(llm, strategies, items["chat"], cfg.chat_tokens, None)
@@ -199,12 +218,12 @@ class Evaluation:
 
     def _earlier_strategies(self, strategies: list[Strategy], items: dict[str, list[Item]], n_layer: int,
                             protected: list[int], order: list[int], controls: Controls) -> list[Strategy]:
-        """Strategies of earlier commands whose rows cover every item of this one (scored, for HumanEval)."""
+        """Strategies of earlier commands whose rows cover every item of this one (scored, for HumanEval tasks)."""
         asked = {s.name for s in strategies}
         names = list(dict.fromkeys(name for _, _, name in self.done if name not in asked))
 
         def complete(name: str) -> bool:
-            return all((task, it.id, name) in self.done and (task != "humaneval" or "status" in self.done[
+            return all((task, it.id, name) in self.done and (task not in SCORED_TASKS or "status" in self.done[
                 (task, it.id, name)]) for task, its in items.items() for it in its)
 
         try:
@@ -292,26 +311,26 @@ class Evaluation:
                     bar.update()
                     continue
                 s.apply(llm)
-                g = greedy(llm, it.prompt, max_new, stop).row()
+                g = greedy(llm, it.prompt, max_new + it.restated, stop).row()
                 before = self.done.get((it.task, it.id, s.name))
                 if before is not None and before["tokens"] != g["tokens"]:
                     self.log(f"warning: {s.name} on {it.id} generated other tokens than in an earlier run")
                 row = {"task": it.task, "id": it.id, "strategy": s.name, "family": it.family,
                        "n_prompt": len(it.prompt), "run": self.run_id, **g}
                 if it.problem is not None:
-                    row["completion"] = humaneval.truncate_completion(g["text"])
+                    row["completion"] = SCORED_TASKS[it.task].completion(g["text"])
                 self._write(row)
                 bar.update()
         bar.close()
 
-    def _score_humaneval(self) -> None:
-        rows = [r for r in self.done.values() if r["task"] == "humaneval" and "status" not in r]
+    def _score(self, task: str) -> None:
+        rows = [r for r in self.done.values() if r["task"] == task and "status" not in r]
         if not rows:
             return
         problems = {p.task_id: p for p in humaneval.load_problems(None)}
-        self.log(f"running {len(rows)} HumanEval programs in the sandbox")
+        self.log(f"running {len(rows)} {task} programs in the sandbox")
         outcomes = humaneval.score([problems[r["id"]] for r in rows], [r["completion"] for r in rows],
-                                   timeout=self.cfg.timeout)
+                                   timeout=self.cfg.timeout, build=SCORED_TASKS[task].program)
         for row, outcome in zip(rows, outcomes):
             self._write({**row, "status": outcome.status})
 

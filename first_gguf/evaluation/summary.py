@@ -14,6 +14,8 @@ from . import metrics
 from .strategies import Strategy
 
 MIN_DECODE = 8  # decode speeds of items where both sides generated at least this many tokens
+SCORED = ("humaneval", "humaneval-chat")  # tasks whose rows the sandbox scores (pass@1)
+GENERATION = SCORED + ("chat",)           # tasks whose rows are timed greedy generations
 
 
 def summarize(rows: Iterable[dict], strategies: list[Strategy], meta: dict,
@@ -43,12 +45,13 @@ def summarize(rows: Iterable[dict], strategies: list[Strategy], meta: dict,
 def _strategy_summary(tasks: dict[str, list[dict]], full: dict[str, list[dict]],
                       references: dict[tuple[str, str, str | None], dict] | None = None) -> dict:
     s: dict[str, Any] = {}
-    he = [r for r in tasks.get("humaneval", []) if "status" in r]
-    if he:
-        passed = {name: sorted(r["id"] for r in he if r["strategy"] == name and r["status"] == "passed")
-                  for name in dict.fromkeys(r["strategy"] for r in he)}
-        s["humaneval"] = {"pass@1": float(np.mean([r["status"] == "passed" for r in he])), "n": len(he),
-                          "skipped": float(np.mean([len(r["skipped"]) for r in he])), "passed": passed}
+    for task in SCORED:
+        he = [r for r in tasks.get(task, []) if "status" in r]
+        if he:
+            passed = {name: sorted(r["id"] for r in he if r["strategy"] == name and r["status"] == "passed")
+                      for name in dict.fromkeys(r["strategy"] for r in he)}
+            s[task] = {"pass@1": float(np.mean([r["status"] == "passed" for r in he])), "n": len(he),
+                       "skipped": float(np.mean([len(r["skipped"]) for r in he])), "passed": passed}
     tf = tasks.get("tf", [])
     if tf:
         w = np.array([r["n"] for r in tf], dtype=float)
@@ -72,9 +75,9 @@ def _strategy_summary(tasks: dict[str, list[dict]], full: dict[str, list[dict]],
     # directory can hold rows of several commands. The median over items is robust to a stretch
     # of the run that shared the cores with other work, which a ratio of summed times is not.
     if references is None:
-        references = {(r["task"], r["id"], r.get("run")): r for task in ("humaneval", "chat")
+        references = {(r["task"], r["id"], r.get("run")): r for task in GENERATION
                       for r in full.get(task, [])}
-    pairs = [(r, references[(r["task"], r["id"], r.get("run"))]) for r in tasks.get("humaneval", []) + chat
+    pairs = [(r, references[(r["task"], r["id"], r.get("run"))]) for task in GENERATION for r in tasks.get(task, [])
              if (r["task"], r["id"], r.get("run")) in references]
     if pairs:
         s["speed"] = _speeds(pairs)
