@@ -358,7 +358,7 @@ def _csv(value: str | None, cast, option: str):
               help="Comma-separated subset of humaneval,humaneval-chat,tf,chat (default humaneval,tf,chat).")
 @click.option("--strategies", default=None,
               help="Comma-separated kinds: full,first,static,random,early-exit,pruned (default), "
-                   "static-kl,modal (controls).")
+                   "static-kl,modal,heal (controls).")
 @click.option("--ks", default="4", show_default=True, help="Skip counts of the input-agnostic strategies.")
 @click.option("--thresholds", default=None, help="FiRST thresholds (default: the file's own).")
 @click.option("--random-seeds", default=2, show_default=True)
@@ -371,11 +371,14 @@ def _csv(value: str | None, cast, option: str):
                    "restates).")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Damage labels for static-kl (default: the ones shipped for a zoo model).")
+@click.option("--heal", "heals", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="A healing adapter (first-gguf heal): adds heal-K, its skip set decoded with it (repeatable).")
 @click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json instead of the report.")
 def eval_(model: str | None, out: Path | None, tasks: str | None, strategies: str | None, ks: str,
           thresholds: str | None, random_seeds: int, limit: int | None, n_per_family: int, n_chat: int,
-          max_new_tokens: int, labels: str | None, threads: int | None, as_json: bool) -> None:
+          max_new_tokens: int, labels: str | None, heals: tuple[str, ...], threads: int | None,
+          as_json: bool) -> None:
     """Compare FiRST with full, static, random, early-exit and pruned skipping on MODEL.
 
     MODEL is a FiRST-GGUF or a zoo name (default: the default model with its routers).
@@ -386,7 +389,7 @@ def eval_(model: str | None, out: Path | None, tasks: str | None, strategies: st
             "ks": _csv(ks, int, "--ks"), "thresholds": _csv(thresholds, float, "--thresholds"),
             "random_seeds": random_seeds, "limit": limit,
             "n_per_family": n_per_family, "n_chat": n_chat, "max_new_tokens": max_new_tokens, "threads": threads,
-            "labels": labels}
+            "labels": labels, "heals": tuple(str(Path(h).resolve()) for h in heals) or None}
     command = " ".join(["first-gguf eval", *click.get_current_context().meta["argv"]])
     result, report = run_eval(model, out, command=command, **{k: v for k, v in opts.items() if v is not None})
     click.echo(json.dumps(result, indent=1) if as_json else report.read_text())

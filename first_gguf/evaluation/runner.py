@@ -48,7 +48,7 @@ from .summary import summarize
 
 TASKS = ("humaneval", "humaneval-chat", "tf", "chat")
 DEFAULT_TASKS = ("humaneval", "tf", "chat")
-SELECTORS = ("tasks", "kinds", "ks", "thresholds", "random_seeds", "limit", "labels")  # which rows, not how
+SELECTORS = ("tasks", "kinds", "ks", "thresholds", "random_seeds", "limit", "labels", "heals")  # which rows, not how
 
 
 @dataclass
@@ -73,6 +73,7 @@ class EvalConfig:
     threads: int | None = None
     seed: int = 0
     labels: str | None = None         # damage labels for static-kl (default: the ones shipped for the model)
+    heals: tuple[str, ...] = ()       # healing adapters: one ``heal-K`` strategy each
 
     def key(self) -> dict:
         """The settings every row of a run directory shares: all but what selects rows and the threads."""
@@ -173,6 +174,7 @@ class Evaluation:
         from ..runtime import FirstModel
 
         return FirstModel(self.cfg.model, n_ctx=n_ctx, n_batch=512, n_ubatch=512, logits_all=logits_all,
+                          heal=list(self.cfg.heals) or None,
                           n_threads=self.cfg.threads or os.cpu_count() or 1)
 
     def run(self) -> dict:
@@ -272,7 +274,26 @@ class Evaluation:
             modal.update(modal_masks(llm, examples, missing))
             modal_path.write_text(json.dumps(modal, indent=1) + "\n")
         return Controls(tuple(kl_order) if kl_order is not None else None,
-                        {k: tuple(v) for k, v in modal.items()} if modal else None)
+                        {k: tuple(v) for k, v in modal.items()} if modal else None, self._heal_sets())
+
+    def _heal_sets(self) -> dict[int, tuple[int, ...]] | None:
+        """Skip count -> skip set of each ``heal-K``: the adapters given, and those of earlier commands
+        (``heal.json`` binds each K to one adapter file by name and size)."""
+        from ..format import read_heal
+
+        path = self.out / "heal.json"
+        known = json.loads(path.read_text()) if path.is_file() else {}
+        for file in self.cfg.heals:
+            info = read_heal(file)
+            entry = {"file": Path(file).name, "bytes": Path(file).stat().st_size, "skip": list(info.skip)}
+            k = str(len(info.skip))
+            if known.get(k, entry) != entry:
+                raise FirstError(f"{self.out}: heal-{k} rows come from {known[k]['file']} ({known[k]['bytes']} bytes); "
+                                 f"{file} differs: use another --out directory")
+            known[k] = entry
+        if self.cfg.heals:
+            path.write_text(json.dumps(known, indent=1) + "\n")
+        return {int(k): tuple(v["skip"]) for k, v in known.items()} or None
 
     def _labels_path(self) -> Path:
         from .. import models
@@ -312,6 +333,9 @@ class Evaluation:
                     continue
                 s.apply(llm)
                 g = greedy(llm, it.prompt, max_new + it.restated, stop).row()
+                if g.get("healed", False) != (s.kind == "heal"):
+                    raise FirstError(f"{s.name}: the decode ran {'with' if g.get('healed') else 'without'} "
+                                     f"a healing adapter")
                 before = self.done.get((it.task, it.id, s.name))
                 if before is not None and before["tokens"] != g["tokens"]:
                     self.log(f"warning: {s.name} on {it.id} generated other tokens than in an earlier run")
@@ -366,8 +390,10 @@ class Evaluation:
                     s.apply(llm)
                     llm.fork(it.prompt)
                 mask = llm.router_mask(s.threshold) if s.mode == "first" else (s.mask(llm.n_layer) or everything)
-                q = metrics.teacher_forced(ref, ref if s is full else llm.branch_logits(cont, mask), np.array(cont))
-                nll = metrics.nll(llm.branch_logits(it.response, mask), it.response)
+                healed = s.kind == "heal"
+                q = metrics.teacher_forced(ref, ref if s is full else llm.branch_logits(cont, mask, heal=healed),
+                                           np.array(cont))
+                nll = metrics.nll(llm.branch_logits(it.response, mask, heal=healed), it.response)
                 self._write({"task": "tf", "id": it.id, "strategy": s.name, "family": it.family,
                              "n": len(cont), "top1": q["top1"], "kl": q["kl"], "nll": nll,
                              "n_real": len(it.response), "skipped": [i for i, m in enumerate(mask) if not m]})
@@ -400,6 +426,8 @@ def run_eval(model: str | None = None, out: Path | None = None, command: str | N
         path = models.first_gguf_path(name)
     elif not is_first_gguf(path):
         raise FirstError(f"{path}: not a FiRST-GGUF (no routers); attach routers first (first-gguf attach)")
+    if options.get("heals") and "heal" not in options.get("kinds", KINDS):
+        options["kinds"] = (*options.get("kinds", KINDS), "heal")
     cfg = EvalConfig(model=str(path.resolve()), **options)
     unknown = set(cfg.tasks) - set(TASKS)
     if unknown:

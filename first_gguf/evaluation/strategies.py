@@ -17,6 +17,10 @@ Controls that credit input adaptivity (``CONTROL_KINDS``, asked for by name):
   model when each is skipped alone, over training prompts: ``first_gguf.damage``).
 - ``modal`` / ``modal@T``: the routers' most frequent mask on training prompts at the file's
   threshold (or T), used as one fixed mask for every input.
+
+Healed strategies (``heal-K``, one per healing adapter given to the run): the adapter's skip
+set as a fixed mask, decoded with the adapter on (``first-gguf heal``); compare with the same
+set unhealed (``static-kl-K`` when the adapter was trained for the measured-damage set).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import numpy as np
 from ..errors import FirstError
 
 KINDS = ("full", "first", "static", "random", "early-exit", "pruned")
-CONTROL_KINDS = ("static-kl", "modal")
+CONTROL_KINDS = ("static-kl", "modal", "heal")
 ALL_KINDS = KINDS + CONTROL_KINDS
 
 
@@ -44,6 +48,7 @@ class Controls:
 
     kl_order: tuple[int, ...] | None = None
     modal: dict[str, tuple[int, ...]] | None = None
+    heal: dict[int, tuple[int, ...]] | None = None  # skip count -> the skip set its adapter heals
 
 
 def threshold_key(threshold: float | None) -> str:
@@ -74,7 +79,7 @@ class Strategy:
     def apply(self, llm) -> None:
         """Configure ``llm`` (a ``FirstModel``) for this strategy."""
         llm.configure(mode=self.mode, mask=self.mask(llm.n_layer), prefill=self.prefill,
-                      threshold=self.threshold)
+                      threshold=self.threshold, heal=self.kind == "heal")
         if self.mode == "first" and self.threshold is None:
             llm.reset_threshold()
 
@@ -143,6 +148,8 @@ def build_strategies(n_layer: int, protected: Sequence[int], order: Sequence[int
         raise FirstError("static-kl needs damage labels for this model (first-gguf damage; eval --labels)")
     if "modal" in kinds and controls.modal is None:
         raise FirstError("modal needs the routers' masks on training prompts")
+    if "heal" in kinds and not controls.heal:
+        raise FirstError("heal needs healing adapters (first-gguf heal; eval --heal FILE)")
     n_free = len(candidates(n_layer, protected))
     for k in ks:
         if not 1 <= k <= n_free:
@@ -172,10 +179,12 @@ def build_strategies(n_layer: int, protected: Sequence[int], order: Sequence[int
             if skip:  # a modal mask that skips nothing is ``full``
                 out.append(Strategy("modal" if t is None else f"modal@{t:g}", "modal", "mask", tuple(skip),
                                     threshold=t))
+    if "heal" in kinds:
+        out += [Strategy(f"heal-{k}", "heal", "mask", tuple(skip)) for k, skip in sorted(controls.heal.items())]
     return out
 
 
-_NAME = re.compile(r"(?:(full)|(first|modal)(?:@([0-9.e+-]+))?|(static-kl|static|early-exit|pruned)-(\d+)"
+_NAME = re.compile(r"(?:(full)|(first|modal)(?:@([0-9.e+-]+))?|(static-kl|static|early-exit|pruned|heal)-(\d+)"
                    r"|random-(\d+)/s(\d+))")
 
 
@@ -192,7 +201,9 @@ def strategy_from_name(name: str, n_layer: int, protected: Sequence[int], order:
     full, by_threshold, threshold, kind, k, rk, seed = m.groups()
     if full:
         return build_strategies(n_layer, protected, order, (), (), 0, ("full",))[0]
-    if kind:
+    if kind == "heal":
+        ks, kinds, seeds = (), (kind,), 0
+    elif kind:
         ks, kinds, seeds = (int(k),), (kind,), 0
     elif rk:
         ks, kinds, seeds = (int(rk),), ("random",), int(seed) + 1

@@ -75,16 +75,21 @@ def read_heal(path: str | os.PathLike) -> HealInfo:
     if skip_field.types != [GGUFValueType.ARRAY, GGUFValueType.INT32]:
         raise FormatError(f"{where}: {KEY_HEAL_SKIP} must be an array of int32")
     skip = tuple(int(i) for i in skip_field.contents())
+    _check_skip(where, skip, n_layer)
+    return HealInfo(Path(path), architecture(reader) or "", skip, n_layer, _string(reader, KEY_HEAL_SOURCE) or "")
+
+
+def _check_skip(where: str, skip: Sequence[int], n_layer: int) -> None:
     if not skip or list(skip) != sorted(set(skip)) or skip[0] < 0 or skip[-1] >= n_layer or len(skip) >= n_layer:
         raise FormatError(f"{where}: {KEY_HEAL_SKIP} = {list(skip)} is not an ascending set of distinct layers "
                           f"in 0..{n_layer - 1} leaving one")
-    return HealInfo(Path(path), architecture(reader) or "", skip, n_layer, _string(reader, KEY_HEAL_SOURCE) or "")
 
 
 def stamp_heal(adapter: str | os.PathLike, skip: Sequence[int], n_layer: int, source: str,
                out: str | os.PathLike, force: bool = False) -> HealInfo:
     """Copy the LoRA GGUF ``adapter`` to ``out`` with the ``first.heal.*`` keys; returns what ``out`` declares."""
     out = Path(out)
+    _check_skip(str(out), tuple(int(i) for i in skip), n_layer)
     check_output_path(out, force, (Path(adapter),))
     reader = read_header(adapter)
     if _string(reader, GENERAL_TYPE) != "adapter":
@@ -93,7 +98,7 @@ def stamp_heal(adapter: str | os.PathLike, skip: Sequence[int], n_layer: int, so
         for field in copied_fields(reader):
             writer.copy_field(reader, field)
         writer.add_uint32(KEY_HEAL_VERSION, HEAL_VERSION)
-        writer.add_array(KEY_HEAL_SKIP, sorted(int(i) for i in skip))
+        writer.add_array(KEY_HEAL_SKIP, [int(i) for i in skip])
         writer.add_uint32(KEY_HEAL_N_LAYER, int(n_layer))
         writer.add_string(KEY_HEAL_SOURCE, source)
         write_tensors(writer, reader, [(t.name, t) for t in reader.tensors])

@@ -113,6 +113,7 @@ class FirstModel(Scoring, Llama):
         self.last_prefill: PrefillReport | None = None
         self.heals: list = []  # HealInfo of each loaded adapter
         self._healing: int | None = None  # the adapter on the context now
+        self.heal_on = True
         super().__init__(model_path=str(path), **kwargs)
         self.n_layer = int(llama_cpp.llama_model_n_layer(self._model.model))
         heal_paths = [] if heal is None else [heal] if isinstance(heal, (str, Path)) else list(heal)
@@ -141,7 +142,8 @@ class FirstModel(Scoring, Llama):
 
     def _use_heal(self, decode_mask: Sequence[bool] | None) -> bool:
         """Apply the healing adapter whose skip set ``decode_mask`` skips, if any; returns whether one is on."""
-        pick = next((i for i, h in enumerate(self.heals) if decode_mask is not None and h.heals(decode_mask)), None)
+        pick = None if decode_mask is None or not self.heal_on else next(
+            (i for i, h in enumerate(self.heals) if h.heals(decode_mask)), None)
         if pick != self._healing:
             if pick is not None:
                 adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._adapters[pick])
@@ -160,8 +162,9 @@ class FirstModel(Scoring, Llama):
     # --- configuration ---------------------------------------------------------------
 
     def configure(self, mode: str | None = None, mask: Sequence[bool] | None = None,
-                  prefill: str | None = None, threshold: float | None = None) -> None:
-        """Set the mode, mask, prefill kind and threshold; the next generation uses them.
+                  prefill: str | None = None, threshold: float | None = None, heal: bool | None = None) -> None:
+        """Set the mode, mask, prefill kind, threshold and whether healing adapters apply
+        (``heal``; on by default when adapters are loaded); the next generation uses them.
 
         Raises:
             FirstError: unknown mode/prefill, a mask of the wrong length or skipping every
@@ -188,6 +191,8 @@ class FirstModel(Scoring, Llama):
         self._check(self._flib.set_prefill(self.ctx, PREFILLS[prefill]), "set_prefill")
         self._check(self._flib.set_mode(self.ctx, MODES[mode]), "set_mode")
         self.mode, self.prefill_kind = mode, prefill
+        if heal is not None:
+            self.heal_on = bool(heal)
 
     def reset_threshold(self) -> None:
         """Use the file's threshold again."""

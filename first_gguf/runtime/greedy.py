@@ -43,8 +43,11 @@ class Generation:
 
     def row(self) -> dict:
         """The fields an evaluation row stores, in its order."""
-        return {"tokens": self.tokens, "text": self.text, "t_prefill": self.t_prefill, "t_decode": self.t_decode,
-                "n_decode": self.n_decode, "skipped": self.skipped}
+        row = {"tokens": self.tokens, "text": self.text, "t_prefill": self.t_prefill, "t_decode": self.t_decode,
+               "n_decode": self.n_decode, "skipped": self.skipped}
+        if getattr(self.report, "healed", False):
+            row["healed"] = True
+        return row
 
 
 def greedy(llm, prompt_tokens: Sequence[int], max_new: int, stop: Callable[[str], bool] | None = None,

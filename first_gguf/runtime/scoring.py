@@ -122,7 +122,8 @@ class Scoring:
         protected = set(self.routers.protected_layers)
         return tuple(bool(i in protected or np.float32(p) >= thr) for i, p in enumerate(rep.probs))
 
-    def branch_logits(self, continuation: Sequence[int], mask: Sequence[bool] | None = None) -> np.ndarray:
+    def branch_logits(self, continuation: Sequence[int], mask: Sequence[bool] | None = None,
+                      heal: bool | None = None) -> np.ndarray:
         """Teacher-forced logits of ``continuation`` decoded after the last ``fork`` under ``mask``.
 
         The cache is cut back to the fork's prompt first, so any number of continuations and
@@ -130,7 +131,8 @@ class Scoring:
         by the decode of ``continuation`` under ``mask`` (None: the mask the fork's prefill
         chose; a healing adapter runs when the branch's mask is its set). Row 0 is the prefill's last row (the prompt's own prediction). After a
         ``prefill="masked"`` fork, ``mask`` may run only layers that prefill ran. The
-        configuration (mode, mask) is left as it was. Returns [len(continuation), n_vocab].
+        configuration (mode, mask) is left as it was. ``heal``: whether a healing adapter may run
+        (None: the model's setting). Returns [len(continuation), n_vocab].
         """
         fork = self._fork
         if fork is None:
@@ -147,16 +149,19 @@ class Scoring:
                              f"(it skipped {list(fork.report.skipped)})")
         if not continuation:
             return np.zeros((0, self.n_vocab()), dtype=np.float32)
-        saved_mode, saved_mask = self.mode, self.mask
+        saved_mode, saved_mask, saved_heal = self.mode, self.mask, self.heal_on
         self.n_tokens = end
         try:
             self._set_mask(run)
             self._set_mode("mask")
+            self.heal_on = saved_heal if heal is None else bool(heal)
             self._use_heal(run if fork.kv is None else None)
             self.eval(list(continuation[:-1]))
             rows = np.array(self.scores[end: self.n_tokens], dtype=np.float32)
         finally:
+            self.heal_on = True
             self._use_heal(fork.report.mask if fork.report.healed else None)
+            self.heal_on = saved_heal
             self._set_mask(fork.report.mask)  # mask mode, outside a prefill: the decode mask is the fork's again
             self._set_mode(saved_mode)
             if saved_mask is not None:
