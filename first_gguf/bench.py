@@ -45,7 +45,7 @@ def worker(spec: dict) -> dict:
     if spec["engine"] == "first":
         from .runtime import FirstModel
 
-        llm = FirstModel(spec["path"], mode=spec["mode"], mask=spec.get("mask"), **kw)
+        llm = FirstModel(spec["path"], mode=spec["mode"], mask=spec.get("mask"), heal=spec.get("heal"), **kw)
     else:
         llm = PlainModel(spec["path"], **kw)
     prompt = _prompt_tokens(llm, spec["prompt_tokens"])
@@ -78,8 +78,9 @@ def _run_worker(spec: dict, lib_path: Path | None) -> dict:
 
 def run_bench(model: Path, skip_count: int = 6, repeats: int = 5, prompt_tokens: int = 128,
               decode_tokens: int = 64, threads: int | None = None, stock: bool = True,
-              strategies: list[str] | None = None) -> dict:
-    """Measure full, first, mask, pruned (and stock) side by side.
+              strategies: list[str] | None = None, heal: Path | None = None) -> dict:
+    """Measure full, first, mask, pruned (and stock) side by side; with ``heal`` (a healing
+    adapter) also its skip set unhealed (``heal_mask``) and healed (``healed``).
 
     Returns:
         ``{"model", "setup", "strategies": {name: {decode_tok_s, prefill_tok_s, skipped_layers,
@@ -97,6 +98,13 @@ def run_bench(model: Path, skip_count: int = 6, repeats: int = 5, prompt_tokens:
         specs.append(dict(base, name="first", engine="first", path=str(model), mode="first"))
     specs.append(dict(base, name="mask", engine="first", path=str(model), mode="mask",
                       mask=[i not in skip for i in range(n_layer)]))
+    if heal is not None:
+        from .format import read_heal
+
+        heal_mask = [i not in read_heal(heal).skip for i in range(n_layer)]
+        specs.append(dict(base, name="heal_mask", engine="first", path=str(model), mode="mask", mask=heal_mask))
+        specs.append(dict(base, name="healed", engine="first", path=str(model), mode="mask", mask=heal_mask,
+                          heal=str(heal)))
     with tempfile.TemporaryDirectory(dir=model.parent) as tmp:
         pruned = prune_gguf(model, skip, Path(tmp) / "pruned.gguf")
         stock = stock and (not strategies or bool({"pruned", "stock", "patched_plain"} & set(strategies)))

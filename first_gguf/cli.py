@@ -321,16 +321,19 @@ def version(as_json: bool) -> None:
 @click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
 @click.option("--no-stock", is_flag=True, help="Skip the stock-library strategies (no stock build).")
 @click.option("--strategies", default=None, help="Comma-separated subset, e.g. first,mask (full always runs).")
+@click.option("--heal", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A healing adapter: adds its skip set unhealed (heal_mask) and healed (healed).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def bench(model: Path | None, skip_count: int, repeats: int, prompt_tokens: int, decode_tokens: int,
-          threads: int | None, no_stock: bool, strategies: str | None, as_json: bool) -> None:
+          threads: int | None, no_stock: bool, strategies: str | None, heal: Path | None, as_json: bool) -> None:
     """Decode/prefill speed of full, first, mask, pruned and stock, side by side."""
     from . import bench as b
     from .models import DEFAULT_MODEL, first_gguf_path
 
     result = b.run_bench(model or first_gguf_path(DEFAULT_MODEL), skip_count=skip_count, repeats=repeats,
                          prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, threads=threads,
-                         stock=not no_stock, strategies=strategies.split(",") if strategies else None)
+                         stock=not no_stock, strategies=strategies.split(",") if strategies else None,
+                         heal=heal)
     click.echo(json.dumps(result, indent=1) if as_json else b.format_bench(result))
 
 
