@@ -7,11 +7,14 @@ routers themselves pick most often, applied to every input.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
-from .strategies import threshold_key
+from ..errors import FirstError
+from .items import training_prompts
+from .strategies import Controls, threshold_key
 
 
 def kl_order_from_labels(labels: Path, n_layer: int, protected: Sequence[int]) -> list[int]:
@@ -36,3 +39,54 @@ def modal_masks(llm, examples: Sequence, thresholds: Sequence[float | None]) -> 
             mask = llm.router_mask(t)
             counts[threshold_key(t)][tuple(i for i, m in enumerate(mask) if not m)] += 1
     return {key: list(c.most_common(1)[0][0]) for key, c in counts.items()}
+
+
+def load_controls(out: Path, cfg, llm, protected: list[int], log: Callable[[str], None]) -> Controls:
+    """The controls of run directory ``out`` for ``cfg`` (an ``EvalConfig``), measured where missing."""
+    kl_path, modal_path = out / "static-kl.json", out / "modal.json"
+    kl_order = json.loads(kl_path.read_text())["order"] if kl_path.is_file() else None
+    if kl_order is None and "static-kl" in cfg.kinds:
+        labels = labels_path(cfg.model, cfg.labels)
+        kl_order = kl_order_from_labels(labels, llm.n_layer, protected)
+        kl_path.write_text(json.dumps({"labels": labels.name, "order": kl_order}, indent=1) + "\n")
+    modal = json.loads(modal_path.read_text()) if modal_path.is_file() else {}
+    missing = [t for t in cfg.thresholds if threshold_key(t) not in modal]
+    if missing and "modal" in cfg.kinds:
+        examples = training_prompts(llm, cfg.n_static * 4, cfg.max_prompt_tokens, cfg.seed + 1)
+        log(f"the routers' masks on {len(examples)} training prompts")
+        modal.update(modal_masks(llm, examples, missing))
+        modal_path.write_text(json.dumps(modal, indent=1) + "\n")
+    return Controls(tuple(kl_order) if kl_order is not None else None,
+                    {k: tuple(v) for k, v in modal.items()} if modal else None, heal_sets(out, cfg.heals))
+
+
+def heal_sets(out: Path, heals: Sequence[str]) -> dict[int, tuple[int, ...]] | None:
+    """Skip count -> skip set of each ``heal-K``: the adapters given, and those of earlier commands
+    (``heal.json`` binds each K to one adapter file by name and size)."""
+    from ..format import read_heal
+
+    path = out / "heal.json"
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    for file in heals:
+        info = read_heal(file)
+        entry = {"file": Path(file).name, "bytes": Path(file).stat().st_size, "skip": list(info.skip)}
+        k = str(len(info.skip))
+        if known.get(k, entry) != entry:
+            raise FirstError(f"{out}: heal-{k} rows come from {known[k]['file']} ({known[k]['bytes']} bytes); "
+                             f"{file} differs: use another --out directory")
+        known[k] = entry
+    if heals:
+        path.write_text(json.dumps(known, indent=1) + "\n")
+    return {int(k): tuple(v["skip"]) for k, v in known.items()} or None
+
+
+def labels_path(model: str, labels: str | None) -> Path:
+    """The damage labels of ``model``: ``labels``, else those shipped for its zoo name."""
+    from .. import models
+
+    name = Path(model).name.removesuffix(".gguf").removesuffix(".first")
+    path = Path(labels) if labels else models.shipped_labels_path(name)
+    if path is None:
+        raise FirstError(f"static-kl needs damage labels for {Path(model).name}: measure them with "
+                         "`first-gguf damage` and pass --labels")
+    return path

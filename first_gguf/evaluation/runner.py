@@ -42,8 +42,8 @@ from ..errors import FirstError
 from . import humaneval, humaneval_chat, metrics
 from .items import Item, LlamaTokenizer, chat_items, humaneval_chat_items, humaneval_items, tf_items, training_prompts
 from .strategies import (KINDS, Controls, Strategy, block_influence, build_strategies, static_order,
-                         strategy_from_name, threshold_key)
-from .controls import kl_order_from_labels, modal_masks
+                         strategy_from_name)
+from .controls import load_controls
 from .summary import summarize
 
 TASKS = ("humaneval", "humaneval-chat", "tf", "chat")
@@ -261,49 +261,7 @@ class Evaluation:
     # controls: the measured-damage order and the routers' modal masks (kept in the run directory)
 
     def _controls(self, llm, protected: list[int]) -> Controls:
-        kl_path, modal_path = self.out / "static-kl.json", self.out / "modal.json"
-        kl_order = json.loads(kl_path.read_text())["order"] if kl_path.is_file() else None
-        if kl_order is None and "static-kl" in self.cfg.kinds:
-            kl_order = kl_order_from_labels(self._labels_path(), llm.n_layer, protected)
-            kl_path.write_text(json.dumps({"labels": self._labels_path().name, "order": kl_order}, indent=1) + "\n")
-        modal = json.loads(modal_path.read_text()) if modal_path.is_file() else {}
-        missing = [t for t in self.cfg.thresholds if threshold_key(t) not in modal]
-        if missing and "modal" in self.cfg.kinds:
-            examples = training_prompts(llm, self.cfg.n_static * 4, self.cfg.max_prompt_tokens, self.cfg.seed + 1)
-            self.log(f"the routers' masks on {len(examples)} training prompts")
-            modal.update(modal_masks(llm, examples, missing))
-            modal_path.write_text(json.dumps(modal, indent=1) + "\n")
-        return Controls(tuple(kl_order) if kl_order is not None else None,
-                        {k: tuple(v) for k, v in modal.items()} if modal else None, self._heal_sets())
-
-    def _heal_sets(self) -> dict[int, tuple[int, ...]] | None:
-        """Skip count -> skip set of each ``heal-K``: the adapters given, and those of earlier commands
-        (``heal.json`` binds each K to one adapter file by name and size)."""
-        from ..format import read_heal
-
-        path = self.out / "heal.json"
-        known = json.loads(path.read_text()) if path.is_file() else {}
-        for file in self.cfg.heals:
-            info = read_heal(file)
-            entry = {"file": Path(file).name, "bytes": Path(file).stat().st_size, "skip": list(info.skip)}
-            k = str(len(info.skip))
-            if known.get(k, entry) != entry:
-                raise FirstError(f"{self.out}: heal-{k} rows come from {known[k]['file']} ({known[k]['bytes']} bytes); "
-                                 f"{file} differs: use another --out directory")
-            known[k] = entry
-        if self.cfg.heals:
-            path.write_text(json.dumps(known, indent=1) + "\n")
-        return {int(k): tuple(v["skip"]) for k, v in known.items()} or None
-
-    def _labels_path(self) -> Path:
-        from .. import models
-
-        name = Path(self.cfg.model).name.removesuffix(".gguf").removesuffix(".first")
-        labels = Path(self.cfg.labels) if self.cfg.labels else models.shipped_labels_path(name)
-        if labels is None:
-            raise FirstError(f"static-kl needs damage labels for {Path(self.cfg.model).name}: measure them with "
-                             "`first-gguf damage` and pass --labels")
-        return labels
+        return load_controls(self.out, self.cfg, llm, protected, self.log)
 
     # tasks
 
