@@ -77,15 +77,19 @@ def test_damage_order_and_mean():
 
 
 def test_control_strategies_round_trip():
-    controls = Controls(kl_order=(3, 5, 1, 2, 4, 6, 7, 8), modal={"file": (4, 6), "0.25": (4,)})
+    controls = Controls(kl_order=(3, 5, 1, 2, 4, 6, 7, 8), modal={"file": (4, 6), "0.25": (4,)},
+                        heal={2: (3, 5), 3: (1, 3, 5)})
     built = build_strategies(10, [0, 9], [4, 2, 6, 1, 8, 3, 5, 7], ks=(1, 2), thresholds=(None, 0.25),
-                             random_seeds=1, kinds=("static", "static-kl", "modal"), controls=controls)
+                             random_seeds=1, kinds=("static", "static-kl", "modal", "heal"), controls=controls)
     by = {s.name: s for s in built}
     assert by["static-kl-2"].skip == (3, 5) and by["static-2"].skip == (2, 4)
     assert by["modal"].skip == (4, 6) and by["modal@0.25"].skip == (4,) and by["modal"].mode == "mask"
+    assert by["heal-2"].skip == (3, 5) and by["heal-3"].skip == (1, 3, 5) and by["heal-3"].kind == "heal"
     assert [strategy_from_name(s.name, 10, [0, 9], [4, 2, 6, 1, 8, 3, 5, 7], controls) for s in built] == built
     with pytest.raises(FirstError, match="static-kl needs damage labels"):
         build_strategies(10, [0, 9], [4, 2], ks=(1,), thresholds=(None,), random_seeds=1, kinds=("static-kl",))
+    with pytest.raises(FirstError, match="heal needs healing adapters"):
+        strategy_from_name("heal-2", 10, [0, 9], [4, 2], Controls())
 
 
 def test_modal_masks_are_the_routers_most_frequent(default_first, default_tokens):
