@@ -361,6 +361,30 @@ def demo(model: str | None, prompt: str, max_tokens: int, threads: int | None) -
     d.run_demo(model=model, prompt=prompt, max_tokens=max_tokens, threads=threads)
 
 
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--threshold", default=None, type=float, help="Router threshold (default: the file's).")
+@click.option("--max-tokens", default=256, show_default=True, help="At most this many tokens per answer.")
+@click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
+@click.option("--system", default=None, help="System prompt.")
+@click.option("--ctx", "n_ctx", default=4096, show_default=True, help="Context size in tokens.")
+@click.option("--temperature", default=0.0, show_default=True, help="0: greedy, reproducible.")
+def chat(model: str | None, threshold: float | None, max_tokens: int, threads: int | None, system: str | None,
+         n_ctx: int, temperature: float) -> None:
+    """Chat with MODEL in the terminal, streaming (a GGUF or zoo name; default: the default model).
+
+    /help inside lists the commands (/stats, /mode, /threshold, /reset).
+    """
+    from .chat import run_chat
+
+    run_chat(model, threshold=threshold, max_tokens=max_tokens, threads=threads, system=system, n_ctx=n_ctx,
+             temperature=temperature)
+
+
 def main() -> None:
     """Console entry point."""
     cli()
+
+
+if __name__ == "__main__":
+    main()
