@@ -263,13 +263,13 @@ def _answer(session: ChatSession, line: str, out: TextIO, err: TextIO) -> None:
 
 def run_chat(model: str | Path | None = None, threshold: float | None = None, max_tokens: int = 256,
              threads: int | None = None, system: str | None = None, n_ctx: int = 4096,
-             temperature: float = 0.0) -> None:
+             temperature: float = 0.0, gpu_layers: int = 0) -> None:
     """Load MODEL (file, zoo name or None: the default with its routers) and chat in the terminal."""
     from .models import resolve_model
     from .runtime import FirstModel
 
     path = resolve_model(model)
-    llm = FirstModel(path, threshold=threshold, n_ctx=n_ctx, n_threads=threads)
+    llm = FirstModel(path, threshold=threshold, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers)
     if sys.stdin.isatty():
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (line editing and history for input())

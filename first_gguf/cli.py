@@ -369,8 +369,9 @@ def demo(model: str | None, prompt: str, max_tokens: int, threads: int | None) -
 @click.option("--system", default=None, help="System prompt.")
 @click.option("--ctx", "n_ctx", default=4096, show_default=True, help="Context size in tokens.")
 @click.option("--temperature", default=0.0, show_default=True, help="0: greedy, reproducible.")
+@click.option("--gpu-layers", default=0, show_default=True, help="Layers to offload (-1: all; Metal/CUDA builds).")
 def chat(model: str | None, threshold: float | None, max_tokens: int, threads: int | None, system: str | None,
-         n_ctx: int, temperature: float) -> None:
+         n_ctx: int, temperature: float, gpu_layers: int) -> None:
     """Chat with MODEL in the terminal, streaming (a GGUF or zoo name; default: the default model).
 
     /help inside lists the commands (/stats, /mode, /threshold, /reset).
@@ -378,7 +379,7 @@ def chat(model: str | None, threshold: float | None, max_tokens: int, threads: i
     from .chat import run_chat
 
     run_chat(model, threshold=threshold, max_tokens=max_tokens, threads=threads, system=system, n_ctx=n_ctx,
-             temperature=temperature)
+             temperature=temperature, gpu_layers=gpu_layers)
 
 
 @cli.command()

@@ -85,9 +85,19 @@ class LoadResult:
     def rps(self) -> float:
         return len(self.latencies) / self.wall if self.wall else 0.0
 
-    def percentile(self, q: float) -> float:
-        xs = sorted(self.latencies)
+    def percentile(self, q: float, xs: list[float] | None = None) -> float:
+        """The q-th percentile (nearest rank) of the latencies, or of ``xs``."""
+        xs = sorted(self.latencies if xs is None else xs)
         return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
+
+    @property
+    def service(self) -> list[float]:
+        """Seconds each generation held the model, on the server's clock (latency less the queue)."""
+        return [f["t_end"] - f["t_start"] for f in self.firsts]
+
+    def merge(self, other: LoadResult) -> LoadResult:
+        return LoadResult(self.wall + other.wall, self.latencies + other.latencies, self.firsts + other.firsts,
+                          self.errors + other.errors)
 
 
 def one_request(client, model_id: str, i: int, stream: bool, max_tokens: int, extra: dict) -> dict:
@@ -142,10 +152,12 @@ def run_load(base_url: str, model_id: str, n_requests: int = 200, concurrency: i
 
 
 def format_load(rows: dict[str, LoadResult]) -> str:
-    """A table: requests/s and latency percentiles per named run."""
-    lines = [f"{'run':<8} {'ok':>5} {'errors':>6} {'req/s':>7} {'p50 s':>7} {'p90 s':>7} {'p99 s':>7} {'skipped':>8}"]
+    """A table per named run: requests/s, client latency percentiles, server time per request, layers skipped."""
+    lines = [f"{'run':<6} {'ok':>4} {'err':>4} {'req/s':>6} {'p50 s':>6} {'p90 s':>6} {'p99 s':>6} "
+             f"{'server p50 s':>12} {'skipped':>7}"]
     for name, r in rows.items():
         skipped = sum(len(f["skipped"]) for f in r.firsts) / len(r.firsts) if r.firsts else float("nan")
-        lines.append(f"{name:<8} {len(r.latencies):>5} {len(r.errors):>6} {r.rps:>7.2f} {r.percentile(50):>7.2f} "
-                     f"{r.percentile(90):>7.2f} {r.percentile(99):>7.2f} {skipped:>8.2f}")
+        lines.append(f"{name:<6} {len(r.latencies):>4} {len(r.errors):>4} {r.rps:>6.2f} {r.percentile(50):>6.2f} "
+                     f"{r.percentile(90):>6.2f} {r.percentile(99):>6.2f} {r.percentile(50, r.service):>12.3f} "
+                     f"{skipped:>7.2f}")
     return "\n".join(lines)
