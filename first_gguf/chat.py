@@ -269,7 +269,9 @@ def run_chat(model: str | Path | None = None, threshold: float | None = None, ma
     from .runtime import FirstModel
 
     path = resolve_model(model)
-    llm = FirstModel(path, threshold=threshold, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers)
+    # threads for the prompt too: llama-cpp-python's default there is every core
+    llm = FirstModel(path, threshold=threshold, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                     n_gpu_layers=gpu_layers)
     if sys.stdin.isatty():
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (line editing and history for input())

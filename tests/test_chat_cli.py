@@ -174,7 +174,7 @@ def test_kv_reuse_across_turns_equals_a_fresh_model_per_turn():
 
     path = resolve_model(None)
     # one token per ubatch: a reused prefix and a recomputed one are then bit-identical in llama.cpp
-    kw = dict(n_ctx=2048, n_threads=1, n_batch=64, n_ubatch=1)
+    kw = dict(n_ctx=2048, n_threads=1, n_threads_batch=1, n_batch=64, n_ubatch=1)
     turns = ["Write a Python function that reverses a string.", "Now make it recursive.", "Add a docstring."]
     system = "You are a concise coding assistant."
     chat = ChatSession(FirstModel(path, **kw), system=system, max_tokens=16)
@@ -201,3 +201,18 @@ def test_model_argument_is_a_file_or_a_zoo_name(tmp_path):
     assert resolve_model(str(f)) == f
     with pytest.raises(FirstError, match="no such file, and not a zoo model"):
         resolve_model(tmp_path / "missing.gguf")
+
+
+def test_a_conversation_past_the_context_is_a_clear_error_and_stays_as_it_was():
+    from first_gguf.chat import ChatSession
+    from first_gguf.errors import FirstError
+    from first_gguf.models import resolve_model
+    from first_gguf.runtime import FirstModel
+
+    chat = ChatSession(FirstModel(resolve_model(None), n_ctx=512, n_threads=1, n_threads_batch=1), max_tokens=4)
+    chat.ask("Hi")
+    before = list(chat.messages)
+    with pytest.raises(FirstError, match="no longer fits the context"):
+        chat.ask("hello " * 600)
+    assert chat.messages == before
+    assert chat.ask("Hi again").stats.report is not None  # and the session goes on

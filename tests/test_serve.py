@@ -58,7 +58,7 @@ def test_chat_first_fields_are_firstmodels_own_decision(client, server):
     first = r.model_extra["first"]
     _check_first(first)
 
-    llm = FirstModel(resolve_model(None), n_ctx=N_CTX, n_threads=1)
+    llm = FirstModel(resolve_model(None), n_ctx=N_CTX, n_threads=1, n_threads_batch=1)
     llm.create_chat_completion(MESSAGES, max_tokens=8, temperature=0)
     rep = llm.last_prefill
     assert first["n_tokens"] == rep.n_tokens
