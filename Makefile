@@ -13,7 +13,7 @@ $(BIN)/python:
 # (llama-cpp-python==0.3.36) is then satisfied instead of building the stock sdist.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m first_gguf.build
-	$(BIN)/python -m pip install --quiet -e '.[train,test,eval]'
+	$(BIN)/python -m pip install --quiet -e '.[train,test,eval,server]'
 	touch $@
 
 setup: $(VENV)/.installed

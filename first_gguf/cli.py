@@ -410,6 +410,55 @@ def demo(model: str | None, prompt: str, max_tokens: int, threads: int | None) -
     d.run_demo(model=model, prompt=prompt, max_tokens=max_tokens, threads=threads)
 
 
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--threshold", default=None, type=float, help="Router threshold (default: the file's).")
+@click.option("--max-tokens", default=256, show_default=True, help="At most this many tokens per answer.")
+@click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
+@click.option("--system", default=None, help="System prompt.")
+@click.option("--ctx", "n_ctx", default=4096, show_default=True, help="Context size in tokens.")
+@click.option("--temperature", default=0.0, show_default=True, help="0: greedy, reproducible.")
+@click.option("--gpu-layers", default=0, show_default=True, help="Layers to offload (-1: all; Metal/CUDA builds).")
+def chat(model: str | None, threshold: float | None, max_tokens: int, threads: int | None, system: str | None,
+         n_ctx: int, temperature: float, gpu_layers: int) -> None:
+    """Chat with MODEL in the terminal, streaming (a GGUF or zoo name; default: the default model).
+
+    /help inside lists the commands (/stats, /mode, /threshold, /reset).
+    """
+    from .chat import run_chat
+
+    run_chat(model, threshold=threshold, max_tokens=max_tokens, threads=threads, system=system, n_ctx=n_ctx,
+             temperature=temperature, gpu_layers=gpu_layers)
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True)
+@click.option("--alias", default=None, help="Model id clients name (default: the zoo name or file stem).")
+@click.option("--ctx", "n_ctx", default=4096, show_default=True, help="Context size in tokens.")
+@click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
+@click.option("--mode", type=click.Choice(["first", "full"]), default=None, help="Default mode (first for a FiRST-GGUF).")
+@click.option("--threshold", default=None, type=float, help="Default router threshold (default: the file's).")
+@click.option("--gpu-layers", default=0, show_default=True, help="Layers to offload (-1: all; Metal/CUDA builds).")
+@click.option("--api-key", default=None, help="Require this Bearer token.")
+def serve(model: str | None, host: str, port: int, alias: str | None, n_ctx: int, threads: int | None,
+          mode: str | None, threshold: float | None, gpu_layers: int, api_key: str | None) -> None:
+    """Serve MODEL over an OpenAI-compatible HTTP API (a GGUF or zoo name; default: the default model).
+
+    /v1/chat/completions, /v1/completions (streamed or not) and /v1/models; responses carry a
+    `first` object, requests may set `first_mode` and `first_threshold`. Needs the `server` extra.
+    """
+    from .serve import run_server
+
+    run_server(model, host=host, port=port, alias=alias, n_ctx=n_ctx, threads=threads, mode=mode,
+               threshold=threshold, gpu_layers=gpu_layers, api_key=api_key)
+
+
 def main() -> None:
     """Console entry point."""
     cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -175,6 +175,21 @@ def first_gguf_path(name: str, seed: int = 0) -> Path:
     return fmt.attach_routers(base, routers, out, force=True, w1_dtype=w1)
 
 
+def resolve_model(model: str | Path | None) -> Path:
+    """The GGUF a MODEL argument names: a file, a zoo name (its FiRST-GGUF) or None (the default's).
+
+    Raises:
+        FirstError: neither an existing file nor a zoo name.
+    """
+    name = str(model) if model is not None else DEFAULT_MODEL
+    path = Path(name)
+    if path.exists():
+        return path
+    if name not in MODELS:
+        raise FirstError(f"{name}: no such file, and not a zoo model ({', '.join(MODELS)})")
+    return first_gguf_path(name)
+
+
 def _same_routers(path: Path, routers: RouterSet) -> bool:
     import numpy as np
 

@@ -25,6 +25,7 @@ sys.meta_path.insert(0, _Block())
     "first_gguf.evaluation.results", "first_gguf.evaluation.sandbox", "first_gguf.evaluation.metrics",
     "first_gguf.evaluation.summary", "first_gguf.evaluation.items", "first_gguf.prompts",
     "first_gguf.runtime.scoring", "first_gguf.runtime.greedy", "first_gguf.damage", "first_gguf.evaluation.controls",
+    "first_gguf.chat", "first_gguf.serve", "first_gguf.serve_load",
 ])
 def test_imports_without_torch(module: str) -> None:
     code = BLOCK_TORCH + f"import {module}\nassert 'torch' not in sys.modules\nprint('ok')"

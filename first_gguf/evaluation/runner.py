@@ -376,13 +376,8 @@ def run_eval(model: str | None = None, out: Path | None = None, command: str | N
     from ..format import is_first_gguf
     from .results import write_report
 
-    name = model or models.DEFAULT_MODEL
-    path = Path(name)
-    if not path.exists():
-        if name not in models.MODELS:
-            raise FirstError(f"{name}: no such file, and not a zoo model ({', '.join(models.MODELS)})")
-        path = models.first_gguf_path(name)
-    elif not is_first_gguf(path):
+    path = models.resolve_model(model)
+    if not is_first_gguf(path):
         raise FirstError(f"{path}: not a FiRST-GGUF (no routers); attach routers first (first-gguf attach)")
     if options.get("heals") and "heal" not in options.get("kinds", KINDS):
         options["kinds"] = (*options.get("kinds", KINDS), "heal")

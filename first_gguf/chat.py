@@ -1,0 +1,280 @@
+"""``first-gguf chat``: a streaming multi-turn chat in the terminal, with FiRST's report per answer.
+
+Every turn goes through the model's own chat template (``create_chat_completion``, streamed)
+and starts with one prefill (docs/FORMAT.md section 3): ``FirstModel`` reuses the cache of
+earlier turns within its rules, so each answer routes as if the whole conversation were
+evaluated anew, and gives the same tokens.
+
+Ctrl-C during an answer stops it after the current token; the part already printed stays
+in the conversation as the assistant's turn (the model remembers what you saw), even when
+it is empty. At the prompt, Ctrl-C twice in a row or Ctrl-D quits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, TextIO
+
+from .errors import FirstError
+
+HELP = """commands:
+  /reset            start a new conversation (the system prompt stays)
+  /stats            the last answer: mode, layers skipped, p_i per layer, decode tok/s, end-to-end time
+  /mode first|full  route with the routers (first) or run every layer (full)
+  /threshold [T]    show the router threshold, or set it to T in [0, 1] ('file': the file's own)
+  /help             this text
+Ctrl-C stops an answer; the part already printed stays in the conversation as the answer.
+Ctrl-C twice at the prompt, or Ctrl-D, quits."""
+
+
+@dataclass(frozen=True)
+class TurnStats:
+    """How one answer was produced.
+
+    Attributes:
+        report: the prefill's ``PrefillReport`` (mode, mask, p_i, threshold, positions).
+        n_decode: decode steps run after the first streamed chunk.
+        t_decode: seconds from the first streamed chunk to the end of the answer.
+        t_total: seconds from the request to the end (chat template, prefill and decode).
+        interrupted: the answer was stopped by Ctrl-C.
+    """
+
+    report: object | None
+    n_decode: int
+    t_decode: float
+    t_total: float
+    interrupted: bool = False
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.n_decode / self.t_decode if self.n_decode and self.t_decode > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Turn:
+    text: str
+    stats: TurnStats
+
+
+class ChatSession:
+    """A conversation with one ``FirstModel``: the messages so far and the stats of the last answer.
+
+    Args:
+        llm: a ``FirstModel`` (its mode and threshold apply to the next answer).
+        system: the system prompt, if any.
+        max_tokens: at most this many tokens per answer.
+        temperature: 0 is greedy (reproducible); above 0 samples.
+    """
+
+    def __init__(self, llm, system: str | None = None, max_tokens: int = 256, temperature: float = 0.0) -> None:
+        self.llm, self.system, self.max_tokens, self.temperature = llm, system, max_tokens, temperature
+        self.messages: list[dict] = []
+        self.last: Turn | None = None
+
+    def reset(self) -> None:
+        self.messages, self.last = [], None
+
+    def history(self) -> list[dict]:
+        """The messages the next prompt is made of, system prompt first."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + self.messages
+
+    def ask(self, user: str, on_piece: Callable[[str], None] = lambda s: None,
+            stop: Callable[[], bool] = lambda: False) -> Turn:
+        """Answer ``user``, streaming pieces of text to ``on_piece``; ``stop()`` True ends the answer early.
+
+        The question and the answer (all of it, or what was streamed before ``stop``) join
+        the conversation.
+
+        Raises:
+            FirstError: the conversation no longer fits the context (it is left unchanged).
+        """
+        messages = self.history() + [{"role": "user", "content": user}]
+        t0 = time.perf_counter()
+        t_first, n_first, pieces, stopped = None, 0, [], False
+        with contextlib.closing(self._stream(messages)) as stream:
+            for chunk in stream:
+                if t_first is None:  # the prompt is evaluated and the first token chosen
+                    t_first, n_first = time.perf_counter(), self.llm.n_tokens
+                piece = chunk["choices"][0]["delta"].get("content") or ""
+                if piece:
+                    pieces.append(piece)
+                    on_piece(piece)
+                if stop():
+                    stopped = True
+                    break
+        t_end = time.perf_counter()
+        t_first = t_first or t_end
+        stats = TurnStats(self.llm.last_prefill, self.llm.n_tokens - n_first if n_first else 0,
+                          t_end - t_first, t_end - t0, stopped)
+        text = "".join(pieces)
+        self.messages += [{"role": "user", "content": user}, {"role": "assistant", "content": text}]
+        self.last = Turn(text, stats)
+        return self.last
+
+    def _stream(self, messages: list[dict]) -> Iterator[dict]:
+        stream = self.llm.create_chat_completion(messages, max_tokens=self.max_tokens, temperature=self.temperature,
+                                                 repeat_penalty=1.0, seed=0, stream=True)
+        try:
+            yield next(stream)  # the prompt's length is checked here, before any evaluation
+        except StopIteration:
+            return
+        except ValueError as exc:
+            if "exceed context window" in str(exc):
+                raise FirstError(f"the conversation no longer fits the context ({exc}); /reset starts anew") from None
+            raise
+        try:
+            yield from stream
+        finally:
+            stream.close()
+
+
+# --- the terminal loop -----------------------------------------------------------------
+
+def format_stats(session: ChatSession) -> str:
+    """The ``/stats`` text of the last answer."""
+    if session.last is None:
+        return "no answer yet"
+    s, rep = session.last.stats, session.last.stats.report
+    lines = []
+    if rep is not None:
+        skipped = ", ".join(map(str, rep.skipped)) or "none"
+        head = f"mode {rep.mode}" + (f", threshold {rep.threshold:.3g}" if rep.threshold is not None else "")
+        lines.append(f"{head}; layers skipped this turn: {len(rep.skipped)} of {len(rep.mask)} ({skipped})")
+        if rep.probs is not None:
+            lines.append("p_i: " + " ".join(f"{i}:{p:.2f}{'*' if not rep.mask[i] else ''}"
+                                            for i, p in enumerate(rep.probs)) + "   (* skipped)")
+        else:
+            lines.append("p_i: none (the routers do not run in this mode)")
+        lines.append(f"prompt: {rep.n_evaluated} positions evaluated this turn"
+                     + (f", routed over all {rep.n_tokens}" if rep.probs is not None else ""))
+    lines.append(f"answer: {s.n_decode} decode steps in {s.t_decode:.2f} s = {s.decode_tok_s:.1f} tok/s; "
+                 f"end to end {s.t_total:.2f} s (prompt included)" + (" [interrupted]" if s.interrupted else ""))
+    return "\n".join(lines)
+
+
+def _status_line(turn: Turn) -> str:
+    rep, s = turn.stats.report, turn.stats
+    where = f"{rep.mode}: skipped {len(rep.skipped)}/{len(rep.mask)} layers" if rep is not None else "no prefill"
+    cut = ", interrupted" if s.interrupted else ""
+    return f"[{where}, {s.decode_tok_s:.1f} tok/s, {s.t_total:.2f} s{cut}]"
+
+
+@contextlib.contextmanager
+def _sigint_as_flag() -> Iterator[Callable[[], bool]]:
+    """While an answer streams, Ctrl-C only sets a flag: no KeyboardInterrupt inside the runtime's bookkeeping."""
+    hit: list[bool] = []
+    previous = signal.signal(signal.SIGINT, lambda *_: hit.append(True))
+    try:
+        yield lambda: bool(hit)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def command(session: ChatSession, line: str) -> str:
+    """Run one ``/command``; returns the text to show. Errors are messages, the conversation stays."""
+    name, _, arg = line[1:].strip().partition(" ")
+    arg, llm = arg.strip(), session.llm
+    if name == "help":
+        return HELP
+    if name == "reset":
+        session.reset()
+        return "(new conversation)"
+    if name == "stats":
+        return format_stats(session)
+    if name == "mode":
+        if arg not in ("first", "full"):
+            return f"usage: /mode first|full (now {llm.mode})"
+        try:
+            llm.configure(mode=arg)
+        except FirstError as exc:
+            return f"cannot switch: {exc}"
+        return f"(mode {arg})"
+    if name == "threshold":
+        return _threshold(llm, arg)
+    return f"unknown command /{name}; /help lists them"
+
+
+def _threshold(llm, arg: str) -> str:
+    file_value = llm.routers.threshold if llm.routers is not None else None
+    if not arg:
+        if llm.threshold is None:
+            return f"threshold {file_value} (the file's)"
+        return f"threshold {llm.threshold} (set here; the file's is {file_value})"
+    if arg == "file":
+        llm.reset_threshold()
+        return f"(threshold {file_value}, the file's)"
+    try:
+        value = float(arg)
+    except ValueError:
+        return f"not a number: {arg!r}; /threshold T takes T in [0, 1]; unchanged"
+    try:
+        llm.configure(threshold=value)
+    except FirstError as exc:
+        return f"{exc}; unchanged"
+    return f"(threshold {value}; applies from the next answer)"
+
+
+def repl(session: ChatSession, read: Callable[[str], str] = input, out: TextIO = sys.stdout,
+         err: TextIO = sys.stderr) -> None:
+    """Read lines until EOF or Ctrl-C twice at the prompt; answer them or run their /command."""
+    armed = False  # the last prompt ended in Ctrl-C
+    while True:
+        try:
+            line = read("you> ").strip()
+        except EOFError:
+            print(file=out)
+            return
+        except KeyboardInterrupt:
+            if armed:
+                print(file=out)
+                return
+            armed = True
+            print("\n(Ctrl-C again or Ctrl-D to quit; /help for commands)", file=err, flush=True)
+            continue
+        armed = False
+        if not line:
+            continue
+        if line.startswith("/"):
+            print(command(session, line), file=out, flush=True)
+            continue
+        _answer(session, line, out, err)
+
+
+def _answer(session: ChatSession, line: str, out: TextIO, err: TextIO) -> None:
+    def show(piece: str) -> None:
+        out.write(piece)
+        out.flush()
+
+    with _sigint_as_flag() as stop:
+        try:
+            turn = session.ask(line, on_piece=show, stop=stop)
+        except FirstError as exc:
+            print(f"error: {exc}", file=err, flush=True)
+            return
+    print(file=out, flush=True)
+    print(_status_line(turn), file=err, flush=True)
+
+
+def run_chat(model: str | Path | None = None, threshold: float | None = None, max_tokens: int = 256,
+             threads: int | None = None, system: str | None = None, n_ctx: int = 4096,
+             temperature: float = 0.0, gpu_layers: int = 0) -> None:
+    """Load MODEL (file, zoo name or None: the default with its routers) and chat in the terminal."""
+    from .models import resolve_model
+    from .runtime import FirstModel
+
+    path = resolve_model(model)
+    # threads for the prompt too: llama-cpp-python's default there is every core
+    llm = FirstModel(path, threshold=threshold, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                     n_gpu_layers=gpu_layers)
+    if sys.stdin.isatty():
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (line editing and history for input())
+    print(f"{path.name}: {llm.n_layer} layers, mode {llm.mode}; /help for commands, Ctrl-D quits",
+          file=sys.stderr, flush=True)
+    repl(ChatSession(llm, system=system, max_tokens=max_tokens, temperature=temperature))

@@ -1,0 +1,218 @@
+"""``first-gguf chat`` as a person uses it: a real terminal (a pseudo-terminal), real keystrokes
+(Enter, Ctrl-C, Ctrl-D) and the real default model; and the chat code path's KV reuse against
+recomputing the conversation from scratch."""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import select
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 180.0  # seconds for one expected line: model load or an answer on one thread of a busy machine
+
+
+class Terminal:
+    """A program on a pseudo-terminal: type keys, wait for text, read its exit code."""
+
+    def __init__(self, *args: str) -> None:
+        env = dict(os.environ, PYTHONPATH=str(ROOT), TERM="dumb", PYTHONUNBUFFERED="1")
+        argv = [sys.executable, "-m", "first_gguf.cli", *args]
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: the pty is its controlling terminal, so Ctrl-C is SIGINT
+            os.execve(sys.executable, argv, env)
+        self.text, self.pos, self.closed = "", 0, False
+
+    def _read(self, timeout: float) -> None:
+        if self.closed or not select.select([self.fd], [], [], timeout)[0]:
+            return
+        try:
+            data = os.read(self.fd, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            data = b""
+        self.closed = not data
+        self.text += data.decode("utf-8", errors="replace").replace("\r\n", "\n")
+
+    def expect(self, pattern: str, timeout: float = TIMEOUT) -> re.Match:
+        """Wait for ``pattern`` after what earlier calls matched; return its match."""
+        deadline = time.monotonic() + timeout
+        rx = re.compile(pattern)
+        while not (m := rx.search(self.text, self.pos)):
+            if self.closed or time.monotonic() > deadline:
+                why = "the program ended" if self.closed else f"{timeout:.0f} s passed"
+                raise AssertionError(f"no {pattern!r} and {why}; the terminal shows:\n{self.text[-3000:]}")
+            self._read(1.0)
+        self.pos = m.end()
+        return m
+
+    def type(self, keys: str) -> None:
+        os.write(self.fd, keys.encode())
+
+    def ask(self, line: str) -> str:
+        """Type a line at the prompt; return everything up to the next prompt."""
+        self.expect(r"you> ")
+        start = self.pos
+        self.type(line + "\r")
+        self.expect(r"\n(?=you> )")
+        return self.text[start:self.pos]
+
+    def exit_code(self, timeout: float = 30.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._read(0.2)
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                return os.waitstatus_to_exitcode(status)
+        os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+        raise AssertionError(f"still running after {timeout} s:\n{self.text[-2000:]}")
+
+    def close(self) -> None:
+        try:
+            if os.waitpid(self.pid, os.WNOHANG) == (0, 0):
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+        os.close(self.fd)
+
+
+@pytest.fixture
+def terminal():
+    opened: list[Terminal] = []
+
+    def start(*args: str) -> Terminal:
+        opened.append(Terminal("chat", "--threads", "1", *args))
+        return opened[-1]
+
+    yield start
+    for t in opened:
+        t.close()
+
+
+def test_a_conversation_with_commands_then_eof(terminal):
+    t = terminal("--max-tokens", "16")
+    t.expect(r"24 layers, mode first")
+    first = t.ask("My name is Ada. Reply with just OK.")
+    assert "[first: skipped" in first
+    second = t.ask("What is my name?")
+    assert "Ada" in second, "the second turn does not see the first"
+
+    stats = t.ask("/stats")
+    m = re.search(r"mode first, threshold ([0-9.]+); layers skipped this turn: (\d+) of 24", stats)
+    assert m, stats
+    assert len(re.findall(r"\b\d+:[01]\.\d\d", stats)) == 24, "one p_i per layer"
+    assert re.search(r"routed over all (\d+)", stats), "the mean runs over the whole conversation"
+    tok_s = float(re.search(r"= ([0-9.]+) tok/s; end to end ([0-9.]+) s", stats).group(1))
+    assert tok_s > 0
+
+    assert "(mode full)" in t.ask("/mode full")
+    t.ask("What is my name?")
+    full = t.ask("/stats")
+    assert "mode full; layers skipped this turn: 0 of 24 (none)" in full
+    assert "the routers do not run" in full
+    assert "usage: /mode first|full" in t.ask("/mode fast")
+
+    assert "outside [0, 1]; unchanged" in t.ask("/threshold 1.5")
+    assert "not a number" in t.ask("/threshold x")
+    assert "threshold 0.5 (the file's)" in t.ask("/threshold")
+    assert "(threshold 0.2" in t.ask("/threshold 0.2")
+    t.ask("/mode first")
+    assert "Ada" in t.ask("Repeat my name.")  # the conversation survived the bad commands
+    assert "threshold 0.2;" in t.ask("/stats")
+    assert "/reset" in t.ask("/help")
+
+    t.expect(r"you> ")
+    t.type("\x04")  # Ctrl-D at the prompt
+    assert t.exit_code() == 0
+
+
+def test_ctrl_c_stops_an_answer_keeps_the_conversation_and_twice_quits(terminal):
+    t = terminal("--max-tokens", "96")
+    t.expect(r"you> ")
+    start = t.pos
+    t.type("Count from 1 to 50, one number per line.\r")
+    t.expect(r"\n1\n")  # the answer is streaming
+    t.type("\x03")
+    t.expect(r"\n(?=you> )")
+    cut = t.text[start:t.pos]
+    assert "interrupted]" in cut, cut
+    printed = int(re.findall(r"^(\d+)$", cut, re.M)[-1])
+    assert printed < 40, f"Ctrl-C did not stop the answer (it reached {printed})"
+
+    stats = t.ask("/stats")
+    assert "[interrupted]" in stats
+    # the partial answer is the assistant's turn: the model continues from what was printed
+    nxt = t.ask("Which number did you stop at? Reply with the number only.")
+    assert "[first: skipped" in nxt and "interrupted" not in nxt
+
+    for expected in (r"Ctrl-C again or Ctrl-D to quit", None):
+        t.expect(r"you> ")
+        # CPython's line reader loses a SIGINT that lands between printing the prompt and
+        # waiting for a key (it is handled at the next key); a person is never that fast
+        time.sleep(0.5)
+        t.type("\x03")
+        if expected:
+            t.expect(expected)
+    assert t.exit_code() == 0
+
+
+def test_kv_reuse_across_turns_equals_a_fresh_model_per_turn():
+    """The chat path (template, streaming, FirstModel's reuse) gives the tokens of recomputing each turn anew."""
+    from first_gguf.chat import ChatSession
+    from first_gguf.models import resolve_model
+    from first_gguf.runtime import FirstModel
+
+    path = resolve_model(None)
+    # one token per ubatch: a reused prefix and a recomputed one are then bit-identical in llama.cpp
+    kw = dict(n_ctx=2048, n_threads=1, n_threads_batch=1, n_batch=64, n_ubatch=1)
+    turns = ["Write a Python function that reverses a string.", "Now make it recursive.", "Add a docstring."]
+    system = "You are a concise coding assistant."
+    chat = ChatSession(FirstModel(path, **kw), system=system, max_tokens=16)
+    for i, text in enumerate(turns):
+        history = list(chat.messages)
+        got = chat.ask(text)
+        fresh = ChatSession(FirstModel(path, **kw), system=system, max_tokens=16)
+        fresh.messages = history
+        want = fresh.ask(text)
+        assert got.stats.report.mask == want.stats.report.mask, f"turn {i}: masks differ"
+        assert got.text == want.text, f"turn {i}: {got.text!r} != {want.text!r}"
+        assert got.stats.report.n_tokens == want.stats.report.n_tokens
+        if i:
+            assert got.stats.report.n_evaluated < want.stats.report.n_evaluated, f"turn {i}: nothing reused"
+    assert chat.last.stats.report.skipped, "the default routers skip no layer here: the test proves little"
+
+
+def test_model_argument_is_a_file_or_a_zoo_name(tmp_path):
+    from first_gguf.errors import FirstError
+    from first_gguf.models import resolve_model
+
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"")
+    assert resolve_model(str(f)) == f
+    with pytest.raises(FirstError, match="no such file, and not a zoo model"):
+        resolve_model(tmp_path / "missing.gguf")
+
+
+def test_a_conversation_past_the_context_is_a_clear_error_and_stays_as_it_was():
+    from first_gguf.chat import ChatSession
+    from first_gguf.errors import FirstError
+    from first_gguf.models import resolve_model
+    from first_gguf.runtime import FirstModel
+
+    chat = ChatSession(FirstModel(resolve_model(None), n_ctx=512, n_threads=1, n_threads_batch=1), max_tokens=4)
+    chat.ask("Hi")
+    before = list(chat.messages)
+    with pytest.raises(FirstError, match="no longer fits the context"):
+        chat.ask("hello " * 600)
+    assert chat.messages == before
+    assert chat.ask("Hi again").stats.report is not None  # and the session goes on
