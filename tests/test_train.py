@@ -348,5 +348,5 @@ def test_committed_routers_are_the_readme_recipe(model, n_layer, n_embd):
                  f"{recipe.COMMITTED['gate']} gates", f"lam {recipe.COMMITTED['lam']}",
                  f"{recipe.COMMITTED['steps']} steps"):
         assert part in src, (part, src)
-    readme = re.sub(r"\\\n\s*", "", (Path(__file__).parents[1] / "README.md").read_text())
+    readme = re.sub(r"\\\n\s*", "", (Path(__file__).parents[1] / "docs" / "TRAINING.md").read_text())
     assert recipe.committed_command(model=model) in readme
