@@ -264,12 +264,37 @@ def init_routers(base: Path, output: Path, hidden_size: int | None, seed: int, k
 @click.option("-o", "--output", type=PathArg, required=True, help="FiRST-GGUF to write.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @click.option("--w1-f16", is_flag=True, help="Store the routers' W1 as F16 (default F32).")
-def attach(base: Path, routers: Path, output: Path, force: bool, w1_f16: bool) -> None:
+@click.option("--points", type=PathArg, default=None,
+              help="Named operating points to carry (JSON, docs/FORMAT.md section 2).")
+def attach(base: Path, routers: Path, output: Path, force: bool, w1_f16: bool, points: Path | None) -> None:
     """Write BASE plus the ROUTERS (.safetensors) as a FiRST-GGUF."""
     from .format import attach_routers
 
-    out = attach_routers(base, routers, output, force=force, w1_dtype="f16" if w1_f16 else "f32")
+    out = attach_routers(base, routers, output, force=force, w1_dtype="f16" if w1_f16 else "f32", points=points)
     click.echo(out)
+
+
+@cli.command()
+@click.argument("file", type=PathArg)
+@click.option("--set", "set_", type=PathArg, default=None, help="Points to carry instead (JSON).")
+@click.option("--clear", is_flag=True, help="Carry no points.")
+@click.option("-o", "--output", type=PathArg, default=None, help="FiRST-GGUF to write (with --set or --clear).")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+def points(file: Path, set_: Path | None, clear: bool, output: Path | None, force: bool) -> None:
+    """Print the operating points of FILE (JSON), or write a copy with other points.
+
+    The copy (--set POINTS.json or --clear, -o OUTPUT) is FILE byte for byte but its points.
+    """
+    from .format import read_points, stamp_points
+
+    if set_ and clear:
+        raise click.UsageError("give either --set or --clear")
+    if bool(set_ or clear) != (output is not None):
+        raise click.UsageError("-o OUTPUT goes with --set FILE.json or --clear")
+    if output is None:
+        click.echo(json.dumps(read_points(file).as_json(), indent=1))
+        return
+    click.echo(stamp_points(file, set_, output, force=force))
 
 
 @cli.command()

@@ -1,0 +1,298 @@
+"""Named operating points (docs/FORMAT.md sections 2 and 3): the grammar and every rejection on
+tiny GGUFs written by tests/ggufs.py, attach / stamp round trips byte for byte, inspect and the
+CLI; then FirstModel on a tiny runnable FiRST-GGUF (each point runs exactly the configuration it
+names, logits bit for bit), and one slow test on the real default model's shipped points.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from gguf import GGUFValueType as T
+
+import ggufs
+from first_gguf import constants as C
+from first_gguf import format as fmt
+from first_gguf.cli import cli
+from first_gguf.errors import FirstError, FormatError
+from first_gguf.format.points import Point, Points, parse_spec
+
+# docs/FORMAT.md section 2: first.points array[string], first.points.default string
+POINT_TYPES = {C.KEY_POINTS: (T.ARRAY, T.STRING), C.KEY_POINTS_DEFAULT: (T.STRING, None)}
+JSON_POINTS = {"default": "quality", "points": {"quality": {"skip": [1]}, "fast": {"threshold": 0.35}}}
+
+
+def _first_file(path: Path, points: list[str] | None = None, default: str | None = None,
+                protected: list[int] | None = None, types: dict | None = None) -> Path:
+    """A tiny FiRST-GGUF (3 layers, protected 0 and 2) with these first.points values, written directly."""
+    kv = ggufs.base_kv() | ggufs.first_kv()
+    types = POINT_TYPES | (types or {})
+    if protected is not None:
+        kv[C.KEY_PROTECTED_LAYERS] = (protected, T.ARRAY, T.INT32)
+    if points is not None:
+        kv[C.KEY_POINTS] = (points, *types[C.KEY_POINTS])
+    if default is not None:
+        kv[C.KEY_POINTS_DEFAULT] = (default, *types[C.KEY_POINTS_DEFAULT])
+    tensors = ggufs.base_tensors() | ggufs.router_tensors(ggufs.random_router_arrays())
+    from first_gguf.format.writer import CopyWriter
+
+    with pytest.MonkeyPatch.context() as mp:  # gguf-py's writer refuses empty arrays; the copy writer writes them
+        mp.setattr(ggufs.gguf, "GGUFWriter", CopyWriter)
+        return ggufs.write_gguf(path, kv, tensors)
+
+
+# --- the grammar ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec, point", [
+    ("fast=threshold:0.35", Point("fast", threshold=0.35)),
+    ("a=threshold:0", Point("a", threshold=0.0)),
+    ("b-2=threshold:1", Point("b-2", threshold=1.0)),
+    ("quality=skip:4", Point("quality", skip=(4,))),
+    ("balanced=skip:4,9,10", Point("balanced", skip=(4, 9, 10))),
+    ("healed=skip:4,9;heal:qwen.skip-4-9.heal.gguf", Point("healed", skip=(4, 9), heal="qwen.skip-4-9.heal.gguf")),
+])
+def test_spec_parses_and_writes_back_the_same_string(spec, point):
+    assert parse_spec(spec, "f") == point and point.spec() == spec
+    assert fmt.load_points({"points": {point.name: point.as_json()}}, 24, [0, 23]).items == (point,)
+
+
+def test_thresholds_are_written_without_exponent():
+    for t, text in ((1e-5, "0.00001"), (0.5, "0.5"), (1, "1"), (0.1 + 0.2, "0.30000000000000004")):
+        spec = Point("p", threshold=t).spec()
+        assert spec == f"p=threshold:{text}" and parse_spec(spec, "f").threshold == float(t)
+
+
+def test_a_file_with_points_is_valid_and_reads_them_in_order(tmp_path):
+    path = _first_file(tmp_path / "m.gguf", ["quality=skip:1", "fast=threshold:0.35"], "fast")
+    fmt.validate_first_gguf(path)
+    points = fmt.read_points(path)
+    assert points == Points((Point("quality", skip=(1,)), Point("fast", threshold=0.35)), "fast")
+    assert points.names == ["quality", "fast"] and points.get("fast").threshold == 0.35 and points.get("x") is None
+    assert points.metadata() == {C.KEY_POINTS: ["quality=skip:1", "fast=threshold:0.35"], C.KEY_POINTS_DEFAULT: "fast"}
+    no_default = _first_file(tmp_path / "n.gguf", ["fast=threshold:0.35"])
+    assert fmt.read_points(no_default).default is None
+    assert fmt.read_points(ggufs.write_first(tmp_path / "plain-first.gguf")) == Points()
+
+
+BAD_SPECS = {  # entry of a 3-layer file, protected layers 0 and 2 -> message after "<file>: "
+    "no =": ("quality", r"first\.points entry 'quality': expected NAME=threshold:T or NAME=skip:"),
+    "unknown kind": ("q=mask:1", r"entry 'q=mask:1': expected NAME=threshold:T"),
+    "no colon": ("q=skip", r"entry 'q=skip': expected NAME="),
+    "threshold .5": ("q=threshold:.5", r"entry 'q=threshold:\.5': threshold '\.5' is not a decimal in \[0, 1\]"),
+    "threshold exponent": ("q=threshold:5e-1", r"threshold '5e-1' is not a decimal"),
+    "threshold nan": ("q=threshold:nan", r"threshold 'nan' is not a decimal"),
+    "threshold negative": ("q=threshold:-0.5", r"threshold '-0\.5' is not a decimal"),
+    "threshold 1.5": ("q=threshold:1.5", r"point 'q=threshold:1\.5': threshold 1\.5 outside \[0, 1\]$"),
+    "skip nothing": ("q=skip:", r"entry 'q=skip:': skip '' is not a comma-separated list of layer numbers"),
+    "skip leading zero": ("q=skip:01", r"skip '01' is not a comma-separated list"),
+    "skip space": ("q=skip:1, 2", r"skip '1, 2' is not a comma-separated list"),
+    "skip descending": ("q=skip:1,0", r"point 'q=skip:1,0': layers \[1, 0\] must be ascending and distinct$"),
+    "skip twice": ("q=skip:1,1", r"layers \[1, 1\] must be ascending and distinct$"),
+    "skip out of range": ("q=skip:1,3", r"point 'q=skip:1,3': layer 3 outside 0\.\.2$"),
+    "skip protected": ("q=skip:0,1", r"skips protected layers \[0\] \(first\.router\.protected_layers always run\)$"),
+    "heal on a threshold": ("q=threshold:0.5;heal:h.gguf", r"only a skip point takes ';heal:FILE\.gguf'$"),
+    "unknown suffix": ("q=skip:1;foo:h.gguf", r"only a skip point takes ';heal:FILE\.gguf'$"),
+    "heal with a directory": ("q=skip:1;heal:../h.gguf", r"heal '\.\./h\.gguf' is not a file name ending in \.gguf"),
+    "heal not gguf": ("q=skip:1;heal:h.bin", r"heal 'h\.bin' is not a file name ending in \.gguf"),
+    "heal empty": ("q=skip:1;heal:", r"heal '' is not a file name"),
+    "upper-case name": ("Q=skip:1", r"point 'Q=skip:1': name 'Q' must match \[a-z0-9\]\[a-z0-9-\]\*"),
+    "name starts with -": ("-q=skip:1", r"name '-q' must match"),
+    "underscore in name": ("q_1=skip:1", r"name 'q_1' must match"),
+    "empty name": ("=skip:1", r"name '' must match"),
+    "long name": ("a" * 33 + "=skip:1", r"name 'a{33}' must match .* \(at most 32 characters\)$"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SPECS))
+def test_a_bad_entry_is_refused_naming_file_and_entry(tmp_path, case):
+    spec, message = BAD_SPECS[case]
+    path = _first_file(tmp_path / "m.gguf", ["ok=threshold:0.5", spec])
+    with pytest.raises(FormatError, match=rf"^{re.escape(str(path))}: .*{message}"):
+        fmt.validate_first_gguf(path)
+    info = fmt.inspect_gguf(path)
+    assert info["first"]["points"] == ["ok=threshold:0.5", spec] and info["first"]["valid"].startswith(str(path))
+
+
+BAD_FILES = {  # first.points, first.points.default, other changes -> message after "<file>: "
+    "two points, one name": (["q=skip:1", "q=threshold:0.5"], None, {},
+                             r"point 'q=threshold:0\.5': a second point named 'q'$"),
+    "empty list": ([], None, {}, r"first\.points is empty; leave the key out instead$"),
+    "default names no point": (["q=skip:1"], "fast", {},
+                               r"first\.points\.default is 'fast', not one of the points \(q\)$"),
+    "default alone": (None, "q", {}, r"first\.points\.default without first\.points$"),
+    "every layer": (["all=skip:0,1,2"], None, {"protected": []}, r"point 'all=skip:0,1,2': skips every layer"),
+    "points a string": ("q=skip:1", None, {"types": {C.KEY_POINTS: (T.STRING, None)}},
+                        r"first\.points has type STRING, expected ARRAY\[STRING\]$"),
+    "points of ints": ([1], None, {"types": {C.KEY_POINTS: (T.ARRAY, T.INT32)}},
+                       r"first\.points has type ARRAY\[INT32\], expected ARRAY\[STRING\]$"),
+    "default u32": (["q=skip:1"], 0, {"types": {C.KEY_POINTS_DEFAULT: (T.UINT32, None)}},
+                    r"first\.points\.default has type UINT32, expected STRING$"),
+    "misspelt key": (None, None, {}, r"unknown key first\.point "),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_point_keys_are_refused(tmp_path, case):
+    points, default, extra, message = BAD_FILES[case]
+    path = _first_file(tmp_path / "m.gguf", points, default, **extra)
+    if case == "misspelt key":
+        kv = ggufs.base_kv() | ggufs.first_kv() | {"first.point": (["q=skip:1"], T.ARRAY, T.STRING)}
+        path = ggufs.write_gguf(path, kv, ggufs.base_tensors() | ggufs.router_tensors(ggufs.random_router_arrays()))
+    with pytest.raises(FormatError, match=rf"^{re.escape(str(path))}: {message}"):
+        fmt.validate_first_gguf(path)
+
+
+BAD_JSON = {  # the JSON object -> message after "<file>: "
+    "not an object": ([], r"expected \{\"default\": NAME, \"points\""),
+    "no points": ({"default": "q"}, r"expected \{\"default\""),
+    "extra top-level key": ({"points": {}, "fast": {}}, r"expected \{\"default\""),
+    "default not a string": ({"default": 1, "points": {"q": {"skip": [1]}}}, r"default is 1, expected a point's name$"),
+    "both kinds": ({"points": {"q": {"skip": [1], "threshold": 0.5}}}, r"point 'q': expected \{\"threshold\": T\}"),
+    "neither": ({"points": {"q": {}}}, r"point 'q': expected"),
+    "heal with threshold": ({"points": {"q": {"threshold": 0.5, "heal": "h.gguf"}}}, r"point 'q': expected"),
+    "threshold a string": ({"points": {"q": {"threshold": "0.5"}}}, r"point 'q': threshold '0\.5' is not a number$"),
+    "threshold true": ({"points": {"q": {"threshold": True}}}, r"point 'q': threshold True is not a number$"),
+    "threshold 2": ({"points": {"q": {"threshold": 2}}}, r"point 'q=threshold:2': threshold 2\.0 outside \[0, 1\]$"),
+    "skip an int": ({"points": {"q": {"skip": 1}}}, r"point 'q': skip 1 is not a list of layer numbers$"),
+    "skip of bools": ({"points": {"q": {"skip": [True]}}}, r"point 'q': skip \[True\] is not a list of layer numbers$"),
+    "skip unsorted": ({"points": {"q": {"skip": [9, 4]}}}, r"point 'q=skip:9,4': layers \[9, 4\] must be ascending"),
+    "skip empty": ({"points": {"q": {"skip": []}}}, r"point 'q=skip:': skips no layer \(that is mode full\)$"),
+    "heal not a string": ({"points": {"q": {"skip": [4], "heal": 3}}}, r"point 'q': heal 3 is not a file name$"),
+    "bad name": ({"points": {"Fast": {"threshold": 0.5}}}, r"point 'Fast=threshold:0\.5': name 'Fast' must match"),
+    "default names no point": ({"default": "x", "points": {"q": {"skip": [4]}}},
+                               r"first\.points\.default is 'x', not one of the points \(q\)$"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_JSON))
+def test_bad_json_is_refused_naming_file_and_point(tmp_path, case):
+    data, message = BAD_JSON[case]
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(FormatError, match=rf"^{re.escape(str(path))}: {message}"):
+        fmt.load_points(path, 24, [0, 23])
+
+
+def test_unreadable_json_is_one_clear_error(tmp_path):
+    with pytest.raises(FormatError, match=r"nope\.json: no such file$"):
+        fmt.load_points(tmp_path / "nope.json", 24, [0, 23])
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(FormatError, match=r"bad\.json: not a JSON file"):
+        fmt.load_points(tmp_path / "bad.json", 24, [0, 23])
+
+
+def test_router_files_carry_no_points(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    routers = fmt.make_identity_routers(3, 64, hidden_size=8)
+    tensors = load_file(fmt.save_router_file(routers, tmp_path / "r.safetensors"))
+    meta = {k: json.dumps(v) for k, v in routers.metadata().items()} | {C.KEY_POINTS: json.dumps(["q=skip:1"])}
+    save_file(tensors, tmp_path / "p.safetensors", metadata=meta)
+    with pytest.raises(FormatError, match=r"p\.safetensors: unknown key first\.points "):
+        fmt.load_router_file(tmp_path / "p.safetensors")
+
+
+# --- writing: attach --points and stamping -------------------------------------------------
+
+def _kv_and_tensors(path: Path, without: tuple[str, ...] = ()) -> tuple[list, list]:
+    """Every KV (name, raw bytes) but ``without`` and GGUF.*, and every tensor (name, type, bytes)."""
+    import gguf
+
+    r = gguf.GGUFReader(path)
+    kv = [(f.name, ggufs.kv_raw(f)) for f in r.fields.values() if not f.name.startswith("GGUF.") and f.name not in without]
+    return kv, [(t.name, t.tensor_type, t.data.tobytes()) for t in r.tensors]
+
+
+def test_attach_with_points_equals_attach_then_stamp_byte_for_byte(tiny_base, tmp_path):
+    routers = fmt.make_identity_routers(3, 64, hidden_size=8)
+    json_file = tmp_path / "p.json"
+    json_file.write_text(json.dumps(JSON_POINTS))
+    hashes = ggufs.sha256(tiny_base), ggufs.sha256(json_file)
+    with_points = fmt.attach_routers(tiny_base, routers, tmp_path / "a.gguf", points=json_file)
+    plain = fmt.attach_routers(tiny_base, routers, tmp_path / "b.gguf")
+    stamped = fmt.stamp_points(plain, JSON_POINTS, tmp_path / "c.gguf")
+    assert ggufs.sha256(with_points) == ggufs.sha256(stamped)
+    assert fmt.read_points(stamped).as_json() == JSON_POINTS
+    # everything but the two keys is the file without points, bytes and order
+    assert _kv_and_tensors(stamped, C.POINT_KEYS) == _kv_and_tensors(plain)
+    cleared = fmt.stamp_points(stamped, None, tmp_path / "d.gguf")
+    assert ggufs.sha256(cleared) == ggufs.sha256(plain) and fmt.read_points(cleared) == Points()
+    restamped = fmt.stamp_points(stamped, {"points": {"fast": {"threshold": 0.5}}}, tmp_path / "e.gguf")
+    assert fmt.read_points(restamped) == Points((Point("fast", threshold=0.5),))
+    assert _kv_and_tensors(restamped, C.POINT_KEYS) == _kv_and_tensors(plain)
+    assert (ggufs.sha256(tiny_base), ggufs.sha256(json_file)) == hashes
+
+
+def test_stamp_and_attach_refuse_bad_points_and_outputs_before_writing(tiny_base, tmp_path):
+    routers = fmt.make_identity_routers(3, 64, hidden_size=8)
+    plain = fmt.attach_routers(tiny_base, routers, tmp_path / "a.gguf")
+    with pytest.raises(FormatError, match=r"^points: point 'q=skip:0': skips protected layers \[0\]"):
+        fmt.stamp_points(plain, {"points": {"q": {"skip": [0]}}}, tmp_path / "b.gguf")
+    with pytest.raises(FormatError, match=r"^points: point 'q=skip:3': layer 3 outside 0\.\.2$"):
+        fmt.attach_routers(tiny_base, routers, tmp_path / "b.gguf", points={"points": {"q": {"skip": [3]}}})
+    with pytest.raises(FirstError, match="would overwrite the input"):
+        fmt.stamp_points(plain, JSON_POINTS, plain)
+    with pytest.raises(FirstError, match="exists; pass --force"):
+        fmt.stamp_points(plain, JSON_POINTS, tiny_base)
+    with pytest.raises(FormatError, match=r"base\.gguf: not a FiRST-GGUF"):
+        fmt.stamp_points(tiny_base, JSON_POINTS, tmp_path / "c.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf"]
+
+
+def test_reattaching_routers_drops_the_old_points_unless_given(tiny_base, tmp_path):
+    routers = fmt.make_identity_routers(3, 64, hidden_size=8)
+    with_points = fmt.attach_routers(tiny_base, routers, tmp_path / "a.gguf", points=JSON_POINTS)
+    assert fmt.read_points(fmt.attach_routers(with_points, routers, tmp_path / "b.gguf")) == Points()
+    again = fmt.attach_routers(with_points, routers, tmp_path / "c.gguf", points=fmt.read_points(with_points))
+    assert ggufs.sha256(again) == ggufs.sha256(with_points)
+
+
+def test_inspect_shows_the_points(tiny_base, tmp_path):
+    routers = fmt.make_identity_routers(3, 64, hidden_size=8)
+    path = fmt.attach_routers(tiny_base, routers, tmp_path / "a.gguf", points=JSON_POINTS)
+    info = json.loads(json.dumps(fmt.inspect_gguf(path)))
+    assert info["first"]["points"] == ["quality=skip:1", "fast=threshold:0.35"]
+    assert info["first"]["points_default"] == "quality" and info["first"]["valid"] is True
+    lines = fmt.format_inspect(info).splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("points"))
+    assert lines[at:at + 2] == ["points        quality=skip:1 (default)", "              fast=threshold:0.35"]
+    plain = fmt.inspect_gguf(fmt.attach_routers(tiny_base, routers, tmp_path / "b.gguf"))
+    assert plain["first"]["points"] is None and not any(line.startswith("points") for line in
+                                                        fmt.format_inspect(plain).splitlines())
+
+
+def _run(*args) -> tuple[int, str, str]:
+    res = CliRunner().invoke(cli, [str(a) for a in args])
+    return res.exit_code, res.stdout, res.stderr
+
+
+def test_cli_attach_points_and_stamp(tiny_base, tmp_path):
+    routers = tmp_path / "r.safetensors"
+    fmt.save_router_file(fmt.make_identity_routers(3, 64, hidden_size=8), routers)
+    json_file = tmp_path / "p.json"
+    json_file.write_text(json.dumps(JSON_POINTS))
+    code, out, err = _run("attach", tiny_base, routers, "-o", tmp_path / "a.gguf", "--points", json_file)
+    assert code == 0, err
+    code, out, err = _run("inspect", tmp_path / "a.gguf")
+    assert code == 0 and "points        quality=skip:1 (default)" in out
+    code, out, err = _run("points", tmp_path / "a.gguf")
+    assert code == 0 and json.loads(out) == JSON_POINTS
+    code, out, err = _run("attach", tiny_base, routers, "-o", tmp_path / "b.gguf")
+    assert code == 0, err
+    code, out, err = _run("points", tmp_path / "b.gguf", "--set", json_file, "-o", tmp_path / "c.gguf")
+    assert code == 0 and Path(out.strip()) == tmp_path / "c.gguf", err
+    assert ggufs.sha256(tmp_path / "c.gguf") == ggufs.sha256(tmp_path / "a.gguf")
+    code, out, err = _run("points", tmp_path / "c.gguf", "--clear", "-o", tmp_path / "d.gguf")
+    assert code == 0 and ggufs.sha256(tmp_path / "d.gguf") == ggufs.sha256(tmp_path / "b.gguf"), err
+    code, out, err = _run("points", tmp_path / "d.gguf")
+    assert code == 0 and json.loads(out) == {"points": {}}
+    code, out, err = _run("points", tmp_path / "a.gguf", "--set", json_file)
+    assert code != 0 and "-o" in err
+    code, out, err = _run("points", tmp_path / "a.gguf", "--set", json_file, "--clear", "-o", tmp_path / "e.gguf")
+    assert code != 0 and "either --set or --clear" in err
+    code, out, err = _run("points", tmp_path / "a.gguf", "-o", tmp_path / "e.gguf")
+    assert code != 0 and "--set" in err
