@@ -296,3 +296,267 @@ def test_cli_attach_points_and_stamp(tiny_base, tmp_path):
     assert code != 0 and "either --set or --clear" in err
     code, out, err = _run("points", tmp_path / "a.gguf", "-o", tmp_path / "e.gguf")
     assert code != 0 and "--set" in err
+
+
+# --- the zoo ---------------------------------------------------------------------------------
+
+def test_first_gguf_path_carries_the_shipped_points_and_follows_their_changes(tiny_base, tmp_path, monkeypatch):
+    """models.first_gguf_path on a stand-in zoo model (the tiny base): the committed points file is
+    attached, the cached FiRST-GGUF is reused while it matches and rebuilt when the points change."""
+    from first_gguf import models
+
+    points_file = tmp_path / "tiny.points.json"
+    points_file.write_text(json.dumps(JSON_POINTS))
+    monkeypatch.setenv("FIRST_GGUF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "fetch", lambda name: tiny_base)
+    monkeypatch.setattr(models, "shipped_routers", lambda name: None)
+    monkeypatch.setattr(models, "shipped_routers_path", lambda name: None)
+    monkeypatch.setattr(models, "shipped_points_path", lambda name: points_file)
+    path = models.first_gguf_path("tiny")
+    assert fmt.read_points(path).as_json() == JSON_POINTS
+    mtime = path.stat().st_mtime_ns
+    assert models.first_gguf_path("tiny") == path and path.stat().st_mtime_ns == mtime  # reused
+    points_file.write_text(json.dumps({"points": {"fast": {"threshold": 0.25}}}))
+    assert fmt.read_points(models.first_gguf_path("tiny")) == Points((Point("fast", threshold=0.25),))
+    monkeypatch.setattr(models, "shipped_points_path", lambda name: None)
+    assert fmt.read_points(models.first_gguf_path("tiny")) == Points()
+
+
+def test_the_shipped_points_file_is_valid_for_its_model():
+    from first_gguf import models
+
+    path = models.shipped_points_path(models.DEFAULT_MODEL)
+    points = fmt.load_points(path, 24, [0, 23])
+    assert points.as_json() == {"default": "quality", "points": {
+        "quality": {"skip": [4]}, "balanced": {"skip": [4, 9]}, "fast": {"threshold": 0.5}}}
+
+
+# --- the runtime on a tiny runnable FiRST-GGUF ---------------------------------------------------
+
+PROMPT_TEXT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
+CONT_TEXT = " and the answer is forty-two, of course."
+HEAL_FILE = "tiny.skip-1.heal.gguf"
+
+
+def _heal_adapter(model, skip: tuple[int, ...], out: Path) -> Path:
+    """A healing GGUF for ``skip`` with random (non-zero) B matrices (PEFT, then llama.cpp's converter)."""
+    import copy
+
+    import torch
+
+    from first_gguf.format import stamp_heal
+    from first_gguf.llama_tools import convert_lora
+    from first_gguf.train.heal import HealConfig, attach_adapters
+
+    n_layer = model.config.num_hidden_layers
+    pm = attach_adapters(copy.deepcopy(model), HealConfig(skip=skip, rank=2, layers=(2,)), n_layer)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    work = out.parent / "adapter-work"
+    pm.save_pretrained(work / "adapter")
+    base = pm.get_base_model()
+    base.config.architectures = ["Qwen2ForCausalLM"]
+    base.config.save_pretrained(work / "config")
+    raw = convert_lora(work / "adapter", work / "config", work / "raw.gguf", "f32")
+    return stamp_heal(raw, skip, n_layer, "test", out).path
+
+
+def _model(path: Path, **kw):
+    from first_gguf.runtime import FirstModel
+
+    return FirstModel(path, logits_all=True, n_threads=1, n_ctx=128, type_k=0, type_v=0, **kw)  # f32 KV
+
+
+def _logits(path: Path, tokens, **kw) -> tuple:
+    llm = _model(path, **kw)
+    try:
+        return llm.teacher_forced_logits(*tokens), llm.last_prefill
+    finally:
+        llm.close()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(FiRST-GGUF without points, the same with points, (prompt, continuation), threshold of ``fast``).
+
+    Points: one = skip 1, two = skip 1,2 (the default), fast = the threshold between p_1 and p_2
+    (so it skips exactly one of them), healed = skip 1 with an adapter beside the file.
+    """
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)
+    import tiny_ckpt
+    from conftest import spread_routers
+    from first_gguf.convert import convert_hf
+
+    work = tmp_path_factory.mktemp("points")
+    tok_dir = tiny_ckpt.tokenizer_files("qwen2", work / "tok", work)
+    vocab_gguf = tiny_ckpt.source_gguf(tiny_ckpt.TOKENIZERS["qwen2"][1], work)
+    model = tiny_ckpt.tiny_checkpoint("qwen2", tiny_ckpt.vocab_size(tok_dir), tiny_ckpt.special_ids(vocab_gguf))
+    hf_dir = tiny_ckpt.write_checkpoint(model, tok_dir, work / "hf")
+    n_layer, n_embd = model.config.num_hidden_layers, model.config.hidden_size
+    plain = convert_hf(hf_dir, work / "plain.first.gguf", routers=spread_routers(n_layer, n_embd), outtype="f32")
+    llm = _model(plain, mode="first")
+    tokens = llm.tokenize(PROMPT_TEXT.encode()), llm.tokenize(CONT_TEXT.encode(), add_bos=False)
+    p = llm.prefill(tokens[0]).probs
+    llm.close()
+    threshold = round((p[1] + p[2]) / 2, 6)
+    assert min(p[1], p[2]) < threshold < max(p[1], p[2])
+    (work / "out").mkdir()
+    _heal_adapter(model, (1,), work / "out" / HEAL_FILE)
+    points = {"default": "two", "points": {"one": {"skip": [1]}, "two": {"skip": [1, 2]},
+                                           "fast": {"threshold": threshold},
+                                           "healed": {"skip": [1], "heal": HEAL_FILE}}}
+    with_points = fmt.stamp_points(plain, points, work / "out" / "tiny.first.gguf")
+    return plain, with_points, tokens, threshold
+
+
+def _explicit(tiny) -> dict[str, dict]:
+    """Each point's equivalent explicit configuration."""
+    plain, path, _, threshold = tiny
+    one, two = [True, False, True, True], [True, False, False, True]
+    return {"one": dict(mode="mask", mask=one, prefill="full"), "two": dict(mode="mask", mask=two),
+            "fast": dict(mode="first", threshold=threshold),
+            "healed": dict(mode="mask", mask=one, heal=path.parent / HEAL_FILE)}
+
+
+@pytest.fixture(scope="module")
+def by_point(tiny) -> dict[str, tuple]:
+    """Point name -> (logits, PrefillReport) of a fresh model configured by that point."""
+    _, path, tokens, _ = tiny
+    return {name: _logits(path, tokens, point=name) for name in _explicit(tiny)}
+
+
+def test_each_point_runs_exactly_what_it_names(tiny, by_point):
+    import numpy as np
+
+    _, path, tokens, threshold = tiny
+    llm = _model(path)
+    assert llm.points.names == ["one", "two", "fast", "healed"] and llm.points.default == "two"
+    llm.close()
+    for name, kw in _explicit(tiny).items():
+        got, rep = by_point[name]
+        want, rep_want = _logits(path, tokens, **kw)
+        assert np.array_equal(got, want), name
+        assert rep.point == name and rep_want.point is None
+        assert (rep.mode, rep.mask, rep.healed) == (rep_want.mode, rep_want.mask, rep_want.healed)
+    fast = by_point["fast"][1]
+    assert fast.threshold == pytest.approx(threshold, abs=1e-7) and len(fast.skipped) == 1
+    assert by_point["healed"][1].healed and not by_point["one"][1].healed
+    assert not np.array_equal(by_point["healed"][0], by_point["one"][0])  # the adapter acts
+
+
+def test_the_default_point_applies_when_nothing_is_asked(tiny, by_point):
+    import numpy as np
+
+    plain, path, tokens, _ = tiny
+    got, rep = _logits(path, tokens)
+    assert rep.point == "two" and rep.skipped == (1, 2)
+    assert np.array_equal(got, by_point["two"][0])
+    for kw in (dict(threshold=0.5), dict(mode="first"), dict(prefill="full")):  # any setting given: no default
+        llm = _model(path, **kw)
+        assert (llm.mode, llm.point) == ("first", None), kw
+        llm.close()
+    _, rep_plain = _logits(plain, tokens)  # no points: first at the file's threshold, as before
+    assert rep_plain.mode == "first" and rep_plain.point is None and rep_plain.threshold == 0.5
+
+
+def test_configure_switches_points_in_one_model(tiny, by_point):
+    import numpy as np
+
+    _, path, tokens, _ = tiny
+    fresh = {name: logits for name, (logits, _) in by_point.items()}
+    llm = _model(path, mode="full")
+    try:
+        for name in ("healed", "one", "fast", "two", "healed", "fast"):
+            llm.configure(point=name)
+            assert llm.point == name
+            assert np.array_equal(llm.teacher_forced_logits(*tokens), fresh[name]), name
+            assert llm.last_prefill.point == name
+        llm.reset_threshold()  # leaves the threshold point
+        assert llm.point is None and llm.teacher_forced_logits(*tokens) is not None
+        assert llm.last_prefill.point is None and llm.last_prefill.mode == "first"
+        llm.configure(point="one")
+        llm.configure(mode="full")
+        llm.teacher_forced_logits(*tokens)
+        assert llm.point is None and llm.last_prefill.point is None
+    finally:
+        llm.close()
+
+
+def test_bad_point_requests_are_clear_errors(tiny, tmp_path, tiny_base):
+    import shutil
+
+    plain, path, tokens, _ = tiny
+    with pytest.raises(FirstError, match=r"tiny\.first\.gguf: no operating point 'best'; it has one, two, fast, healed$"):
+        _model(path, point="best")
+    with pytest.raises(FirstError, match=r"no operating point 'one'; it has no named points$"):
+        _model(plain, point="one")
+    llm = _model(path)
+    try:
+        for kw, named in ((dict(mode="first"), "mode"), (dict(threshold=0.5, mask=[True] * 4), "mask, threshold"),
+                          (dict(prefill="full"), "prefill"), (dict(heal=True), "heal")):
+            with pytest.raises(FirstError, match=rf"point 'one' sets the mode, .* itself; give either the point "
+                                                 rf"or {named}$"):
+                llm.configure(point="one", **kw)
+        assert llm.point == "two"  # a refused call changes nothing
+    finally:
+        llm.close()
+    with pytest.raises(FirstError, match=r"give either the point or mode$"):
+        _model(path, point="one", mode="mask")
+    lonely = Path(shutil.copy(path, tmp_path / "lonely.first.gguf"))  # its adapter is not beside it
+    llm = _model(lonely)
+    try:
+        with pytest.raises(FirstError, match=rf"lonely\.first\.gguf: point 'healed' is healed by {HEAL_FILE}, "
+                                             r"which is not beside it$"):
+            llm.configure(point="healed")
+    finally:
+        llm.close()
+    shutil.copy(path.parent / HEAL_FILE, tmp_path / "other.heal.gguf")  # an adapter for skip 1 named by skip 2
+    wrong = fmt.stamp_points(lonely, {"points": {"w": {"skip": [2], "heal": "other.heal.gguf"}}}, tmp_path / "w.gguf")
+    llm = _model(wrong)
+    try:
+        with pytest.raises(FirstError, match=r"other\.heal\.gguf: heals skip set \[1\]; point 'w' skips \[2\]$"):
+            llm.configure(point="w")
+    finally:
+        llm.close()
+    llm = _model(path, heal=tmp_path / "other.heal.gguf")  # another file for the set of 'healed'
+    try:
+        with pytest.raises(FirstError, match=r"point 'healed' names .*, but .*other\.heal\.gguf heals skip set \[1\]"):
+            llm.configure(point="healed")
+    finally:
+        llm.close()
+
+
+# --- the real default model ------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_default_model_carries_the_shipped_points(tmp_path, monkeypatch):
+    """first_gguf_path on the real default model (in a private cache, the shared one untouched)
+    carries the shipped points; its default, quality, skips exactly layer 4 in decode."""
+    from first_gguf import models
+    from first_gguf.runtime.greedy import greedy
+
+    base = models.fetch(models.DEFAULT_MODEL)
+    cache = tmp_path / "cache"
+    (cache / "models").mkdir(parents=True)
+    for f in (base, base.with_name(base.name + models.STAMP_SUFFIX)):
+        (cache / "models" / f.name).symlink_to(f)
+    monkeypatch.setenv("FIRST_GGUF_CACHE", str(cache))
+    path = models.first_gguf_path(models.DEFAULT_MODEL)
+    assert path.parent == cache / "demo"
+    want = fmt.load_points(models.shipped_points_path(models.DEFAULT_MODEL), 24, [0, 23])
+    assert fmt.read_points(path) == want and want.default == "quality"
+    from first_gguf.runtime import FirstModel
+
+    llm = FirstModel(path, n_ctx=256, n_threads=1)
+    try:
+        assert llm.point == "quality" and llm.points.names == ["quality", "balanced", "fast"]
+        g = greedy(llm, llm.tokenize(b"def fibonacci(n):"), 4)
+        assert g.report.point == "quality" and g.report.skipped == (4,) and g.report.mode == "mask"
+        llm.configure(point="balanced")
+        assert greedy(llm, llm.tokenize(b"def fibonacci(n):"), 2).report.skipped == (4, 9)
+    finally:
+        llm.close()

@@ -18,7 +18,8 @@ from .header import GGUFHeader, read_header
 from .inspection import format_inspect, inspect_gguf
 from .points import Point, Points, load_points
 from .prune import parse_layers, prune_gguf
-from .reader import gguf_w1_dtype, is_first_gguf, open_gguf, read_points, read_routers, validate_first_gguf
+from .reader import (gguf_w1_dtype, is_first_gguf, open_gguf, read_first, read_points, read_routers,
+                     validate_first_gguf)
 from .router_file import checked_routers, load_router_file, save_router_file, stored_w1_dtype
 from .routers import RouterSet, make_identity_routers
 
@@ -26,7 +27,7 @@ __all__ = [
     "RouterSet", "make_identity_routers",
     "save_router_file", "load_router_file", "stored_w1_dtype", "checked_routers",
     "attach_routers", "attach_checked", "stamp_points", "prune_gguf", "parse_layers",
-    "Point", "Points", "load_points", "read_points",
+    "Point", "Points", "load_points", "read_points", "read_first",
     "read_routers", "validate_first_gguf", "is_first_gguf", "gguf_w1_dtype", "inspect_gguf", "format_inspect",
     "open_gguf", "read_header", "GGUFHeader", "HealInfo", "read_heal", "stamp_heal",
 ]

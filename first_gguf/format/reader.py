@@ -175,7 +175,12 @@ def read_routers(path: str | os.PathLike) -> RouterSet:
 
 def read_points(path: str | os.PathLike) -> Points:
     """The operating points of a FiRST-GGUF (empty when it has none). Reading always validates."""
-    return first_from_reader(read_header(path), str(path))[1]
+    return read_first(path)[1]
+
+
+def read_first(path: str | os.PathLike) -> tuple[RouterSet, Points]:
+    """The routers and operating points of a FiRST-GGUF, validated once."""
+    return first_from_reader(read_header(path), str(path))
 
 
 def gguf_w1_dtype(path: str | os.PathLike) -> str:
