@@ -530,6 +530,81 @@ def test_bad_point_requests_are_clear_errors(tiny, tmp_path, tiny_base):
         llm.close()
 
 
+# --- eval: a strategy per point ---------------------------------------------------------------
+
+def test_point_strategies_are_built_named_and_recovered():
+    from first_gguf.evaluation.strategies import Controls, build_strategies, strategy_from_name
+
+    points = Points((Point("quality", skip=(4,)), Point("fast", threshold=0.35),
+                     Point("healed", skip=(4, 9), heal="h.gguf")), "quality")
+    controls = Controls(points={p.name: p for p in points})
+    built = build_strategies(24, [0, 23], list(range(1, 23)), (), (), 0, (), controls, points.names)
+    assert [s.name for s in built] == ["full", "point:quality", "point:fast", "point:healed"]
+    quality, fast, healed = built[1:]
+    assert (quality.kind, quality.mode, quality.skip, quality.heal, quality.point) == ("point", "mask", (4,), False,
+                                                                                        "quality")
+    assert (fast.mode, fast.threshold, fast.skip) == ("first", 0.35, ()) and healed.heal
+    assert quality.mask(24) == [i != 4 for i in range(24)] and fast.mask(24) is None
+    for s in built:
+        assert strategy_from_name(s.name, 24, [0, 23], list(range(1, 23)), controls) == s
+    with pytest.raises(FirstError, match=r"no operating point 'best'; the model has quality, fast, healed$"):
+        build_strategies(24, [0, 23], [], (), (), 0, (), controls, ["best"])
+    with pytest.raises(FirstError, match=r"unknown strategy name 'point:Best'"):
+        strategy_from_name("point:Best", 24, [0, 23], [], controls)
+
+    class Recorder:
+        n_layer = 24
+
+        def configure(self, **kw):
+            self.kw = kw
+
+    llm = Recorder()
+    healed.apply(llm)
+    assert llm.kw == {"point": "healed"}
+
+
+def test_a_run_directory_binds_each_point_to_what_its_rows_ran(tmp_path):
+    from first_gguf.evaluation.controls import bind_points
+
+    points = Points((Point("quality", skip=(4,)), Point("fast", threshold=0.5)))
+    assert bind_points(tmp_path, "m.first.gguf", points, ["quality"]) == {"quality": Point("quality", skip=(4,))}
+    assert json.loads((tmp_path / "points.json").read_text()) == {"quality": "quality=skip:4"}
+    later = Points((Point("quality", skip=(4, 9)), Point("fast", threshold=0.5)))  # the file changed
+    assert bind_points(tmp_path, "m.first.gguf", later, ["fast"]) == {"quality": Point("quality", skip=(4,)),
+                                                                      "fast": Point("fast", threshold=0.5)}
+    with pytest.raises(FirstError, match=r"point:quality rows ran 'quality=skip:4', the file now says "
+                                         r"'quality=skip:4,9': use another --out directory$"):
+        bind_points(tmp_path, "m.first.gguf", later, ["quality"])
+    with pytest.raises(FirstError, match=r"m\.first\.gguf: no operating point 'x'; it has quality, fast$"):
+        bind_points(tmp_path, "m.first.gguf", later, ["x"])
+
+
+def test_eval_runs_every_point_and_resumes(tiny, tmp_path):
+    """`first-gguf eval --strategies points` on the tiny model (teacher-forced and chat tasks): one row
+    per point and item, each with the point's skip set; a second command adds nothing."""
+    from first_gguf.evaluation.runner import run_eval
+
+    _, path, _, _ = tiny
+    opts = dict(tasks=("tf", "chat"), kinds=("points",), ks=(1,), n_per_family=1, n_chat=1, chat_tokens=4,
+                cont_tokens=4, n_static=1, threads=1)
+    result, _ = run_eval(str(path), tmp_path / "run", **opts)
+    names = ["full", "point:one", "point:two", "point:fast", "point:healed"]
+    assert list(result["strategies"]) == names
+    rows = [json.loads(line) for line in (tmp_path / "run" / "rows.jsonl").read_text().splitlines()]
+    skips = {"point:one": [1], "point:two": [1, 2], "point:healed": [1], "full": []}
+    for r in rows:
+        if r["strategy"] in skips:
+            assert r["skipped"] == skips[r["strategy"]], r
+        if r["task"] == "chat":
+            assert r.get("healed", False) == (r["strategy"] == "point:healed")
+    assert {(r["task"], r["strategy"]) for r in rows} == {(t, n) for t in ("tf", "chat") for n in names}
+    tf = {r["strategy"]: r for r in rows if r["task"] == "tf"}
+    assert tf["point:healed"]["kl"] != tf["point:one"]["kl"]  # the same skip set, healed in the branch too
+    n = len(rows)
+    run_eval(str(path), tmp_path / "run", **{**opts, "kinds": (), "points": ("one",)})
+    assert len((tmp_path / "run" / "rows.jsonl").read_text().splitlines()) == n  # resumed: nothing to do
+
+
 # --- the real default model ------------------------------------------------------------------
 
 @pytest.mark.slow
