@@ -42,6 +42,9 @@ def run_demo(model: str | None = None, prompt: str = "def fibonacci(n):", max_to
 
     model = model or models.DEFAULT_MODEL
     path = models.first_gguf_path(model)
+    points = fmt.read_points(path)
+    if point is not None and points.get(point) is None:  # before the long part, as FirstModel would say it
+        raise FirstError(f"{path}: no operating point {point!r}; it has {', '.join(points.names) or 'no named points'}")
     print(fmt.format_inspect(fmt.inspect_gguf(path)))
     rt = runtime_info()
     print(f"\nruntime: {rt['library']} (format v{rt['format_version']}, build {rt['build_key']})")

@@ -203,7 +203,8 @@ def _kv_and_tensors(path: Path, without: tuple[str, ...] = ()) -> tuple[list, li
     import gguf
 
     r = gguf.GGUFReader(path)
-    kv = [(f.name, ggufs.kv_raw(f)) for f in r.fields.values() if not f.name.startswith("GGUF.") and f.name not in without]
+    kv = [(f.name, ggufs.kv_raw(f)) for f in r.fields.values()
+          if not f.name.startswith("GGUF.") and f.name not in without]
     return kv, [(t.name, t.tensor_type, t.data.tobytes()) for t in r.tensors]
 
 
@@ -490,7 +491,8 @@ def test_bad_point_requests_are_clear_errors(tiny, tmp_path, tiny_base):
     import shutil
 
     plain, path, tokens, _ = tiny
-    with pytest.raises(FirstError, match=r"tiny\.first\.gguf: no operating point 'best'; it has one, two, fast, healed$"):
+    with pytest.raises(FirstError, match=r"tiny\.first\.gguf: no operating point 'best'; "
+                                         r"it has one, two, fast, healed$"):
         _model(path, point="best")
     with pytest.raises(FirstError, match=r"no operating point 'one'; it has no named points$"):
         _model(plain, point="one")

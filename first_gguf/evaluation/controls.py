@@ -73,7 +73,8 @@ def bind_points(out: Path, model: str, points, names: Sequence[str]) -> dict:
     for name in names:
         p = points.get(name)
         if p is None:
-            raise FirstError(f"{Path(model).name}: no operating point {name!r}; it has {', '.join(points.names) or 'none'}")
+            raise FirstError(f"{Path(model).name}: no operating point {name!r}; "
+                             f"it has {', '.join(points.names) or 'none'}")
         if known.get(name, p.spec()) != p.spec():
             raise FirstError(f"{out}: point:{name} rows ran {known[name]!r}, the file now says {p.spec()!r}: "
                              f"use another --out directory")
