@@ -175,7 +175,8 @@ class Evaluation:
     def _open(self, n_ctx: int, logits_all: bool = False):
         from ..runtime import FirstModel
 
-        return FirstModel(self.cfg.model, n_ctx=n_ctx, n_batch=512, n_ubatch=512, logits_all=logits_all,
+        # mode full: every strategy configures itself; the file's default point (and any adapter it names) stays out
+        return FirstModel(self.cfg.model, mode="full", n_ctx=n_ctx, n_batch=512, n_ubatch=512, logits_all=logits_all,
                           heal=list(self.cfg.heals) or None,
                           n_threads=self.cfg.threads or os.cpu_count() or 1)
 
