@@ -264,12 +264,37 @@ def init_routers(base: Path, output: Path, hidden_size: int | None, seed: int, k
 @click.option("-o", "--output", type=PathArg, required=True, help="FiRST-GGUF to write.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @click.option("--w1-f16", is_flag=True, help="Store the routers' W1 as F16 (default F32).")
-def attach(base: Path, routers: Path, output: Path, force: bool, w1_f16: bool) -> None:
+@click.option("--points", type=PathArg, default=None,
+              help="Named operating points to carry (JSON, docs/FORMAT.md section 2).")
+def attach(base: Path, routers: Path, output: Path, force: bool, w1_f16: bool, points: Path | None) -> None:
     """Write BASE plus the ROUTERS (.safetensors) as a FiRST-GGUF."""
     from .format import attach_routers
 
-    out = attach_routers(base, routers, output, force=force, w1_dtype="f16" if w1_f16 else "f32")
+    out = attach_routers(base, routers, output, force=force, w1_dtype="f16" if w1_f16 else "f32", points=points)
     click.echo(out)
+
+
+@cli.command()
+@click.argument("file", type=PathArg)
+@click.option("--set", "set_", type=PathArg, default=None, help="Points to carry instead (JSON).")
+@click.option("--clear", is_flag=True, help="Carry no points.")
+@click.option("-o", "--output", type=PathArg, default=None, help="FiRST-GGUF to write (with --set or --clear).")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+def points(file: Path, set_: Path | None, clear: bool, output: Path | None, force: bool) -> None:
+    """Print the operating points of FILE (JSON), or write a copy with other points.
+
+    The copy (--set POINTS.json or --clear, -o OUTPUT) is FILE byte for byte but its points.
+    """
+    from .format import read_points, stamp_points
+
+    if set_ and clear:
+        raise click.UsageError("give either --set or --clear")
+    if bool(set_ or clear) != (output is not None):
+        raise click.UsageError("-o OUTPUT goes with --set FILE.json or --clear")
+    if output is None:
+        click.echo(json.dumps(read_points(file).as_json(), indent=1))
+        return
+    click.echo(stamp_points(file, set_, output, force=force))
 
 
 @cli.command()
@@ -361,7 +386,7 @@ def _csv(value: str | None, cast, option: str):
               help="Comma-separated subset of humaneval,humaneval-chat,tf,chat (default humaneval,tf,chat).")
 @click.option("--strategies", default=None,
               help="Comma-separated kinds: full,first,static,random,early-exit,pruned (default), "
-                   "static-kl,modal,heal (controls).")
+                   "static-kl,modal,heal (controls), points (every operating point of the file).")
 @click.option("--ks", default="4", show_default=True, help="Skip counts of the input-agnostic strategies.")
 @click.option("--thresholds", default=None, help="FiRST thresholds (default: the file's own).")
 @click.option("--random-seeds", default=2, show_default=True)
@@ -376,12 +401,14 @@ def _csv(value: str | None, cast, option: str):
               help="Damage labels for static-kl (default: the ones shipped for a zoo model).")
 @click.option("--heal", "heals", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="A healing adapter (first-gguf heal): adds heal-K, its skip set decoded with it (repeatable).")
+@click.option("--point", "points", multiple=True,
+              help="A named operating point of the file: adds point:NAME (repeatable).")
 @click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json instead of the report.")
 def eval_(model: str | None, out: Path | None, tasks: str | None, strategies: str | None, ks: str,
           thresholds: str | None, random_seeds: int, limit: int | None, n_per_family: int, n_chat: int,
-          max_new_tokens: int, labels: str | None, heals: tuple[str, ...], threads: int | None,
-          as_json: bool) -> None:
+          max_new_tokens: int, labels: str | None, heals: tuple[str, ...], points: tuple[str, ...],
+          threads: int | None, as_json: bool) -> None:
     """Compare FiRST with full, static, random, early-exit and pruned skipping on MODEL.
 
     MODEL is a FiRST-GGUF or a zoo name (default: the default model with its routers).
@@ -392,7 +419,8 @@ def eval_(model: str | None, out: Path | None, tasks: str | None, strategies: st
             "ks": _csv(ks, int, "--ks"), "thresholds": _csv(thresholds, float, "--thresholds"),
             "random_seeds": random_seeds, "limit": limit,
             "n_per_family": n_per_family, "n_chat": n_chat, "max_new_tokens": max_new_tokens, "threads": threads,
-            "labels": labels, "heals": tuple(str(Path(h).resolve()) for h in heals) or None}
+            "labels": labels, "heals": tuple(str(Path(h).resolve()) for h in heals) or None,
+            "points": points or None}
     command = " ".join(["first-gguf eval", *click.get_current_context().meta["argv"]])
     result, report = run_eval(model, out, command=command, **{k: v for k, v in opts.items() if v is not None})
     click.echo(json.dumps(result, indent=1) if as_json else report.read_text())
@@ -403,11 +431,12 @@ def eval_(model: str | None, out: Path | None, tasks: str | None, strategies: st
 @click.option("--prompt", default="def fibonacci(n):", show_default=True)
 @click.option("--max-tokens", default=32, show_default=True)
 @click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
-def demo(model: str | None, prompt: str, max_tokens: int, threads: int | None) -> None:
+@click.option("--point", default=None, help="A named operating point (default: the file's default point).")
+def demo(model: str | None, prompt: str, max_tokens: int, threads: int | None, point: str | None) -> None:
     """Fetch a model, attach routers, inspect the FiRST-GGUF and generate from it."""
     from . import demo as d
 
-    d.run_demo(model=model, prompt=prompt, max_tokens=max_tokens, threads=threads)
+    d.run_demo(model=model, prompt=prompt, max_tokens=max_tokens, threads=threads, point=point)
 
 
 @cli.command()

@@ -19,6 +19,8 @@ KEY_PROTECTED_LAYERS = "first.router.protected_layers"  # array[i32]
 KEY_AGGREGATION = "first.aggregation"               # string
 KEY_PREFILL = "first.prefill"                       # string
 KEY_TRAIN_SOURCE = "first.train.source"             # string
+KEY_POINTS = "first.points"                         # array[string], optional: named operating points
+KEY_POINTS_DEFAULT = "first.points.default"         # string, optional: the point used when none is asked for
 
 FIRST_KEY_PREFIX = "first."
 
@@ -33,12 +35,21 @@ REQUIRED_KEYS = (
     KEY_PREFILL,
 )
 OPTIONAL_KEYS = (KEY_TRAIN_SOURCE,)
+# Keys of a FiRST-GGUF only (router files do not carry operating points).
+POINT_KEYS = (KEY_POINTS, KEY_POINTS_DEFAULT)
 
 # Allowed values of the string keys (first.version 1 has one each).
 AGGREGATION_MEAN = "mean"
 AGGREGATION_VALUES = (AGGREGATION_MEAN,)
 PREFILL_FULL = "full"
 PREFILL_VALUES = (PREFILL_FULL,)
+
+# Operating points (docs/FORMAT.md section 2): each entry of first.points is
+# "<name>=threshold:<T>" or "<name>=skip:<i>,<j>,...", the skip form optionally followed by
+# ";heal:<file>" (a healing adapter beside the GGUF).
+POINT_THRESHOLD = "threshold"
+POINT_SKIP = "skip"
+POINT_HEAL = "heal"
 
 # --- Defaults ----------------------------------------------------------------------------
 DEFAULT_HIDDEN_SIZE = 64

@@ -8,7 +8,9 @@ after a full verification, lets later calls return the file without rehashing it
 
 ``first_gguf_path`` turns a zoo model into a FiRST-GGUF: the base with the routers committed
 for it (``first_gguf/data/<name>.routers.safetensors``, ``shipped_routers``), else the
-untrained recipe routers, which keep every layer; assembled once into the cache.
+untrained recipe routers, which keep every layer, and the operating points committed for it
+(``first_gguf/data/<name>.points.json``, ``shipped_points_path``) when there are any;
+assembled once into the cache.
 """
 
 from __future__ import annotations
@@ -137,6 +139,12 @@ def shipped_routers_path(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def shipped_points_path(name: str) -> Path | None:
+    """The named operating points (JSON, docs/FORMAT.md section 2) committed for zoo model ``name``, if any."""
+    path = Path(__file__).parent / "data" / f"{name}.points.json"
+    return path if path.is_file() else None
+
+
 def shipped_labels_path(name: str) -> Path | None:
     """The damage labels (``first-gguf damage``) committed with the package for zoo model ``name``, if any."""
     path = Path(__file__).parent / "data" / f"{name}.damage.jsonl"
@@ -152,10 +160,11 @@ def shipped_routers(name: str) -> RouterSet | None:
 
 
 def first_gguf_path(name: str, seed: int = 0) -> Path:
-    """Zoo model ``name`` with its committed routers (else the recipe's, ``seed``) as a FiRST-GGUF.
+    """Zoo model ``name`` with its committed routers (else the recipe's, ``seed``) and operating
+    points (if committed) as a FiRST-GGUF.
 
     The file is ``<cache>/demo/<name>.first.gguf``, rebuilt when the base is newer or its
-    routers differ. A W1 committed as F16 stays F16 in the GGUF.
+    routers or points differ. A W1 committed as F16 stays F16 in the GGUF.
     """
     from . import format as fmt
 
@@ -164,15 +173,17 @@ def first_gguf_path(name: str, seed: int = 0) -> Path:
     if routers is None:
         info = fmt.inspect_gguf(base)
         routers = fmt.make_identity_routers(info["n_layer"], info["n_embd"], seed=seed)
+    points_file = shipped_points_path(name)
+    points = fmt.load_points(points_file, routers.n_layer, routers.protected_layers) if points_file else fmt.Points()
     w1 = fmt.stored_w1_dtype(shipped) if shipped else "f32"
     out = cache_dir() / "demo" / f"{name}.first.gguf"
     if (out.is_file() and out.stat().st_mtime >= base.stat().st_mtime and _same_routers(out, routers)
-            and fmt.gguf_w1_dtype(out) == w1):
+            and fmt.gguf_w1_dtype(out) == w1 and fmt.read_points(out) == points):
         _log(f"reusing {out}")
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    _log(f"attaching the routers of {name} to {base.name}")
-    return fmt.attach_routers(base, routers, out, force=True, w1_dtype=w1)
+    _log(f"attaching the routers{' and operating points' if len(points) else ''} of {name} to {base.name}")
+    return fmt.attach_routers(base, routers, out, force=True, w1_dtype=w1, points=points)
 
 
 def resolve_model(model: str | Path | None) -> Path:

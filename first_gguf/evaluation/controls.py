@@ -1,8 +1,10 @@
-"""What the control strategies are made of: the measured-damage order and the routers' modal masks.
+"""What the control strategies are made of: the measured-damage order and the routers' modal masks,
+and what a run directory binds the healed and named-point strategies to.
 
-Both answer "is it the input adaptivity that helps?": ``static-kl`` is the best fixed mask
-the same damage measure the new routers learn from can choose, ``modal`` is the mask the
-routers themselves pick most often, applied to every input.
+``static-kl`` and ``modal`` answer "is it the input adaptivity that helps?": ``static-kl`` is the
+best fixed mask the same damage measure the new routers learn from can choose, ``modal`` is the
+mask the routers themselves pick most often, applied to every input. ``heal.json`` and
+``points.json`` in a run directory bind ``heal-K`` and ``point:NAME`` rows to what produced them.
 """
 
 from __future__ import annotations
@@ -90,3 +92,25 @@ def labels_path(model: str, labels: str | None) -> Path:
         raise FirstError(f"static-kl needs damage labels for {Path(model).name}: measure them with "
                          "`first-gguf damage` and pass --labels")
     return path
+
+
+def bind_points(out: Path, model: str, points, names: Sequence[str]) -> dict:
+    """Name -> Point of the operating points a run evaluates (``names``, of the file's ``points``)
+    and of those earlier commands did: ``out/points.json`` binds each name to the entry its rows
+    ran, so a file whose point changed under the same name is refused, never mixed into old rows."""
+    from ..format.points import parse_spec
+
+    path = out / "points.json"
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    for name in names:
+        p = points.get(name)
+        if p is None:
+            raise FirstError(f"{Path(model).name}: no operating point {name!r}; "
+                             f"it has {', '.join(points.names) or 'none'}")
+        if known.get(name, p.spec()) != p.spec():
+            raise FirstError(f"{out}: point:{name} rows ran {known[name]!r}, the file now says {p.spec()!r}: "
+                             f"use another --out directory")
+        known[name] = p.spec()
+    if names:
+        path.write_text(json.dumps(known, indent=1) + "\n")
+    return {name: parse_spec(spec, str(path)) for name, spec in known.items()}

@@ -41,14 +41,15 @@ import numpy as np
 from ..errors import FirstError
 from . import humaneval, humaneval_chat, metrics
 from .items import Item, LlamaTokenizer, chat_items, humaneval_chat_items, humaneval_items, tf_items, training_prompts
-from .strategies import (KINDS, Controls, Strategy, block_influence, build_strategies, static_order,
+from .strategies import (KINDS, POINTS, Controls, Strategy, block_influence, build_strategies, static_order,
                          strategy_from_name)
-from .controls import load_controls
+from .controls import bind_points, load_controls
 from .summary import summarize
 
 TASKS = ("humaneval", "humaneval-chat", "tf", "chat")
 DEFAULT_TASKS = ("humaneval", "tf", "chat")
-SELECTORS = ("tasks", "kinds", "ks", "thresholds", "random_seeds", "limit", "labels", "heals")  # which rows, not how
+SELECTORS = ("tasks", "kinds", "ks", "thresholds", "random_seeds", "limit", "labels", "heals",
+             "points")  # which rows, not how
 
 
 @dataclass
@@ -74,6 +75,7 @@ class EvalConfig:
     seed: int = 0
     labels: str | None = None         # damage labels for static-kl (default: the ones shipped for the model)
     heals: tuple[str, ...] = ()       # healing adapters: one ``heal-K`` strategy each
+    points: tuple[str, ...] = ()      # operating points of the file: one ``point:NAME`` strategy each
 
     def key(self) -> dict:
         """The settings every row of a run directory shares: all but what selects rows and the threads."""
@@ -173,7 +175,8 @@ class Evaluation:
     def _open(self, n_ctx: int, logits_all: bool = False):
         from ..runtime import FirstModel
 
-        return FirstModel(self.cfg.model, n_ctx=n_ctx, n_batch=512, n_ubatch=512, logits_all=logits_all,
+        # mode full: every strategy configures itself; the file's default point (and any adapter it names) stays out
+        return FirstModel(self.cfg.model, mode="full", n_ctx=n_ctx, n_batch=512, n_ubatch=512, logits_all=logits_all,
                           heal=list(self.cfg.heals) or None,
                           n_threads=self.cfg.threads or os.cpu_count() or 1)
 
@@ -189,8 +192,10 @@ class Evaluation:
             protected = list(routers.protected_layers)
             order = self._static_order(llm, protected)
             controls = self._controls(llm, protected)
+            points = list(dict.fromkeys((*(llm.points.names if POINTS in cfg.kinds else ()), *cfg.points)))
+            controls = dataclasses.replace(controls, points=bind_points(self.out, self.cfg.model, llm.points, points))
             strategies = build_strategies(n_layer, protected, order, cfg.ks, cfg.thresholds, cfg.random_seeds,
-                                          cfg.kinds, controls)
+                                          [k for k in cfg.kinds if k != POINTS], controls, points)
             tok = LlamaTokenizer(llm)
             items: dict[str, list[Item]] = {}
             for task in [t for t in SCORED_TASKS if t in cfg.tasks]:
@@ -291,7 +296,7 @@ class Evaluation:
                     continue
                 s.apply(llm)
                 g = greedy(llm, it.prompt, max_new + it.restated, stop).row()
-                if g.get("healed", False) != (s.kind == "heal"):
+                if g.get("healed", False) != s.heal:
                     raise FirstError(f"{s.name}: the decode ran {'with' if g.get('healed') else 'without'} "
                                      f"a healing adapter")
                 before = self.done.get((it.task, it.id, s.name))
@@ -331,6 +336,9 @@ class Evaluation:
         todo = [it for it in items if any(("tf", it.id, s.name) not in self.done for s in strategies)]
         bar = tqdm(total=len(todo), desc="tf", file=sys.stderr)
         full = strategies[0]
+        for s in strategies:
+            if s.point is not None and s.heal:  # a point's adapter loads when the point is first chosen
+                s.apply(llm)
         for it in todo:
             full.apply(llm)
             cont = greedy(llm, it.prompt, self.cfg.cont_tokens).tokens
@@ -348,7 +356,7 @@ class Evaluation:
                     s.apply(llm)
                     llm.fork(it.prompt)
                 mask = llm.router_mask(s.threshold) if s.mode == "first" else (s.mask(llm.n_layer) or everything)
-                healed = s.kind == "heal"
+                healed = s.heal
                 q = metrics.teacher_forced(ref, ref if s is full else llm.branch_logits(cont, mask, heal=healed),
                                            np.array(cont))
                 nll = metrics.nll(llm.branch_logits(it.response, mask, heal=healed), it.response)

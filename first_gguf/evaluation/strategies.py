@@ -21,6 +21,10 @@ Controls that credit input adaptivity (``CONTROL_KINDS``, asked for by name):
 Healed strategies (``heal-K``, one per healing adapter given to the run): the adapter's skip
 set as a fixed mask, decoded with the adapter on (``first-gguf heal``); compare with the same
 set unhealed (``static-kl-K`` when the adapter was trained for the measured-damage set).
+
+Named operating points of the file (``point:NAME``, asked for by name, or every one of them
+with the kind ``points``): ``FirstModel.configure(point=NAME)``, a threshold or a fixed skip set
+(docs/FORMAT.md section 2).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from ..errors import FirstError
 KINDS = ("full", "first", "static", "random", "early-exit", "pruned")
 CONTROL_KINDS = ("static-kl", "modal", "heal")
 ALL_KINDS = KINDS + CONTROL_KINDS
+POINTS = "points"  # the kind that asks for every operating point of the file (the runner expands it)
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class Controls:
     kl_order: tuple[int, ...] | None = None
     modal: dict[str, tuple[int, ...]] | None = None
     heal: dict[int, tuple[int, ...]] | None = None  # skip count -> the skip set its adapter heals
+    points: dict | None = None  # operating point name -> ``format.Point``
 
 
 def threshold_key(threshold: float | None) -> str:
@@ -67,6 +73,8 @@ class Strategy:
     prefill: str = "full"
     threshold: float | None = None
     seed: int | None = None
+    heal: bool = False          # the decode runs a healing adapter
+    point: str | None = None    # a named operating point of the file
 
     @property
     def family(self) -> str:
@@ -78,8 +86,11 @@ class Strategy:
 
     def apply(self, llm) -> None:
         """Configure ``llm`` (a ``FirstModel``) for this strategy."""
+        if self.point is not None:
+            llm.configure(point=self.point)
+            return
         llm.configure(mode=self.mode, mask=self.mask(llm.n_layer), prefill=self.prefill,
-                      threshold=self.threshold, heal=self.kind == "heal")
+                      threshold=self.threshold, heal=self.heal)
         if self.mode == "first" and self.threshold is None:
             llm.reset_threshold()
 
@@ -128,7 +139,7 @@ def early_exit_skip(n_layer: int, protected: Sequence[int], k: int) -> tuple[int
 
 def build_strategies(n_layer: int, protected: Sequence[int], order: Sequence[int], ks: Sequence[int],
                      thresholds: Sequence[float | None], random_seeds: int, kinds: Sequence[str] = KINDS,
-                     controls: Controls = Controls()) -> list[Strategy]:
+                     controls: Controls = Controls(), points: Sequence[str] = ()) -> list[Strategy]:
     """Every strategy of a run, ``full`` first.
 
     Args:
@@ -139,7 +150,8 @@ def build_strategies(n_layer: int, protected: Sequence[int], order: Sequence[int
         thresholds: FiRST thresholds (None: the file's own).
         random_seeds: Seeds of each ``random-K``.
         kinds: Which kinds to include (``full`` always is).
-        controls: What ``static-kl`` and ``modal`` are built from.
+        controls: What ``static-kl``, ``modal``, ``heal`` and the points are built from.
+        points: Operating points to include (``point:NAME``), by name (``controls.points``).
     """
     unknown = set(kinds) - set(ALL_KINDS)
     if unknown:
@@ -180,12 +192,21 @@ def build_strategies(n_layer: int, protected: Sequence[int], order: Sequence[int
                 out.append(Strategy("modal" if t is None else f"modal@{t:g}", "modal", "mask", tuple(skip),
                                     threshold=t))
     if "heal" in kinds:
-        out += [Strategy(f"heal-{k}", "heal", "mask", tuple(skip)) for k, skip in sorted(controls.heal.items())]
-    return out
+        out += [Strategy(f"heal-{k}", "heal", "mask", tuple(skip), heal=True)
+                for k, skip in sorted(controls.heal.items())]
+    return out + [_point_strategy(name, controls.points or {}) for name in points]
+
+
+def _point_strategy(name: str, points: dict) -> Strategy:
+    p = points.get(name)
+    if p is None:
+        raise FirstError(f"no operating point {name!r}; the model has {', '.join(points) or 'none'}")
+    return Strategy(f"point:{name}", "point", "first" if p.skip is None else "mask", p.skip or (),
+                    threshold=p.threshold, heal=p.heal is not None, point=name)
 
 
 _NAME = re.compile(r"(?:(full)|(first|modal)(?:@([0-9.e+-]+))?|(static-kl|static|early-exit|pruned|heal)-(\d+)"
-                   r"|random-(\d+)/s(\d+))")
+                   r"|random-(\d+)/s(\d+)|point:([a-z0-9][a-z0-9-]*))")
 
 
 def strategy_from_name(name: str, n_layer: int, protected: Sequence[int], order: Sequence[int],
@@ -198,9 +219,11 @@ def strategy_from_name(name: str, n_layer: int, protected: Sequence[int], order:
     m = _NAME.fullmatch(name)
     if not m:
         raise FirstError(f"unknown strategy name {name!r}")
-    full, by_threshold, threshold, kind, k, rk, seed = m.groups()
+    full, by_threshold, threshold, kind, k, rk, seed, point = m.groups()
     if full:
         return build_strategies(n_layer, protected, order, (), (), 0, ("full",))[0]
+    if point:
+        return _point_strategy(point, controls.points or {})
     if kind == "heal":
         ks, kinds, seeds = (), (kind,), 0
     elif kind:

@@ -5,10 +5,11 @@ tensors are NumPy / torch shaped (``constants.router_shape``: W1 is ``(hidden, n
 the GGUF stores them with ``ne`` reversed (``constants.router_ne``: W1 is ``[n_embd, hidden]``).
 
 ``attach_routers`` rewrites the base GGUF byte for byte (``writer``), then adds the routers
-and first.* keys. It writes a temporary file next to the output, reads it back and checks
-it, then renames it. The routers are checked once, where they come in (``checked_routers``);
-``attach_checked`` is the same write for routers a caller has already checked (``convert``
-checks them before its long stages).
+and first.* keys (and the operating points, ``points``). It writes a temporary file next to
+the output, reads it back and checks it, then renames it. The routers are checked once, where
+they come in (``checked_routers``); ``attach_checked`` is the same write for routers a caller
+has already checked (``convert`` checks them before its long stages). ``stamp_points`` copies
+a FiRST-GGUF byte for byte with other operating points.
 """
 
 from __future__ import annotations
@@ -21,15 +22,18 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from ..constants import FIRST_KEY_PREFIX, ROUTER_NAME_MARKER
+from ..constants import FIRST_KEY_PREFIX, POINT_KEYS, ROUTER_NAME_MARKER
 from ..errors import FormatError
 from ..paths import atomic_output, check_output_path
 from .header import read_header
-from .reader import KEY_TYPES, Reader, field_type, int_key, model_dims, routers_from_reader
+from .points import Points, load_points
+from .reader import KEY_TYPES, Reader, field_type, first_from_reader, int_key, model_dims
 from .router_file import checked_routers
 from .routers import RouterSet, check_w1_dtype, router_arrays
 from .rules import parse_router_name
 from .writer import base_tensors, copied_fields, gguf_writer, write_tensors
+
+PointsArg = Points | dict | str | os.PathLike | None
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +52,13 @@ def write_gguf(reader: Reader, arch: str, metadata: dict[str, object],
         write_tensors(writer, reader, [(t.name, t) for t in base_tensors(reader)], new)
 
 
-def _verify_written(path: Path, base: Reader, new: list[tuple[str, np.ndarray]], where: str) -> None:
+def _verify_written(path: Path, base: Reader, new: list[tuple[str, np.ndarray]], points: Points,
+                    where: str) -> None:
     """Read the new file back: valid FiRST-GGUF, every KV and tensor (name, type, shape) as planned."""
     out = read_header(path)
-    back = routers_from_reader(out, where)
+    back, back_points = first_from_reader(out, where)
+    if back_points != points:
+        raise FormatError(f"{where}: read-back check failed: the operating points differ")
     want_kv = [(f.name, field_type(f)) for f in copied_fields(base)]
     got_kv = [(f.name, field_type(f)) for f in copied_fields(out)]
     if want_kv != got_kv:
@@ -71,7 +78,8 @@ def _verify_written(path: Path, base: Reader, new: list[tuple[str, np.ndarray]],
 
 
 def attach_routers(base_path: str | os.PathLike, routers: RouterSet | str | os.PathLike,
-                   out_path: str | os.PathLike, force: bool = False, w1_dtype: str = "f32") -> Path:
+                   out_path: str | os.PathLike, force: bool = False, w1_dtype: str = "f32",
+                   points: PointsArg = None) -> Path:
     """Write ``base + routers`` as a FiRST-GGUF; the inputs are never modified.
 
     Every check runs before anything is written (routers valid, base readable, routers sized
@@ -86,15 +94,18 @@ def attach_routers(base_path: str | os.PathLike, routers: RouterSet | str | os.P
         out_path: The FiRST-GGUF to write; never the base itself.
         force: Overwrite an existing output.
         w1_dtype: "f32" or "f16" for W1 (every other router tensor is F32).
+        points: Operating points to carry (``first.points``): a ``Points``, their JSON object or a
+            JSON file (``points.load_points``); None: none.
 
     Returns:
         The output path.
     """
-    return attach_checked(base_path, checked_routers(routers), out_path, force=force, w1_dtype=w1_dtype)
+    return attach_checked(base_path, checked_routers(routers), out_path, force=force, w1_dtype=w1_dtype,
+                          points=points)
 
 
 def attach_checked(base_path: str | os.PathLike, routers: RouterSet, out_path: str | os.PathLike,
-                   force: bool = False, w1_dtype: str = "f32") -> Path:
+                   force: bool = False, w1_dtype: str = "f32", points: PointsArg = None) -> Path:
     """``attach_routers`` for routers already checked (``checked_routers``, ``load_router_file``).
 
     The routers' rules are not checked again; everything else is (base, sizes, output).
@@ -110,12 +121,54 @@ def attach_checked(base_path: str | os.PathLike, routers: RouterSet, out_path: s
         if mine != theirs:
             amount = f"{mine} layers" if what == "layers" else f"n_embd {mine}"
             raise FormatError(f"{routers.source}: routers are for {amount} but {base} has {theirs}")
+    points = Points() if points is None else load_points(points, n_layer, routers.protected_layers)
     new = router_arrays(routers, w1_dtype)
     old = [t.name for t in reader.tensors if ROUTER_NAME_MARKER in t.name]
     if old or any(name.startswith(FIRST_KEY_PREFIX) for name in reader.fields):
         logger.warning("%s is already a FiRST-GGUF: replacing its %d router tensors and first.* keys",
                        base, len(old))
     with atomic_output(out) as tmp:
-        write_gguf(reader, arch, routers.metadata(), new, tmp)
-        _verify_written(tmp, reader, new, str(out))
+        write_gguf(reader, arch, routers.metadata() | points.metadata(), new, tmp)
+        _verify_written(tmp, reader, new, points, str(out))
     return out
+
+
+def stamp_points(path: str | os.PathLike, points: PointsArg, out_path: str | os.PathLike,
+                 force: bool = False) -> Path:
+    """Copy the FiRST-GGUF ``path`` to ``out_path`` with other operating points; the input is never modified.
+
+    Every key/value and tensor but the old ``first.points*`` keys is copied byte for byte, in
+    order; the new keys follow (none for no points). The copy is read back and checked.
+
+    Args:
+        path: A valid FiRST-GGUF.
+        points: A ``Points``, their JSON object or a JSON file; None or no points: remove them.
+        out_path: Where to write; never the input.
+        force: Overwrite an existing output.
+    """
+    src, out = Path(path), Path(out_path)
+    check_output_path(out, force, inputs=(src,))
+    reader = read_header(src)
+    routers, _ = first_from_reader(reader, str(src))
+    arch, n_layer, _ = model_dims(reader, str(src))
+    points = Points() if points is None else load_points(points, n_layer, routers.protected_layers)
+    kept = [f for f in reader.fields.values() if not f.name.startswith("GGUF.")
+            and f.name != gguf.Keys.General.ARCHITECTURE and f.name not in POINT_KEYS]
+    with atomic_output(out) as tmp:
+        with gguf_writer(reader, arch, tmp) as writer:
+            for field in kept:
+                writer.copy_field(reader, field)
+            for key, value in points.metadata().items():
+                writer.add_key_value(key, value, KEY_TYPES[key][0], sub_type=KEY_TYPES[key][1])
+            write_tensors(writer, reader, [(t.name, t) for t in reader.tensors])
+        back = read_header(tmp)
+        if first_from_reader(back, str(out))[1] != points or _table(back, POINT_KEYS) != _table(reader, POINT_KEYS):
+            raise FormatError(f"{out}: read-back check failed: the copy differs from {src} beyond its points")
+    return out
+
+
+def _table(reader: Reader, skip_keys: tuple[str, ...]) -> tuple[list, list]:
+    """(KV names and types, tensor names, types, shapes and sizes) of a GGUF, without ``skip_keys``."""
+    kv = [(f.name, field_type(f)) for f in reader.fields.values()
+          if f.name not in skip_keys and not f.name.startswith("GGUF.")]
+    return kv, [(t.name, t.tensor_type, tuple(int(n) for n in t.shape), t.n_bytes) for t in reader.tensors]

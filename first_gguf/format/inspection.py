@@ -18,6 +18,8 @@ from gguf import GGMLQuantizationType
 from ..constants import (
     FIRST_KEY_PREFIX,
     KEY_AGGREGATION,
+    KEY_POINTS,
+    KEY_POINTS_DEFAULT,
     KEY_PREFILL,
     KEY_PROTECTED_LAYERS,
     KEY_ROUTER_HIDDEN_SIZE,
@@ -45,6 +47,8 @@ _FIRST_FIELDS = {
     KEY_AGGREGATION: "aggregation",
     KEY_PREFILL: "prefill",
     KEY_TRAIN_SOURCE: "train_source",
+    KEY_POINTS: "points",                  # the first.points strings as stored, or None
+    KEY_POINTS_DEFAULT: "points_default",
 }
 
 
@@ -164,6 +168,7 @@ def format_inspect(info: dict) -> str:
         f"              protected layers {first['protected_layers']}, aggregation {first['aggregation']}, "
         f"prefill {first['prefill']}",
         f"trained on    {first['train_source']}",
+        *_points_lines(first),
         "router        " + ", ".join(f"{role} {dtype} {router['shapes'][role]}"
                                      for role, dtype in router["dtypes"].items()),
         "  layer        b2   p_bias    |W1|",
@@ -172,6 +177,16 @@ def format_inspect(info: dict) -> str:
               for s in router["layers"]]
     lines.append("valid         yes" if first["valid"] is True else f"INVALID       {first['valid']}")
     return "\n".join(lines)
+
+
+def _points_lines(first: dict) -> list[str]:
+    """One line per operating point, the default marked; none when the file has none."""
+    specs = first.get("points")
+    if not isinstance(specs, list) or not specs:
+        return []
+    default = first.get("points_default")
+    marks = [" (default)" if str(s).partition("=")[0] == default else "" for s in specs]
+    return [f"{'points' if i == 0 else '':<14}{s}{m}" for i, (s, m) in enumerate(zip(specs, marks))]
 
 
 def _num(x: object, width: int = 0) -> str:

@@ -23,6 +23,8 @@ from gguf import GGUFValueType
 from ..constants import (
     FIRST_KEY_PREFIX,
     KEY_AGGREGATION,
+    KEY_POINTS,
+    KEY_POINTS_DEFAULT,
     KEY_PREFILL,
     KEY_PROTECTED_LAYERS,
     KEY_ROUTER_HIDDEN_SIZE,
@@ -30,12 +32,14 @@ from ..constants import (
     KEY_ROUTER_THRESHOLD,
     KEY_TRAIN_SOURCE,
     KEY_VERSION,
+    POINT_KEYS,
     ROUTER_NAME_MARKER,
 )
 from ..errors import FormatError
 from .header import GGUFHeader, read_header
+from .points import Points, points_from_metadata
 from .routers import RouterSet, routers_from_metadata
-from .rules import StoredTensor, check_keys_present, check_metadata, check_version, collect_layers
+from .rules import KNOWN_KEYS, StoredTensor, check_keys_present, check_metadata, check_version, collect_layers
 
 # GGUF type of each first.* key (docs/FORMAT.md section 2): (type, array item type).
 KEY_TYPES: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {
@@ -47,6 +51,8 @@ KEY_TYPES: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {
     KEY_AGGREGATION: (GGUFValueType.STRING, None),
     KEY_PREFILL: (GGUFValueType.STRING, None),
     KEY_TRAIN_SOURCE: (GGUFValueType.STRING, None),
+    KEY_POINTS: (GGUFValueType.ARRAY, GGUFValueType.STRING),
+    KEY_POINTS_DEFAULT: (GGUFValueType.STRING, None),
 }
 Reader = gguf.GGUFReader | GGUFHeader
 _INT_TYPES = (GGUFValueType.UINT8, GGUFValueType.UINT16, GGUFValueType.UINT32, GGUFValueType.UINT64,
@@ -114,7 +120,7 @@ def _first_metadata(reader: Reader, where: str) -> dict[str, object]:
     version = fields.get(KEY_VERSION)
     if version is not None and field_type(version) == KEY_TYPES[KEY_VERSION]:
         check_version(where, version.contents())
-    check_keys_present(where, list(fields))
+    check_keys_present(where, list(fields), KNOWN_KEYS + POINT_KEYS)
     meta = {}
     for key, field in fields.items():
         got, want = field_type(field), KEY_TYPES[key]
@@ -132,14 +138,20 @@ def _stored(tensor: Any) -> StoredTensor:
     return StoredTensor(tensor.name, shape, tensor.tensor_type.name, tensor.data)
 
 
-def routers_from_reader(reader: Reader, where: str) -> RouterSet:
-    """Validate an open GGUF's FiRST part (messages name ``where``) and return its routers."""
+def first_from_reader(reader: Reader, where: str) -> tuple[RouterSet, Points]:
+    """Validate an open GGUF's FiRST part (messages name ``where``); return its routers and points."""
     _, n_layer, n_embd = model_dims(reader, where)
     meta = _first_metadata(reader, where)
     check_metadata(where, meta, n_layer)
     stored = {t.name: _stored(t) for t in reader.tensors if ROUTER_NAME_MARKER in t.name}
     tensors = collect_layers(where, stored, n_layer, n_embd, meta[KEY_ROUTER_HIDDEN_SIZE], gguf_ne=True)
-    return routers_from_metadata(meta, n_layer, n_embd, tensors, where)
+    points = points_from_metadata(meta, where, n_layer, meta[KEY_PROTECTED_LAYERS])
+    return routers_from_metadata(meta, n_layer, n_embd, tensors, where), points
+
+
+def routers_from_reader(reader: Reader, where: str) -> RouterSet:
+    """Validate an open GGUF's FiRST part (messages name ``where``) and return its routers."""
+    return first_from_reader(reader, where)[0]
 
 
 def validate_first_gguf(path: str | os.PathLike) -> RouterSet:
@@ -159,6 +171,16 @@ def is_first_gguf(path: str | os.PathLike) -> bool:
 def read_routers(path: str | os.PathLike) -> RouterSet:
     """The routers of a FiRST-GGUF (float32, NumPy shapes). Reading always validates."""
     return validate_first_gguf(path)
+
+
+def read_points(path: str | os.PathLike) -> Points:
+    """The operating points of a FiRST-GGUF (empty when it has none). Reading always validates."""
+    return read_first(path)[1]
+
+
+def read_first(path: str | os.PathLike) -> tuple[RouterSet, Points]:
+    """The routers and operating points of a FiRST-GGUF, validated once."""
+    return first_from_reader(read_header(path), str(path))
 
 
 def gguf_w1_dtype(path: str | os.PathLike) -> str:

@@ -74,15 +74,18 @@ def check_version(where: str, version: object) -> None:
         raise FormatError(f"{where}: unknown {KEY_VERSION} {version} (this first-gguf reads {FIRST_VERSION})")
 
 
-def check_keys_present(where: str, keys: set[str] | list[str]) -> None:
-    """Every required first.* key is there and no unknown one (a typo would vanish silently)."""
+def check_keys_present(where: str, keys: set[str] | list[str], known: tuple[str, ...] = KNOWN_KEYS) -> None:
+    """Every required first.* key is there and no unknown one (a typo would vanish silently).
+
+    ``known``: the keys this kind of file may carry (a GGUF adds the operating points).
+    """
     for key in REQUIRED_KEYS:
         if key not in keys:
             raise FormatError(f"{where}: missing key {key}")
     for key in sorted(keys):
-        if key.startswith(FIRST_KEY_PREFIX) and key not in KNOWN_KEYS:
+        if key.startswith(FIRST_KEY_PREFIX) and key not in known:
             raise FormatError(f"{where}: unknown key {key} (first.version {FIRST_VERSION} knows "
-                              f"{', '.join(KNOWN_KEYS)})")
+                              f"{', '.join(known)})")
 
 
 def check_value_types(where: str, meta: dict[str, object]) -> None:

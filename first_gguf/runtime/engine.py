@@ -12,7 +12,9 @@ is the prefill (the first one) and keeps the KV cache consistent with docs/FORMA
   cache reused: the router sums of reused positions are kept per evaluated segment, so
   a multi-turn chat routes exactly as if the whole conversation were evaluated anew.
 
-The scoring methods (``fork``, ``branch_logits``, ``layer_inputs``, ...) are ``scoring.py``'s.
+The scoring methods (``fork``, ``branch_logits``, ``layer_inputs``, ...) are ``scoring.py``'s, the
+healing adapters' ``healing.py``'s. A FiRST-GGUF's named operating points (``points``) are
+configurations by name: ``FirstModel(path, point="balanced")``, ``configure(point=...)``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from llama_cpp import llama_cpp
 
 from ..errors import FirstError
 from . import _lib
+from .healing import Healing
 from .scoring import Scoring, _Fork
 
 MODES = {"full": _lib.MODE_FULL, "first": _lib.MODE_FIRST, "mask": _lib.MODE_MASK}
@@ -46,6 +49,8 @@ class PrefillReport:
         threshold: the threshold the mask was cut at ("first" mode), else None.
         n_tokens: prompt positions the mean ran over (reused ones included).
         n_evaluated: positions this prefill evaluated.
+        healed: whether the decode that follows runs a healing adapter.
+        point: the named operating point configured, None when configured otherwise.
     """
 
     mode: str
@@ -55,6 +60,7 @@ class PrefillReport:
     n_tokens: int
     n_evaluated: int
     healed: bool = False
+    point: str | None = None
 
     @property
     def skipped(self) -> tuple[int, ...]:
@@ -79,31 +85,39 @@ def mask_from_skip(n_layer: int, skip: Iterable[int]) -> list[bool]:
     return [i not in skip for i in range(n_layer)]
 
 
-class FirstModel(Scoring, Llama):
+class FirstModel(Scoring, Healing, Llama):
     """A GGUF on the patched llama.cpp, with FiRST layer skipping.
 
     Args:
         model_path: a FiRST-GGUF (routers: every mode) or a plain GGUF (``full``/``mask``).
+        point: a named operating point of the file (``points``): its threshold in "first" mode,
+            or its skip set in "mask" mode with the prompt at full depth. Not with mode, mask,
+            prefill or threshold. With none of these five given, the file's default point
+            applies; a FiRST-GGUF without one runs "first" at the file's threshold.
         mode: "first" (default for a FiRST-GGUF), "full" (default otherwise) or "mask".
         mask: run mask for "mask" mode (one bool per layer).
-        prefill: "full" (the prompt runs every layer) or "masked" (the mask applies to the
-            prompt too, as in a GGUF with the skipped blocks removed); "mask" mode only.
+        prefill: "full" (the default: the prompt runs every layer) or "masked" (the mask applies
+            to the prompt too, as in a GGUF with the skipped blocks removed); "mask" mode only.
         threshold: overrides the file's router threshold, in [0, 1].
         heal: healing adapters (``first-gguf heal``, docs/FORMAT.md section 6), one path or
             several (one per skip set): llama.cpp's LoRA support applies an adapter while a
             decode mask that skips exactly its set runs, never to a prefill or to ``full``.
         **kwargs: passed to ``llama_cpp.Llama`` (n_ctx, n_threads, n_batch, chat_format, ...).
+
+    Attributes:
+        points: the file's operating points (``format.Points``: iterable, ``names``, ``default``).
+        point: the point configured now, None when configured otherwise.
     """
 
-    def __init__(self, model_path: str | Path, *, mode: str | None = None, mask: Sequence[bool] | None = None,
-                 prefill: str = "full", threshold: float | None = None,
+    def __init__(self, model_path: str | Path, *, point: str | None = None, mode: str | None = None,
+                 mask: Sequence[bool] | None = None, prefill: str | None = None, threshold: float | None = None,
                  heal: str | Path | Sequence[str | Path] | None = None,
                  **kwargs: Any) -> None:
-        from ..format import is_first_gguf, read_routers
+        from ..format import Points, is_first_gguf, read_first
 
         self._flib = _lib.load()  # a clear error on a stock llama-cpp-python, before loading
         path = Path(model_path)
-        self.routers = read_routers(path) if is_first_gguf(path) else None
+        self.routers, self.points = read_first(path) if is_first_gguf(path) else (None, Points())
         if kwargs.get("n_seq_max", 1) != 1:
             raise FirstError("FiRST decisions are per sequence: use one context per sequence (n_seq_max=1)")
         kwargs.setdefault("verbose", False)
@@ -118,42 +132,12 @@ class FirstModel(Scoring, Llama):
         self.n_layer = int(llama_cpp.llama_model_n_layer(self._model.model))
         heal_paths = [] if heal is None else [heal] if isinstance(heal, (str, Path)) else list(heal)
         self._adapters = self._load_heals(heal_paths)
-        self.mode, self.mask, self.prefill_kind, self.threshold = "full", None, "full", None
-        self.configure(mode=mode or ("first" if self.has_routers else "full"), mask=mask, prefill=prefill,
-                       threshold=threshold)
-
-    def _load_heals(self, paths: Sequence[str | Path]) -> list[Any]:
-        from ..format import read_heal
-
-        adapters = []
-        for path in paths:
-            info = read_heal(path)
-            if info.n_layer != self.n_layer:
-                raise FirstError(f"{path}: heals a model of {info.n_layer} layers; {self.model_path} has {self.n_layer}")
-            if any(h.skip == info.skip for h in self.heals):
-                raise FirstError(f"{path}: a second healing adapter for skip set {list(info.skip)}")
-            adapter = llama_cpp.llama_adapter_lora_init(self._model.model, str(path).encode())
-            if not adapter:
-                raise FirstError(f"{path}: llama.cpp refused the adapter for {self.model_path} "
-                                 f"(another architecture or tensor shapes; see the library log)")
-            self.heals.append(info)
-            adapters.append(adapter)
-        return adapters
-
-    def _use_heal(self, decode_mask: Sequence[bool] | None) -> bool:
-        """Apply the healing adapter whose skip set ``decode_mask`` skips, if any; returns whether one is on."""
-        pick = None if decode_mask is None or not self.heal_on else next(
-            (i for i, h in enumerate(self.heals) if h.heals(decode_mask)), None)
-        if pick != self._healing:
-            if pick is not None:
-                adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._adapters[pick])
-                rc = llama_cpp.llama_set_adapters_lora(self.ctx, adapters, 1, (ctypes.c_float * 1)(1.0))
-            else:
-                rc = llama_cpp.llama_set_adapters_lora(self.ctx, None, 0, None)
-            if rc != 0:
-                raise FirstError(f"llama_set_adapters_lora failed (code {rc})")
-            self._healing = pick
-        return pick is not None
+        self.mode, self.mask, self.prefill_kind, self.threshold, self.point = "full", None, "full", None, None
+        if point is None and mode is None and mask is None and prefill is None and threshold is None:
+            point = self.points.default
+        if point is None:
+            mode = mode or ("first" if self.has_routers else "full")
+        self.configure(mode=mode, mask=mask, prefill=prefill, threshold=threshold, point=point)
 
     @property
     def has_routers(self) -> bool:
@@ -162,14 +146,48 @@ class FirstModel(Scoring, Llama):
     # --- configuration ---------------------------------------------------------------
 
     def configure(self, mode: str | None = None, mask: Sequence[bool] | None = None,
-                  prefill: str | None = None, threshold: float | None = None, heal: bool | None = None) -> None:
+                  prefill: str | None = None, threshold: float | None = None, heal: bool | None = None,
+                  point: str | None = None) -> None:
         """Set the mode, mask, prefill kind, threshold and whether healing adapters apply
-        (``heal``; on by default when adapters are loaded); the next generation uses them.
+        (``heal``; on by default when adapters are loaded), or all of them by naming an
+        operating point of the file (``point``, alone); the next generation uses them.
+
+        A threshold point is "first" mode at its threshold; a skip point is "mask" mode with
+        ``prefill="full"`` and its mask. A point decodes healed exactly when it names an
+        adapter (loaded from the GGUF's directory on first use).
 
         Raises:
-            FirstError: unknown mode/prefill, a mask of the wrong length or skipping every
-                layer, a threshold outside [0, 1], "first" mode without routers.
+            FirstError: unknown mode/prefill/point, a point given with any other setting, a
+                mask of the wrong length or skipping every layer, a threshold outside [0, 1],
+                "first" mode without routers, a point's adapter missing or for another set.
         """
+        if point is not None:
+            given = [k for k, v in (("mode", mode), ("mask", mask), ("prefill", prefill), ("threshold", threshold),
+                                    ("heal", heal)) if v is not None]
+            if given:
+                raise FirstError(f"point {point!r} sets the mode, mask, prefill, threshold and healing itself; "
+                                 f"give either the point or {', '.join(given)}")
+            self._configure_point(point)
+            return
+        self._configure(mode, mask, prefill, threshold, heal)
+        self.point = None
+
+    def _configure_point(self, name: str) -> None:
+        p = self.points.get(name)
+        if p is None:
+            have = ", ".join(self.points.names)
+            raise FirstError(f"{self.model_path}: no operating point {name!r}; "
+                             + (f"it has {have}" if have else "it has no named points"))
+        if p.skip is None:
+            self._configure("first", None, "full", p.threshold, False)
+        else:
+            if p.heal is not None:
+                self._load_point_heal(p)
+            self._configure("mask", p.mask(self.n_layer), "full", None, p.heal is not None)
+        self.point = p.name
+
+    def _configure(self, mode: str | None, mask: Sequence[bool] | None, prefill: str | None,
+                   threshold: float | None, heal: bool | None) -> None:
         mode = mode or self.mode
         if mode not in MODES:
             raise FirstError(f"unknown mode {mode!r}; choose one of {sorted(MODES)}")
@@ -195,9 +213,11 @@ class FirstModel(Scoring, Llama):
             self.heal_on = bool(heal)
 
     def reset_threshold(self) -> None:
-        """Use the file's threshold again."""
+        """Use the file's threshold again (leaving a threshold point)."""
         self._check(self._flib.set_threshold(self.ctx, -1.0), "set_threshold")
         self.threshold = None
+        if self.mode == "first":
+            self.point = None
 
     def _set_mask(self, mask: Sequence[bool]) -> None:
         mask = [bool(m) for m in mask]
@@ -316,7 +336,8 @@ class FirstModel(Scoring, Llama):
         self._record(start, self.n_tokens, self._prefill_kv(), sums)
         report = self._report(self.n_tokens - start)
         healable = self.mode != "full" and self.prefill_kind == "full"
-        self.last_prefill = dataclasses.replace(report, healed=self._use_heal(report.mask if healable else None))
+        self.last_prefill = dataclasses.replace(report, healed=self._use_heal(report.mask if healable else None),
+                                                point=self.point)
 
     def _report(self, n_evaluated: int) -> PrefillReport:
         buf = (ctypes.c_uint8 * self.n_layer)()
