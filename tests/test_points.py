@@ -226,6 +226,12 @@ def test_attach_with_points_equals_attach_then_stamp_byte_for_byte(tiny_base, tm
     assert fmt.read_points(restamped) == Points((Point("fast", threshold=0.5),))
     assert _kv_and_tensors(restamped, C.POINT_KEYS) == _kv_and_tensors(plain)
     assert (ggufs.sha256(tiny_base), ggufs.sha256(json_file)) == hashes
+    # an eval run directory binds a file by its size without points (stamping keeps it valid)
+    from first_gguf.format.points import size_without_points
+
+    size = plain.stat().st_size
+    assert size_without_points(plain) == size and stamped.stat().st_size != size
+    assert size_without_points(stamped) == size_without_points(restamped) == size
 
 
 def test_stamp_and_attach_refuse_bad_points_and_outputs_before_writing(tiny_base, tmp_path):

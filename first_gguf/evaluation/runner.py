@@ -44,6 +44,7 @@ from .items import Item, LlamaTokenizer, chat_items, humaneval_chat_items, human
 from .strategies import (KINDS, POINTS, Controls, Strategy, block_influence, build_strategies, static_order,
                          strategy_from_name)
 from .controls import bind_points, load_controls
+from ..format.points import size_without_points
 from .summary import summarize
 
 TASKS = ("humaneval", "humaneval-chat", "tf", "chat")
@@ -83,7 +84,9 @@ class EvalConfig:
         for name in SELECTORS + ("threads",):
             d.pop(name)
         path = Path(self.model)  # the file by name and size: reports carry no machine paths
-        d["model"] = {"name": path.name, "bytes": path.stat().st_size}
+        # named points are their own strategies (points.json binds them): a file's identity is
+        # its size without them, so stamping points keeps its run directories valid
+        d["model"] = {"name": path.name, "bytes": size_without_points(path)}
         return json.loads(json.dumps(d))  # tuples as lists, as config.json holds them
 
 

@@ -276,6 +276,7 @@ class GGUFHeader:
         self.data = np.frombuffer(buf, np.uint8)
         off = self._read_fields(_HEADER_BYTES)
         off = self._read_tensor_infos(off)
+        self.header_end = off  # end of the tensor infos; the data starts at the next alignment boundary
         self.alignment = self._alignment()
         self.data_offset = off + (-off % self.alignment)
         self._place_tensors()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from ..constants import KEY_POINTS, KEY_POINTS_DEFAULT, POINT_HEAL, POINT_SKIP, POINT_THRESHOLD
+from ..constants import KEY_POINTS, KEY_POINTS_DEFAULT, POINT_HEAL, POINT_KEYS, POINT_SKIP, POINT_THRESHOLD
 from ..errors import FormatError
 
 NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
@@ -243,3 +243,14 @@ def _point_from_json(name: str, body: object, where: str) -> Point:
     if heal is not None and not isinstance(heal, str):
         raise FormatError(f"{at}: heal {heal!r} is not a file name")
     return Point(name, skip=tuple(skip), heal=heal)
+
+
+def size_without_points(path: str | os.PathLike) -> int:
+    """The byte size ``path`` would have without its ``first.points*`` keys (what ``stamp_points``
+    with no points writes): a file's identity for results that do not depend on its points."""
+    from .header import read_header
+
+    h = read_header(path)
+    drop = sum(kv.end - kv.offset for name, kv in h.fields.items() if name in POINT_KEYS)
+    end = h.header_end - drop
+    return end + (-end % h.alignment) + (Path(path).stat().st_size - h.data_offset)
