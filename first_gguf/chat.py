@@ -27,6 +27,7 @@ HELP = """commands:
   /stats            the last answer: mode, layers skipped, p_i per layer, decode tok/s, end-to-end time
   /mode first|full  route with the routers (first) or run every layer (full)
   /threshold [T]    show the router threshold, or set it to T in [0, 1] ('file': the file's own)
+  /point [NAME]     list the file's named operating points, or use one (a skip set or a threshold)
   /help             this text
 Ctrl-C stops an answer; the part already printed stays in the conversation as the answer.
 Ctrl-C twice at the prompt, or Ctrl-D, quits."""
@@ -160,7 +161,8 @@ def format_stats(session: ChatSession) -> str:
 
 def _status_line(turn: Turn) -> str:
     rep, s = turn.stats.report, turn.stats
-    where = f"{rep.mode}: skipped {len(rep.skipped)}/{len(rep.mask)} layers" if rep is not None else "no prefill"
+    at = f" (point {rep.point})" if rep is not None and rep.point else ""
+    where = f"{rep.mode}: skipped {len(rep.skipped)}/{len(rep.mask)} layers{at}" if rep is not None else "no prefill"
     cut = ", interrupted" if s.interrupted else ""
     return f"[{where}, {s.decode_tok_s:.1f} tok/s, {s.t_total:.2f} s{cut}]"
 
@@ -197,12 +199,32 @@ def command(session: ChatSession, line: str) -> str:
         return f"(mode {arg})"
     if name == "threshold":
         return _threshold(llm, arg)
+    if name == "point":
+        return _point(llm, arg)
     return f"unknown command /{name}; /help lists them"
+
+
+def _point(llm, arg: str) -> str:
+    points = llm.points
+    if not arg:
+        if not len(points):
+            return "this file has no named operating points"
+        now = getattr(llm, "point", None)
+        return "\n".join(f"{'*' if p.name == now else ' '} {p.name}: "
+                         f"{'threshold ' + str(p.threshold) if p.threshold is not None else 'skip ' + str(list(p.skip))}"
+                         f"{' healed' if p.heal else ''}" for p in points)
+    try:
+        llm.configure(point=arg)
+    except FirstError as exc:
+        return f"{exc}; unchanged"
+    return f"(point {arg}; applies from the next answer)"
 
 
 def _threshold(llm, arg: str) -> str:
     file_value = llm.routers.threshold if llm.routers is not None else None
     if not arg:
+        if llm.point is not None and llm.mode == "first":
+            return f"threshold {llm.threshold} (point {llm.point}; the file's is {file_value})"
         if llm.threshold is None:
             return f"threshold {file_value} (the file's)"
         return f"threshold {llm.threshold} (set here; the file's is {file_value})"
@@ -263,18 +285,19 @@ def _answer(session: ChatSession, line: str, out: TextIO, err: TextIO) -> None:
 
 def run_chat(model: str | Path | None = None, threshold: float | None = None, max_tokens: int = 256,
              threads: int | None = None, system: str | None = None, n_ctx: int = 4096,
-             temperature: float = 0.0, gpu_layers: int = 0) -> None:
+             temperature: float = 0.0, gpu_layers: int = 0, point: str | None = None) -> None:
     """Load MODEL (file, zoo name or None: the default with its routers) and chat in the terminal."""
     from .models import resolve_model
     from .runtime import FirstModel
 
     path = resolve_model(model)
     # threads for the prompt too: llama-cpp-python's default there is every core
-    llm = FirstModel(path, threshold=threshold, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                     n_gpu_layers=gpu_layers)
+    llm = FirstModel(path, threshold=threshold, point=point, n_ctx=n_ctx, n_threads=threads,
+                     n_threads_batch=threads, n_gpu_layers=gpu_layers)
     if sys.stdin.isatty():
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (line editing and history for input())
-    print(f"{path.name}: {llm.n_layer} layers, mode {llm.mode}; /help for commands, Ctrl-D quits",
+    at = f", point {llm.point}" if llm.point is not None else ""
+    print(f"{path.name}: {llm.n_layer} layers, mode {llm.mode}{at}; /help for commands, Ctrl-D quits",
           file=sys.stderr, flush=True)
     repl(ChatSession(llm, system=system, max_tokens=max_tokens, temperature=temperature))

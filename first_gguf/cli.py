@@ -448,16 +448,17 @@ def demo(model: str | None, prompt: str, max_tokens: int, threads: int | None, p
 @click.option("--ctx", "n_ctx", default=4096, show_default=True, help="Context size in tokens.")
 @click.option("--temperature", default=0.0, show_default=True, help="0: greedy, reproducible.")
 @click.option("--gpu-layers", default=0, show_default=True, help="Layers to offload (-1: all; Metal/CUDA builds).")
+@click.option("--point", default=None, help="A named operating point of the file (default: its default point).")
 def chat(model: str | None, threshold: float | None, max_tokens: int, threads: int | None, system: str | None,
-         n_ctx: int, temperature: float, gpu_layers: int) -> None:
+         n_ctx: int, temperature: float, gpu_layers: int, point: str | None) -> None:
     """Chat with MODEL in the terminal, streaming (a GGUF or zoo name; default: the default model).
 
-    /help inside lists the commands (/stats, /mode, /threshold, /reset).
+    /help inside lists the commands (/stats, /mode, /threshold, /point, /reset).
     """
     from .chat import run_chat
 
     run_chat(model, threshold=threshold, max_tokens=max_tokens, threads=threads, system=system, n_ctx=n_ctx,
-             temperature=temperature, gpu_layers=gpu_layers)
+             temperature=temperature, gpu_layers=gpu_layers, point=point)
 
 
 @cli.command()
@@ -471,8 +472,9 @@ def chat(model: str | None, threshold: float | None, max_tokens: int, threads: i
 @click.option("--threshold", default=None, type=float, help="Default router threshold (default: the file's).")
 @click.option("--gpu-layers", default=0, show_default=True, help="Layers to offload (-1: all; Metal/CUDA builds).")
 @click.option("--api-key", default=None, help="Require this Bearer token.")
+@click.option("--point", default=None, help="A named operating point of the file (default: its default point).")
 def serve(model: str | None, host: str, port: int, alias: str | None, n_ctx: int, threads: int | None,
-          mode: str | None, threshold: float | None, gpu_layers: int, api_key: str | None) -> None:
+          mode: str | None, threshold: float | None, gpu_layers: int, api_key: str | None, point: str | None) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (a GGUF or zoo name; default: the default model).
 
     /v1/chat/completions, /v1/completions (streamed or not) and /v1/models; responses carry a
@@ -481,7 +483,7 @@ def serve(model: str | None, host: str, port: int, alias: str | None, n_ctx: int
     from .serve import run_server
 
     run_server(model, host=host, port=port, alias=alias, n_ctx=n_ctx, threads=threads, mode=mode,
-               threshold=threshold, gpu_layers=gpu_layers, api_key=api_key)
+               threshold=threshold, gpu_layers=gpu_layers, api_key=api_key, point=point)
 
 
 def main() -> None:

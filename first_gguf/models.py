@@ -177,13 +177,29 @@ def first_gguf_path(name: str, seed: int = 0) -> Path:
     points = fmt.load_points(points_file, routers.n_layer, routers.protected_layers) if points_file else fmt.Points()
     w1 = fmt.stored_w1_dtype(shipped) if shipped else "f32"
     out = cache_dir() / "demo" / f"{name}.first.gguf"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _place_heals(points, out.parent)
     if (out.is_file() and out.stat().st_mtime >= base.stat().st_mtime and _same_routers(out, routers)
             and fmt.gguf_w1_dtype(out) == w1 and fmt.read_points(out) == points):
         _log(f"reusing {out}")
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
     _log(f"attaching the routers{' and operating points' if len(points) else ''} of {name} to {base.name}")
     return fmt.attach_routers(base, routers, out, force=True, w1_dtype=w1, points=points)
+
+
+def _place_heals(points, directory: Path) -> None:
+    """Copy the healing adapters the points name from the package data beside the FiRST-GGUF."""
+    import shutil
+
+    for point in points:
+        if point.heal is None:
+            continue
+        src, dst = Path(__file__).parent / "data" / point.heal, directory / point.heal
+        if not src.is_file():
+            raise FirstError(f"{src}: the operating point {point.name!r} names this healing adapter; it is missing")
+        if not dst.is_file() or dst.read_bytes() != src.read_bytes():
+            shutil.copyfile(src, dst.with_name(dst.name + ".tmp"))
+            dst.with_name(dst.name + ".tmp").replace(dst)
 
 
 def resolve_model(model: str | Path | None) -> Path:

@@ -57,7 +57,7 @@ class ServedModel(FirstModel):
     def __init__(self, model_path: str | Path, *, mode: str | None = None, threshold: float | None = None,
                  **kwargs: Any) -> None:
         super().__init__(model_path, mode=mode, threshold=threshold, **kwargs)
-        self.default_mode, self.default_threshold = self.mode, threshold
+        self.default_mode, self.default_threshold, self.default_point = self.mode, threshold, self.point
         self._open: Iterator | None = None  # the last stream, closed before the next generation
         self._t_start = 0.0
         from llama_cpp import llama_chat_format
@@ -71,12 +71,15 @@ class ServedModel(FirstModel):
             self._open.close()
             self._open = None
         opts = _REQUEST.get()
-        self.configure(mode=opts.mode or self.default_mode)
-        threshold = opts.threshold if opts.threshold is not None else self.default_threshold
-        if threshold is None:
-            self.reset_threshold()
+        if opts.mode is None and opts.threshold is None and self.default_point is not None:
+            self.configure(point=self.default_point)  # the server's operating point (a file's default)
         else:
-            self.configure(threshold=threshold)
+            self.configure(mode=opts.mode or ("first" if self.default_point is not None else self.default_mode))
+            threshold = opts.threshold if opts.threshold is not None else self.default_threshold
+            if threshold is None:
+                self.reset_threshold()
+            else:
+                self.configure(threshold=threshold)
         self._t_start = time.monotonic()
         result = super().create_completion(prompt, **kwargs)
         if isinstance(result, dict):
@@ -96,7 +99,7 @@ class ServedModel(FirstModel):
     def first_fields(self) -> dict:
         """The ``first`` object of the generation that ran last."""
         rep = self.last_prefill
-        return {"mode": rep.mode, "threshold": rep.threshold, "n_layer": len(rep.mask),
+        return {"mode": rep.mode, "point": rep.point, "threshold": rep.threshold, "n_layer": len(rep.mask),
                 "skipped": list(rep.skipped), "probs": list(rep.probs) if rep.probs is not None else None,
                 "n_tokens": rep.n_tokens, "n_evaluated": rep.n_evaluated,
                 "t_start": self._t_start, "t_end": time.monotonic()}
@@ -222,6 +225,7 @@ def _settings_classes():
     class FirstModelSettings(ModelSettings):
         first_mode: str | None = None
         first_threshold: float | None = None
+        first_point: str | None = None
         settings_customise_sources = classmethod(arguments_only)
 
     return FirstServerSettings, FirstModelSettings
@@ -241,6 +245,7 @@ def _proxy_class():
         @staticmethod
         def load_llama_from_model_settings(settings) -> ServedModel:
             return ServedModel(settings.model, mode=settings.first_mode, threshold=settings.first_threshold,
+                               point=settings.first_point,
                                n_ctx=settings.n_ctx, n_batch=settings.n_batch, n_ubatch=settings.n_ubatch,
                                n_threads=settings.n_threads, n_threads_batch=settings.n_threads_batch,
                                n_gpu_layers=settings.n_gpu_layers, seed=settings.seed,
@@ -316,7 +321,7 @@ def _routes(llm: ServedModel, alias: str):
 
 def create_app(model: str | Path | None = None, *, alias: str | None = None, n_ctx: int = 4096,
                threads: int | None = None, mode: str | None = None, threshold: float | None = None,
-               gpu_layers: int = 0, api_key: str | None = None):
+               gpu_layers: int = 0, api_key: str | None = None, point: str | None = None):
     """The FastAPI app: llama-cpp-python's, with a ``ServedModel`` and our generation endpoints.
 
     Args:
@@ -346,7 +351,7 @@ def create_app(model: str | Path | None = None, *, alias: str | None = None, n_c
     server = server_settings(interrupt_requests=False, api_key=api_key)
     settings = model_settings(model=str(path), model_alias=alias, n_ctx=n_ctx, n_threads=threads,
                               n_threads_batch=threads, n_gpu_layers=gpu_layers, verbose=False, first_mode=mode,
-                              first_threshold=threshold)
+                              first_threshold=threshold, first_point=point)
     with _using_proxy(_proxy_class()):
         app = server_app.create_app(server_settings=server, model_settings=[settings])
     llm = server_app._llama_proxy(alias)  # the proxy create_app made (a module global of theirs)
@@ -367,6 +372,7 @@ def run_server(model: str | Path | None = None, host: str = "127.0.0.1", port: i
     from .log import logger
 
     threshold = llm.threshold if llm.threshold is not None else "the file's"
-    logger("serve")(f"{Path(llm.model_path).name} as {app.state.first_alias!r}: {llm.n_layer} layers, mode {llm.mode}, "
-                    f"threshold {threshold}; http://{host}:{port}/v1")
+    how = f"point {llm.point}" if llm.point is not None else f"mode {llm.mode}, threshold {threshold}"
+    logger("serve")(f"{Path(llm.model_path).name} as {app.state.first_alias!r}: {llm.n_layer} layers, {how}; "
+                    f"http://{host}:{port}/v1")
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -91,7 +91,9 @@ def terminal():
     opened: list[Terminal] = []
 
     def start(*args: str) -> Terminal:
-        opened.append(Terminal("chat", "--threads", "1", *args))
+        # the routers' point (first mode at 0.5): the status lines and /threshold are about routing
+        point = () if "--point" in args else ("--point", "fast")
+        opened.append(Terminal("chat", "--threads", "1", *point, *args))
         return opened[-1]
 
     yield start
@@ -101,7 +103,7 @@ def terminal():
 
 def test_a_conversation_with_commands_then_eof(terminal):
     t = terminal("--max-tokens", "16")
-    t.expect(r"24 layers, mode first")
+    t.expect(r"24 layers, mode first, point fast")
     first = t.ask("My name is Ada. Reply with just OK.")
     assert "[first: skipped" in first
     second = t.ask("What is my name?")
@@ -124,7 +126,7 @@ def test_a_conversation_with_commands_then_eof(terminal):
 
     assert "outside [0, 1]; unchanged" in t.ask("/threshold 1.5")
     assert "not a number" in t.ask("/threshold x")
-    assert "threshold 0.5 (the file's)" in t.ask("/threshold")
+    assert "threshold 0.5 (set here; the file's is 0.5)" in t.ask("/threshold")  # point fast's, kept by /mode
     assert "(threshold 0.2" in t.ask("/threshold 0.2")
     t.ask("/mode first")
     assert "Ada" in t.ask("Repeat my name.")  # the conversation survived the bad commands
@@ -174,7 +176,7 @@ def test_kv_reuse_across_turns_equals_a_fresh_model_per_turn():
 
     path = resolve_model(None)
     # one token per ubatch: a reused prefix and a recomputed one are then bit-identical in llama.cpp
-    kw = dict(n_ctx=2048, n_threads=1, n_threads_batch=1, n_batch=64, n_ubatch=1)
+    kw = dict(n_ctx=2048, n_threads=1, n_threads_batch=1, n_batch=64, n_ubatch=1, point="fast")  # the routers
     turns = ["Write a Python function that reverses a string.", "Now make it recursive.", "Add a docstring."]
     system = "You are a concise coding assistant."
     chat = ChatSession(FirstModel(path, **kw), system=system, max_tokens=16)
@@ -216,3 +218,19 @@ def test_a_conversation_past_the_context_is_a_clear_error_and_stays_as_it_was():
         chat.ask("hello " * 600)
     assert chat.messages == before
     assert chat.ask("Hi again").stats.report is not None  # and the session goes on
+
+
+def test_default_point_and_the_point_command():
+    t = Terminal("chat", "--threads", "1", "--max-tokens", "4")  # no --point: the file's default
+    try:
+        t.expect(r"24 layers, mode mask, point quality")
+        listing = t.ask("/point")
+        assert re.search(r"\* quality: skip \[4\]", listing) and "balanced: skip [4, 9]" in listing
+        assert "no operating point 'nonsense'; it has quality, balanced, fast; unchanged" in t.ask("/point nonsense")
+        assert "(point balanced" in t.ask("/point balanced")
+        answer = t.ask("Say hi.")
+        assert "[mask: skipped 2/24 layers (point balanced)" in answer, answer
+        t.type("\x04")
+        assert t.exit_code() == 0
+    finally:
+        t.close()
