@@ -23,7 +23,8 @@ def server(tmp_path_factory):
     from first_gguf.serve_load import server_process
 
     log_path = tmp_path_factory.mktemp("serve") / "server.log"
-    with open(log_path, "w") as log, server_process(threads=1, n_ctx=N_CTX, log=log) as base:
+    # the routers' point (first mode at 0.5): these tests are about routed requests
+    with open(log_path, "w") as log, server_process(threads=1, n_ctx=N_CTX, log=log, extra=("--point", "fast")) as base:
         yield base, DEFAULT_MODEL
     print(log_path.read_text()[-3000:])
 
@@ -58,7 +59,7 @@ def test_chat_first_fields_are_firstmodels_own_decision(client, server):
     first = r.model_extra["first"]
     _check_first(first)
 
-    llm = FirstModel(resolve_model(None), n_ctx=N_CTX, n_threads=1, n_threads_batch=1)
+    llm = FirstModel(resolve_model(None), n_ctx=N_CTX, n_threads=1, n_threads_batch=1, point="fast")
     llm.create_chat_completion(MESSAGES, max_tokens=8, temperature=0)
     rep = llm.last_prefill
     assert first["n_tokens"] == rep.n_tokens
@@ -185,3 +186,17 @@ def test_api_key_guards_our_endpoints_too():
     for path, payload in [("/v1/chat/completions", body), ("/v1/completions", {"prompt": "x", "max_tokens": 1})]:
         assert app.post(path, json=payload).status_code == 401
         assert app.post(path, json=payload, headers={"Authorization": "Bearer secret"}).status_code == 200
+
+
+def test_the_files_default_point_serves_without_a_point_option(tmp_path):
+    from first_gguf.models import DEFAULT_MODEL
+    from first_gguf.serve_load import server_process
+
+    with open(tmp_path / "server.log", "w") as log, server_process(threads=1, n_ctx=512, log=log) as base:
+        client = openai.OpenAI(base_url=base, api_key="none", max_retries=0, timeout=300)
+        r = client.chat.completions.create(model=DEFAULT_MODEL, messages=MESSAGES, max_tokens=2, temperature=0)
+        first = r.model_extra["first"]
+        assert (first["point"], first["mode"], first["skipped"]) == ("quality", "mask", [4])
+        r = client.chat.completions.create(model=DEFAULT_MODEL, messages=MESSAGES, max_tokens=2,
+                                           extra_body={"first_mode": "full"})
+        assert r.model_extra["first"]["mode"] == "full" and r.model_extra["first"]["point"] is None
