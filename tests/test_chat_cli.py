@@ -65,13 +65,16 @@ class Terminal:
         self.expect(r"\n(?=you> )")
         return self.text[start:self.pos]
 
-    def exit_code(self, timeout: float = 30.0) -> int:
+    def exit_code(self, timeout: float = 30.0, kill: bool = True) -> int | None:
+        """The program's exit code; after ``timeout`` it is killed (an error), or None without ``kill``."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._read(0.2)
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:
                 return os.waitstatus_to_exitcode(status)
+        if not kill:
+            return None
         os.kill(self.pid, signal.SIGKILL)
         os.waitpid(self.pid, 0)
         raise AssertionError(f"still running after {timeout} s:\n{self.text[-2000:]}")
@@ -159,13 +162,23 @@ def test_ctrl_c_stops_an_answer_keeps_the_conversation_and_twice_quits(terminal)
 
     for expected in (r"Ctrl-C again or Ctrl-D to quit", None):
         t.expect(r"you> ")
-        # CPython's line reader loses a SIGINT that lands between printing the prompt and
-        # waiting for a key (it is handled at the next key); a person is never that fast
+        # CPython's line reader holds a SIGINT that lands between printing the prompt and
+        # waiting for a key until the next key (a person is never that fast; a loaded test
+        # machine is): if it has not shown after a while, an empty line delivers it. A Ctrl-C
+        # that was really lost still fails: the empty line alone only prompts again.
         time.sleep(0.5)
         t.type("\x03")
         if expected:
-            t.expect(expected)
-    assert t.exit_code() == 0
+            try:
+                t.expect(expected, timeout=10)
+            except AssertionError:
+                t.type("\r")
+                t.expect(expected)
+    code = t.exit_code(timeout=10, kill=False)
+    if code is None:
+        t.type("\r")
+        code = t.exit_code()
+    assert code == 0
 
 
 def test_kv_reuse_across_turns_equals_a_fresh_model_per_turn():
