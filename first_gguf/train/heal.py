@@ -220,7 +220,10 @@ def train(base: str, cfg: HealConfig, run_dir: str | Path, threads: int | None =
             _save(run, fp, state, peft_model, optimizer)
     after = heldout_kl(peft_model, held, keep)
     log(f"held-out KL to full: plain skip {after[0]:.4f}, healed {after[1]:.4f}")
+    for lcfg in peft_model.peft_config.values():  # the base by file name: no machine path in the files
+        lcfg.base_model_name_or_path = Path(base).name
     peft_model.save_pretrained(run / ADAPTER)
+    (run / ADAPTER / "README.md").unlink(missing_ok=True)  # PEFT's model card names the base by its path
     cfg_dir = run / "base-config"
     model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(cfg_dir)
