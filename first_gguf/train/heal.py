@@ -86,10 +86,6 @@ class HealConfig:
         if not self.targets or any(t not in TARGETS for t in self.targets):
             raise FirstError(f"targets must be a non-empty subset of {', '.join(TARGETS)}, got {self.targets}")
 
-    @property
-    def steps(self) -> int:
-        return -(-self.examples * self.epochs // self.batch)
-
 
 @dataclass
 class HealState:
@@ -198,8 +194,9 @@ def train(base: str, cfg: HealConfig, run_dir: str | Path, threads: int | None =
         _write_summary(run, fp, state, before, None)
         log(f"held-out KL to full, {len(held)} examples, skip {list(cfg.skip)}: {before[0]:.4f} before healing")
     order = _order(cfg, len(train_ex))
+    steps = -(-len(order) // cfg.batch)  # the families may give fewer examples than asked
     t0 = time.monotonic() - state.seconds
-    while state.step < cfg.steps:
+    while state.step < steps:
         optimizer.zero_grad(set_to_none=True)
         batch = order[state.step * cfg.batch:(state.step + 1) * cfg.batch]
         total = 0.0
@@ -214,9 +211,9 @@ def train(base: str, cfg: HealConfig, run_dir: str | Path, threads: int | None =
         state.seconds = time.monotonic() - t0
         state.history.append({"step": state.step, "kl": total})
         recent = np.mean([h["kl"] for h in state.history[-10:]])
-        log(f"step {state.step}/{cfg.steps}  KL {total:.4f} (last 10: {recent:.4f})  "
+        log(f"step {state.step}/{steps}  KL {total:.4f} (last 10: {recent:.4f})  "
             f"{state.seconds / state.step:.1f} s/step, {state.seconds / 60:.1f} min")
-        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
+        if state.step % cfg.checkpoint_every == 0 or state.step == steps:
             _save(run, fp, state, peft_model, optimizer)
     after = heldout_kl(peft_model, held, keep)
     log(f"held-out KL to full: plain skip {after[0]:.4f}, healed {after[1]:.4f}")
