@@ -68,3 +68,15 @@ def stock_lib() -> Path:
     from first_gguf import build
 
     return build.ensure_stock_library()
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Tiny models run several times faster on one thread on a shared machine (no OpenMP waits).
+    Modules that train or run tiny PyTorch models use it: ``pytestmark = pytest.mark.usefixtures(...)``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

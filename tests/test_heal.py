@@ -31,22 +31,14 @@ CONT_TEXT = " and the answer is forty-two, of course."
 NMSE_MAX = 1e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory):
     """(HF model, HF dir, FiRST-GGUF f32, prompt ids, continuation ids)."""
     work = tmp_path_factory.mktemp("heal")
-    tok_dir = tiny_ckpt.tokenizer_files("qwen2", work / "tok", work)
-    vocab_gguf = tiny_ckpt.source_gguf(tiny_ckpt.TOKENIZERS["qwen2"][1], work)
-    model = tiny_ckpt.tiny_checkpoint("qwen2", tiny_ckpt.vocab_size(tok_dir), tiny_ckpt.special_ids(vocab_gguf))
-    hf_dir = tiny_ckpt.write_checkpoint(model, tok_dir, work / "hf")
+    model, hf_dir = tiny_ckpt.checkpoint_dir("qwen2", work)
     n_layer, n_embd = model.config.num_hidden_layers, model.config.hidden_size
     gguf = convert_hf(hf_dir, work / "tiny.first.gguf", routers=make_identity_routers(n_layer, n_embd), outtype="f32")
     from first_gguf.runtime import FirstModel

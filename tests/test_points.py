@@ -399,10 +399,7 @@ def tiny(tmp_path_factory):
     from first_gguf.convert import convert_hf
 
     work = tmp_path_factory.mktemp("points")
-    tok_dir = tiny_ckpt.tokenizer_files("qwen2", work / "tok", work)
-    vocab_gguf = tiny_ckpt.source_gguf(tiny_ckpt.TOKENIZERS["qwen2"][1], work)
-    model = tiny_ckpt.tiny_checkpoint("qwen2", tiny_ckpt.vocab_size(tok_dir), tiny_ckpt.special_ids(vocab_gguf))
-    hf_dir = tiny_ckpt.write_checkpoint(model, tok_dir, work / "hf")
+    model, hf_dir = tiny_ckpt.checkpoint_dir("qwen2", work)
     n_layer, n_embd = model.config.num_hidden_layers, model.config.hidden_size
     plain = convert_hf(hf_dir, work / "plain.first.gguf", routers=spread_routers(n_layer, n_embd), outtype="f32")
     llm = _model(plain, mode="first")

@@ -43,13 +43,7 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run several times faster on one thread on a shared machine (no OpenMP waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="session")

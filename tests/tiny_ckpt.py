@@ -215,3 +215,12 @@ def write_checkpoint(model: torch.nn.Module, tok_dir: Path, dest: Path) -> Path:
     for f in tok_dir.iterdir():
         shutil.copy(f, dest / f.name)
     return dest
+
+
+def checkpoint_dir(model_type: str, work: Path) -> tuple[torch.nn.Module, Path]:
+    """A tiny seeded checkpoint of ``model_type`` with its zoo tokenizer, saved under ``work``:
+    (model, HF directory)."""
+    tok_dir = tokenizer_files(model_type, work / "tok", work)
+    vocab_gguf = source_gguf(TOKENIZERS[model_type][1], work)
+    model = tiny_checkpoint(model_type, vocab_size(tok_dir), special_ids(vocab_gguf))
+    return model, write_checkpoint(model, tok_dir, work / "hf")
