@@ -8,14 +8,13 @@ on stderr and a non-zero exit.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
+from .cli_args import PathArg, csv_values as _csv
 from .errors import FirstError
 
-PathArg = click.Path(dir_okay=False, path_type=Path)
 
 
 class _Group(click.Group):
@@ -84,144 +83,6 @@ def fetch(name: str, no_install: bool) -> None:
     from . import models as zoo
 
     click.echo(zoo.fetch(name, install=not no_install))
-
-
-@cli.command()
-@click.argument("base")
-@click.option("-o", "--output", required=True, help="Router file to write (.safetensors).")
-@click.option("--data", multiple=True, help="Text/JSONL files or directories (repeatable).")
-@click.option("--task", "tasks", multiple=True, help="Built-in family: code, instruct, prose (repeatable).")
-@click.option("--steps", default=None, type=int, help="Optimizer steps (default: the recipe's).")
-@click.option("--examples", default=None, type=int, help="Training examples drawn (default: the recipe's).")
-@click.option("--batch-size", default=None, type=int, help="Examples per optimizer step.")
-@click.option("--gate", type=click.Choice(["soft", "concrete", "straight-through"]), default=None,
-              help="Gate of the training forward (default: soft, docs/FORMAT.md's).")
-@click.option("--lr", default=None, type=float)
-@click.option("--lam", default=None, type=float, help="Skip-penalty weight (default 0.01, the paper's).")
-@click.option("--target-skip", default=None, type=float, help="Also aim at this many skipped layers.")
-@click.option("--no-distill", is_flag=True, help="Next-token loss on the data instead of KL to the full model.")
-@click.option("--hidden-size", default=None, type=int)
-@click.option("--threshold", default=None, type=float)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--no-resume", is_flag=True, help="Ignore an existing checkpoint.")
-@click.option("--lora", is_flag=True, help="Then LoRA-heal the frozen model with the routers fixed.")
-@click.option("--lora-out", default=None, help="HF directory for the LoRA-merged model.")
-@click.option("--threads", default=None, type=int)
-@click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
-def train(base: str, output: str, data: tuple[str, ...], tasks: tuple[str, ...], steps: int | None,
-          examples: int | None, batch_size: int | None, gate: str | None, lr: float | None, lam: float | None,
-          target_skip: float | None, no_distill: bool,
-          hidden_size: int | None, threshold: float | None, seed: int, no_resume: bool, lora: bool,
-          lora_out: str | None, threads: int | None, force: bool) -> None:
-    """Train FiRST routers for BASE (HF dir, GGUF file or zoo name) on a frozen model."""
-    from .train import train_routers
-
-    opts = {"steps": steps, "examples": examples, "batch_size": batch_size, "gate": gate, "lr": lr, "lam": lam,
-            "hidden_size": hidden_size, "threshold": threshold}
-    out = train_routers(base, output, data=list(data) or None, tasks=list(tasks) or None,
-                        target_skip=target_skip, distill=not no_distill, seed=seed, resume=not no_resume,
-                        lora=lora, lora_out=lora_out, threads=threads, force=force,
-                        **{k: v for k, v in opts.items() if v is not None})
-    click.echo(out)
-
-
-def _gguf(model: str) -> Path:
-    """A GGUF path, or the base GGUF of a zoo model (fetched if needed)."""
-    from . import models as zoo
-
-    path = Path(model)
-    if path.exists() or model not in zoo.MODELS:
-        return path
-    return zoo.fetch(model)
-
-
-@cli.command()
-@click.argument("model")
-@click.option("-o", "--output", type=PathArg, required=True, help="Label file (JSONL); an existing one resumes.")
-@click.option("--per-family", default=64, show_default=True, help="Training prompts per family.")
-@click.option("--families", default="code,instruct,prose", show_default=True)
-@click.option("--max-prompt-tokens", default=160, show_default=True)
-@click.option("--cont-tokens", default=32, show_default=True, help="Length of the full model's continuation.")
-@click.option("--seed", default=1, show_default=True)
-@click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
-def damage(model: str, output: Path, per_family: int, families: str, max_prompt_tokens: int, cont_tokens: int,
-           seed: int, threads: int | None) -> None:
-    """Measure what skipping each layer alone costs (KL to full) on training prompts of MODEL.
-
-    MODEL is a GGUF file or a zoo name. The labels are the target of `first-gguf fit-routers`.
-    """
-    from .damage import make_labels
-
-    click.echo(make_labels(_gguf(model), output, families=_csv(families, str, "--families"),
-                           n_per_family=per_family, max_prompt_tokens=max_prompt_tokens,
-                           cont_tokens=cont_tokens, seed=seed, threads=threads))
-
-
-@cli.command("fit-routers")
-@click.argument("model")
-@click.argument("labels", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=PathArg, required=True, help="Router file to write (.safetensors).")
-@click.option("--d-ref", default=None, type=float, help="Damage (KL) that maps to p = 0.5.")
-@click.option("--epochs", default=None, type=int)
-@click.option("--hidden-size", default=None, type=int)
-@click.option("--weight-decay", default=None, type=float)
-@click.option("--threshold", default=0.5, show_default=True, help="Threshold stored in the file.")
-@click.option("--cv", default=0, show_default=True, help="First report K-fold cross-validation (0: none).")
-@click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
-@click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
-def fit_routers(model: str, labels: Path, output: Path, d_ref: float | None, epochs: int | None,
-                hidden_size: int | None, weight_decay: float | None, threshold: float, cv: int, threads: int | None,
-                force: bool) -> None:
-    """Fit routers to damage LABELS of MODEL (GGUF file or zoo name): p_i follows each prompt's damage."""
-    import dataclasses
-
-    from .train.supervised import FitConfig, fit_routers as fit
-
-    opts = {"d_ref": d_ref, "epochs": epochs, "hidden_size": hidden_size, "weight_decay": weight_decay}
-    cfg = dataclasses.replace(FitConfig(), **{k: v for k, v in opts.items() if v is not None})
-    from .log import logger
-
-    result = fit(_gguf(model), labels, output, cfg, threshold=threshold, threads=threads, force=force,
-                 log=logger("fit"), cv=cv)
-    click.echo(result["out"])
-
-
-@cli.command()
-@click.argument("model")
-@click.option("--skip", required=True, help="The decode skip set to heal, e.g. 3,4,9 or 9-11.")
-@click.option("-o", "--output", type=PathArg, required=True, help="Healing adapter GGUF to write.")
-@click.option("--run-dir", type=PathArg, default=None, help="Checkpoint and adapter directory (default OUTPUT.run).")
-@click.option("--examples", default=None, type=int, help="Training examples (built-in families, train split).")
-@click.option("--epochs", default=None, type=int)
-@click.option("--rank", default=None, type=int)
-@click.option("--lr", default=None, type=float)
-@click.option("--targets", default=None, help="Comma-separated module names (default: every linear map).")
-@click.option("--layers", default=None, help="Layers that get adapters, e.g. 5,10 (default: the first kept "
-              "layer after each skipped run).")
-@click.option("--max-response-tokens", default=None, type=int)
-@click.option("--outtype", default="f16", show_default=True, help="f32, f16, bf16 or q8_0.")
-@click.option("--threads", default=None, type=int, help="torch threads (default: all cores).")
-@click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
-def heal(model: str, skip: str, output: Path, run_dir: Path | None, examples: int | None, epochs: int | None,
-         rank: int | None, lr: float | None, targets: str | None, layers: str | None, max_response_tokens: int | None, outtype: str,
-         threads: int | None, force: bool) -> None:
-    """Train a decode-only healing adapter for one skip set of MODEL (GGUF file or zoo name).
-
-    `full` stays bit-identical: the runtime applies the adapter only while that set decodes
-    (FirstModel(..., heal=FILE), `first-gguf eval --heal FILE`). An interrupted run resumes.
-    """
-    import dataclasses
-
-    from .format import parse_layers
-    from .train.heal import HealConfig, heal_gguf
-
-    opts = {"examples": examples, "epochs": epochs, "rank": rank, "lr": lr, "max_response": max_response_tokens,
-            "targets": tuple(_csv(targets, str, "--targets")) if targets else None,
-            "layers": tuple(sorted(parse_layers(layers))) if layers else None}
-    cfg = dataclasses.replace(HealConfig(skip=tuple(sorted(parse_layers(skip)))),
-                              **{k: v for k, v in opts.items() if v is not None})
-    click.echo(heal_gguf(str(_gguf(model)), cfg, output, run_dir=run_dir, threads=threads, outtype=outtype,
-                         force=force, source=" ".join(["first-gguf", "heal", *sys.argv[2:]])))
 
 
 @cli.command()
@@ -370,14 +231,6 @@ class _RecordedCommand(click.Command):
         return super().parse_args(ctx, args)
 
 
-def _csv(value: str | None, cast, option: str):
-    try:
-        return tuple(cast(v) for v in value.split(",") if v) if value else None
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated {cast.__name__} values, got {value!r}",
-                                 param_hint=option) from None
-
-
 @cli.command("eval", cls=_RecordedCommand)
 @click.argument("model", required=False)
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -484,6 +337,12 @@ def serve(model: str | None, host: str, port: int, alias: str | None, n_ctx: int
 
     run_server(model, host=host, port=port, alias=alias, n_ctx=n_ctx, threads=threads, mode=mode,
                threshold=threshold, gpu_layers=gpu_layers, api_key=api_key, point=point)
+
+
+from .cli_train import damage, fit_routers, heal, train  # noqa: E402  (registered below)
+
+for _command in (train, damage, fit_routers, heal):
+    cli.add_command(_command)
 
 
 def main() -> None:
