@@ -1,10 +1,11 @@
 # Two entry points (README): `make demo` and `make test`. Both are idempotent and reuse
 # the caches under ~/.cache/first-gguf (patched wheel, sdist, assembled models).
+# `make aarch64-check` proves the Raspberry Pi build (examples/raspberry-pi/README.md).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test
+.PHONY: setup demo test aarch64-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,3 +25,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The Raspberry Pi (aarch64) build, proven here: cross-compiles the patched library for a
+# Cortex-A76 (cached), installs Debian's cross toolchain and qemu-user with apt-get when
+# missing (as root), runs our driver under qemu-user and on this machine, prints the figures.
+aarch64-check: setup
+	$(BIN)/python -m pytest -q -s tests/test_aarch64.py
