@@ -60,7 +60,7 @@ class Target:
 
     def cmake_args(self) -> list[str]:
         """Toolchain and CPU flags of a cross build for this core."""
-        return [f"-DCMAKE_SYSTEM_NAME=Linux", "-DCMAKE_SYSTEM_PROCESSOR=aarch64",
+        return ["-DCMAKE_SYSTEM_NAME=Linux", "-DCMAKE_SYSTEM_PROCESSOR=aarch64",
                 f"-DCMAKE_C_COMPILER={self.triple}-gcc", f"-DCMAKE_CXX_COMPILER={self.triple}-g++",
                 f"-DCMAKE_FIND_ROOT_PATH={self.sysroot}", "-DCMAKE_FIND_ROOT_PATH_MODE_PROGRAM=NEVER",
                 "-DCMAKE_FIND_ROOT_PATH_MODE_LIBRARY=ONLY", "-DCMAKE_FIND_ROOT_PATH_MODE_INCLUDE=ONLY",
@@ -188,11 +188,12 @@ def installed_library(cache: Path | None = None) -> Library:
 def compile_driver(lib: Library, target: Target | None = None, cache: Path | None = None) -> Path:
     """``native/first_driver.c`` compiled against ``lib`` for ``target`` (None: this machine).
 
-    Cached by the source, the library key and the compiler; the library is found by rpath.
+    Cached by the source, the library (key and place) and the compiler; the library is found
+    by rpath.
     """
     cc = f"{target.triple}-gcc" if target else os.environ.get("CC", "cc")
     source = DRIVER_SOURCE.read_bytes()
-    tag = hashlib.sha256(source + lib.key.encode() + cc.encode()).hexdigest()[:16]
+    tag = hashlib.sha256(source + f"{lib.key}\0{lib.lib_dir}\0{cc}".encode()).hexdigest()[:16]
     out = (cache or cache_dir()) / "cross" / "driver" / f"{target.name if target else 'host'}-{tag}" / "first-driver"
     if out.is_file():
         return out
