@@ -96,16 +96,26 @@ def ensure_tools(target: Target, install: bool = True) -> None:
     if not missing:
         return
     what = f"{', '.join(missing)} missing (Debian packages: {' '.join(APT_PACKAGES)})"
-    if not install or shutil.which("apt-get") is None or os.geteuid() != 0:
+    root = _root_prefix()
+    if not install or shutil.which("apt-get") is None or root is None:
         raise BuildError(f"{what}; install them as root with apt-get install --no-install-recommends")
     _log(f"{what}: installing with apt-get")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    build._run(["apt-get", "update", "-qq"], what="apt-get update", env=env)
-    build._run(["apt-get", "install", "-y", "--no-install-recommends", *APT_PACKAGES],
+    build._run([*root, "apt-get", "update", "-qq"], what="apt-get update", env=env)
+    build._run([*root, "apt-get", "install", "-y", "--no-install-recommends", *APT_PACKAGES],
                what="apt-get install", env=env)
     if missing_tools(target):
         raise BuildError(f"apt-get installed {' '.join(APT_PACKAGES)} but {', '.join(missing_tools(target))} "
                          f"is still not on PATH")
+
+
+def _root_prefix() -> list[str] | None:
+    """[] as root, sudo where it needs no password (a CI runner), else None."""
+    if os.geteuid() == 0:
+        return []
+    if shutil.which("sudo") and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode == 0:
+        return ["sudo", "-n", "-E"]
+    return None
 
 
 @dataclass(frozen=True)

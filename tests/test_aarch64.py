@@ -118,3 +118,10 @@ def test_cross_build_is_cached(drivers: dict) -> None:
     lib = cross.ensure_cross_library(TARGET)
     assert time.monotonic() - t0 < 30 and (lib.lib_dir / "libllama.so").is_file()
     assert cross.compile_driver(lib, TARGET) == drivers["arm"]
+
+
+def test_missing_tools_are_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert cross.missing_tools(TARGET) == ["aarch64-linux-gnu-gcc", "aarch64-linux-gnu-g++", "qemu-aarch64"]
+    with pytest.raises(cross.BuildError, match="gcc-aarch64-linux-gnu g\\+\\+-aarch64-linux-gnu qemu-user"):
+        cross.ensure_tools(TARGET, install=False)
