@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -125,6 +125,7 @@ class Library:
     key: str
     lib_dir: Path
     tree: Path  # the sdist tree, patched
+    info: dict = field(default_factory=dict, compare=False)  # a cross build's record: flags, seconds
 
     @property
     def include_dirs(self) -> list[Path]:
@@ -151,7 +152,7 @@ def ensure_cross_library(target: Target, cache: Path | None = None, force: bool 
     root = cache / "cross" / f"{target.name}-{key}"
     stamp, lib_dir = root / "built.json", root / "build" / "bin"
     if stamp.is_file() and not force:
-        return Library(key, lib_dir, root / "src" / f"llama_cpp_python-{base.version}")
+        return Library(key, lib_dir, root / "src" / f"llama_cpp_python-{base.version}", json.loads(stamp.read_text()))
     shutil.rmtree(root, ignore_errors=True)
     tree = _patched_tree(base, patches, cache, root / "src")
     src, out = tree / "vendor" / "llama.cpp", root / "build"
@@ -164,10 +165,10 @@ def ensure_cross_library(target: Target, cache: Path | None = None, force: bool 
                 "-j", str(os.cpu_count() or 1)], what=f"cmake build ({target.name})", log=root / "build.log")
     seconds = time.monotonic() - t0
     _log(f"built the {target.name} library in {seconds:.0f} s")
-    stamp.write_text(json.dumps({"key": key, "target": target.name, "cmake_args": args,
-                                 "sdist_sha256": base.sdist_sha256, "series": build.series_hash(patches),
-                                 "seconds": round(seconds, 1)}, indent=1))
-    return Library(key, lib_dir, tree)
+    info = {"key": key, "target": target.name, "cmake_args": args, "sdist_sha256": base.sdist_sha256,
+            "series": build.series_hash(patches), "seconds": round(seconds, 1)}
+    stamp.write_text(json.dumps(info, indent=1))
+    return Library(key, lib_dir, tree, info)
 
 
 def installed_library(cache: Path | None = None) -> Library:

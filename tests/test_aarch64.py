@@ -9,7 +9,6 @@ tests fail saying so, they never skip.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 TARGET = cross.TARGETS[cross.DEFAULT_TARGET]
 STEPS = 8          # greedy decode steps after the prompt: 9 logits rows per run
-NMSE_MAX = 1e-6    # tiny f32 model: only the order of float sums differs between the two CPUs
+NMSE_MAX = 1e-6    # tiny f32 model (measured: 6e-13, and 9e-8 with flash attention)
 TINY_SEED = 1      # spread routers whose mask on the default prompt skips a layer and keeps others
 
 
@@ -37,9 +36,9 @@ def drivers() -> dict:
     cross.ensure_tools(TARGET)
     t0 = time.monotonic()
     arm_lib = cross.ensure_cross_library(TARGET)
-    stamp = json.loads((arm_lib.lib_dir.parent.parent / "built.json").read_text())
-    _say(f"{TARGET.name} library {arm_lib.key} ({' '.join(a for a in stamp['cmake_args'] if 'ARM' in a)}): "
-         f"built in {stamp['seconds']:.0f} s, ready in {time.monotonic() - t0:.1f} s this run")
+    flags = " ".join(a for a in arm_lib.info["cmake_args"] if "ARM" in a)
+    _say(f"{TARGET.name} library {arm_lib.key} ({flags}): built in {arm_lib.info['seconds']:.0f} s, "
+         f"ready in {time.monotonic() - t0:.1f} s this run")
     return {"host": cross.compile_driver(cross.installed_library()),
             "arm": cross.compile_driver(arm_lib, TARGET)}
 
