@@ -124,7 +124,7 @@ class Library:
 
     key: str
     lib_dir: Path
-    tree: Path  # the sdist tree, patched
+    tree: Path  # the patched sdist tree (of the installed library: its headers only)
     info: dict = field(default_factory=dict, compare=False)  # a cross build's record: flags, seconds
 
     @property
@@ -173,7 +173,7 @@ def ensure_cross_library(target: Target, cache: Path | None = None, force: bool 
 
 def installed_library(cache: Path | None = None) -> Library:
     """The patched libllama installed in this Python (the wheel of ``first-gguf build``), with
-    the patched sources of the same key for its headers (extracted once into the cache).
+    the headers of the patched sources of the same key (copied once into the cache).
 
     Raises:
         BuildError: the installed library is not this checkout's patched build.
@@ -189,11 +189,23 @@ def installed_library(cache: Path | None = None) -> Library:
     spec = importlib.util.find_spec("llama_cpp")
     lib_dir = Path(spec.origin).parent / "lib"
     root = cache / "cross" / f"host-{key}"
-    tree = root / "src" / f"llama_cpp_python-{base.version}"
     if not (root / "headers.json").is_file():
+        shutil.rmtree(root, ignore_errors=True)
         tree = _patched_tree(base, patches, cache, root / "src")
+        _copy_headers(tree, root / "headers")
+        shutil.rmtree(root / "src")
         (root / "headers.json").write_text(json.dumps({"key": key}))
-    return Library(key, lib_dir, tree)
+    return Library(key, lib_dir, root / "headers")
+
+
+def _copy_headers(tree: Path, dest: Path) -> None:
+    """The headers a driver includes, in the tree's layout (a few hundred KB of a 200 MB tree)."""
+    cpp = Path("vendor") / "llama.cpp"
+    for sub in (cpp / "include", cpp / "ggml" / "include"):
+        shutil.copytree(tree / sub, dest / sub)
+    (dest / cpp / "src").mkdir(parents=True)
+    for header in (tree / cpp / "src").glob("*.h"):
+        shutil.copy2(header, dest / cpp / "src" / header.name)
 
 
 def compile_driver(lib: Library, target: Target | None = None, cache: Path | None = None) -> Path:
