@@ -286,7 +286,7 @@ def run_chat(model: str | Path | None = None, threshold: float | None = None, ma
              threads: int | None = None, system: str | None = None, n_ctx: int = 4096,
              temperature: float = 0.0, gpu_layers: int = 0, point: str | None = None) -> None:
     """Load MODEL (file, zoo name or None: the default with its routers) and chat in the terminal."""
-    from .models import resolve_model
+    from .shipped import resolve_model
     from .runtime import FirstModel
 
     path = resolve_model(model)

@@ -214,7 +214,8 @@ def bench(model: Path | None, skip_count: int, repeats: int, prompt_tokens: int,
           threads: int | None, no_stock: bool, strategies: str | None, heal: Path | None, as_json: bool) -> None:
     """Decode/prefill speed of full, first, mask, pruned and stock, side by side."""
     from . import bench as b
-    from .models import DEFAULT_MODEL, first_gguf_path
+    from .models import DEFAULT_MODEL
+    from .shipped import first_gguf_path
 
     result = b.run_bench(model or first_gguf_path(DEFAULT_MODEL), skip_count=skip_count, repeats=repeats,
                          prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, threads=threads,

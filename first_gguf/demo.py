@@ -1,6 +1,6 @@
 """The README's main job on a zoo model: fetch it, attach routers, inspect, generate.
 
-The FiRST-GGUF is ``models.first_gguf_path``'s: the routers (and named operating points)
+The FiRST-GGUF is ``shipped.first_gguf_path``'s: the routers (and named operating points)
 committed with the package for that model when they exist, else the untrained recipe, which
 keeps every layer. The demo generates with the FiRST-GGUF on the patched library as
 ``FirstModel`` runs it by default (its default point, else ``first`` mode) or under a named
@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import format as fmt
-from . import models
+from . import models, shipped
 from .errors import FirstError
 
 
@@ -41,7 +41,7 @@ def run_demo(model: str | None = None, prompt: str = "def fibonacci(n):", max_to
     from .runtime import runtime_info
 
     model = model or models.DEFAULT_MODEL
-    path = models.first_gguf_path(model)
+    path = shipped.first_gguf_path(model)
     points = fmt.read_points(path)
     if point is not None and points.get(point) is None:  # before the long part, as FirstModel would say it
         raise FirstError(f"{path}: no operating point {point!r}; it has {', '.join(points.names) or 'no named points'}")

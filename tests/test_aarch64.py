@@ -16,7 +16,7 @@ import pytest
 
 import tiny_ckpt
 from conftest import spread_routers
-from first_gguf import cross, models
+from first_gguf import cross, models, shipped
 
 pytestmark = pytest.mark.slow
 
@@ -86,7 +86,7 @@ def test_default_model_same_mask_and_tokens_on_arm(drivers: dict,
                                                    default_tokens: tuple[list[int], list[int]]) -> None:
     """Q4_K_M: x86 and Arm use different quantized kernels, so the logits differ more than
     float rounding (the figures are printed); the mask and the greedy tokens must not."""
-    model = models.first_gguf_path(models.DEFAULT_MODEL)
+    model = shipped.first_gguf_path(models.DEFAULT_MODEL)
     host, arm = _both(drivers, model, default_tokens[0])
     cmp = _report(f"{models.DEFAULT_MODEL} (committed routers, threshold {host.threshold})", host, arm)
     assert cmp.same_mask, (host.probs, arm.probs)

@@ -26,7 +26,7 @@ sys.meta_path.insert(0, _Block())
     "first_gguf.evaluation.summary", "first_gguf.evaluation.items", "first_gguf.prompts",
     "first_gguf.runtime.scoring", "first_gguf.runtime.greedy", "first_gguf.damage", "first_gguf.evaluation.controls",
     "first_gguf.chat", "first_gguf.serve", "first_gguf.serve_load",
-    "first_gguf.format.points", "first_gguf.runtime.healing", "first_gguf.cross",
+    "first_gguf.format.points", "first_gguf.runtime.healing", "first_gguf.cross", "first_gguf.shipped",
 ])
 def test_imports_without_torch(module: str) -> None:
     code = BLOCK_TORCH + f"import {module}\nassert 'torch' not in sys.modules\nprint('ok')"
@@ -38,7 +38,7 @@ BLOCK_TRAIN = BLOCK_TORCH.replace('name == "torch" or name.startswith("torch.")'
                                   'name.split(".")[0] == "torch" or name.startswith("first_gguf.train")')
 EVAL_AND_RUNTIME = ["first_gguf.evaluation.runner", "first_gguf.evaluation.results", "first_gguf.evaluation.items",
                     "first_gguf.evaluation.summary", "first_gguf.evaluation.strategies", "first_gguf.runtime.engine",
-                    "first_gguf.runtime.scoring", "first_gguf.runtime.greedy", "first_gguf.models", "first_gguf.demo",
+                    "first_gguf.runtime.scoring", "first_gguf.runtime.greedy", "first_gguf.models", "first_gguf.shipped", "first_gguf.demo",
                     "first_gguf.evaluation.controls", "first_gguf.damage", "first_gguf.runtime.healing"]
 
 

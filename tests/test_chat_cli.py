@@ -184,7 +184,7 @@ def test_ctrl_c_stops_an_answer_keeps_the_conversation_and_twice_quits(terminal)
 def test_kv_reuse_across_turns_equals_a_fresh_model_per_turn():
     """The chat path (template, streaming, FirstModel's reuse) gives the tokens of recomputing each turn anew."""
     from first_gguf.chat import ChatSession
-    from first_gguf.models import resolve_model
+    from first_gguf.shipped import resolve_model
     from first_gguf.runtime import FirstModel
 
     path = resolve_model(None)
@@ -209,7 +209,7 @@ def test_kv_reuse_across_turns_equals_a_fresh_model_per_turn():
 
 def test_model_argument_is_a_file_or_a_zoo_name(tmp_path):
     from first_gguf.errors import FirstError
-    from first_gguf.models import resolve_model
+    from first_gguf.shipped import resolve_model
 
     f = tmp_path / "m.gguf"
     f.write_bytes(b"")
@@ -221,7 +221,7 @@ def test_model_argument_is_a_file_or_a_zoo_name(tmp_path):
 def test_a_conversation_past_the_context_is_a_clear_error_and_stays_as_it_was():
     from first_gguf.chat import ChatSession
     from first_gguf.errors import FirstError
-    from first_gguf.models import resolve_model
+    from first_gguf.shipped import resolve_model
     from first_gguf.runtime import FirstModel
 
     chat = ChatSession(FirstModel(resolve_model(None), n_ctx=512, n_threads=1, n_threads_batch=1), max_tokens=4)

@@ -430,7 +430,7 @@ def test_real_default_model_end_to_end(default_base: Path, tmp_path_factory):
 
     from first_gguf.convert import hf_dir_from_gguf
     from first_gguf.format import attach_routers, load_router_file
-    from first_gguf.models import shipped_routers_path
+    from first_gguf.shipped import shipped_routers_path
     from first_gguf.runtime import FirstModel
 
     shipped = shipped_routers_path("qwen2.5-coder-0.5b-instruct")

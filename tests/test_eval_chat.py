@@ -127,11 +127,11 @@ def test_summary_and_report_carry_the_chat_task():
 @pytest.mark.slow
 def test_chat_prompt_is_the_models_own_template():
     """Qwen2.5-Coder's template supplies its card's system prompt when the request brings none."""
-    from first_gguf import models
+    from first_gguf import models, shipped
     from first_gguf.evaluation.items import humaneval_chat_items
     from first_gguf.runtime import FirstModel
 
-    llm = FirstModel(str(models.first_gguf_path(models.DEFAULT_MODEL)), n_ctx=512, n_threads=1)
+    llm = FirstModel(str(shipped.first_gguf_path(models.DEFAULT_MODEL)), n_ctx=512, n_threads=1)
     try:
         item = humaneval_chat_items(llm, 1)[0]
         text = llm.detokenize(item.prompt, special=True).decode()

@@ -308,31 +308,31 @@ def test_cli_attach_points_and_stamp(tiny_base, tmp_path):
 # --- the zoo ---------------------------------------------------------------------------------
 
 def test_first_gguf_path_carries_the_shipped_points_and_follows_their_changes(tiny_base, tmp_path, monkeypatch):
-    """models.first_gguf_path on a stand-in zoo model (the tiny base): the committed points file is
+    """shipped.first_gguf_path on a stand-in zoo model (the tiny base): the committed points file is
     attached, the cached FiRST-GGUF is reused while it matches and rebuilt when the points change."""
-    from first_gguf import models
+    from first_gguf import shipped
 
     points_file = tmp_path / "tiny.points.json"
     points_file.write_text(json.dumps(JSON_POINTS))
     monkeypatch.setenv("FIRST_GGUF_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(models, "fetch", lambda name: tiny_base)
-    monkeypatch.setattr(models, "shipped_routers", lambda name: None)
-    monkeypatch.setattr(models, "shipped_routers_path", lambda name: None)
-    monkeypatch.setattr(models, "shipped_points_path", lambda name: points_file)
-    path = models.first_gguf_path("tiny")
+    monkeypatch.setattr(shipped, "fetch", lambda name: tiny_base)
+    monkeypatch.setattr(shipped, "shipped_routers", lambda name: None)
+    monkeypatch.setattr(shipped, "shipped_routers_path", lambda name: None)
+    monkeypatch.setattr(shipped, "shipped_points_path", lambda name: points_file)
+    path = shipped.first_gguf_path("tiny")
     assert fmt.read_points(path).as_json() == JSON_POINTS
     mtime = path.stat().st_mtime_ns
-    assert models.first_gguf_path("tiny") == path and path.stat().st_mtime_ns == mtime  # reused
+    assert shipped.first_gguf_path("tiny") == path and path.stat().st_mtime_ns == mtime  # reused
     points_file.write_text(json.dumps({"points": {"fast": {"threshold": 0.25}}}))
-    assert fmt.read_points(models.first_gguf_path("tiny")) == Points((Point("fast", threshold=0.25),))
-    monkeypatch.setattr(models, "shipped_points_path", lambda name: None)
-    assert fmt.read_points(models.first_gguf_path("tiny")) == Points()
+    assert fmt.read_points(shipped.first_gguf_path("tiny")) == Points((Point("fast", threshold=0.25),))
+    monkeypatch.setattr(shipped, "shipped_points_path", lambda name: None)
+    assert fmt.read_points(shipped.first_gguf_path("tiny")) == Points()
 
 
 def test_the_shipped_points_file_is_valid_for_its_model():
-    from first_gguf import models
+    from first_gguf import models, shipped
 
-    path = models.shipped_points_path(models.DEFAULT_MODEL)
+    path = shipped.shipped_points_path(models.DEFAULT_MODEL)
     points = fmt.load_points(path, 24, [0, 23])
     assert points.as_json() == {"default": "quality", "points": {
         "quality": {"skip": [4]}, "balanced": {"skip": [4, 9]}, "fast": {"threshold": 0.5}}}
@@ -616,7 +616,7 @@ def test_eval_runs_every_point_and_resumes(tiny, tmp_path):
 def test_default_model_carries_the_shipped_points(tmp_path, monkeypatch):
     """first_gguf_path on the real default model (in a private cache, the shared one untouched)
     carries the shipped points; its default, quality, skips exactly layer 4 in decode."""
-    from first_gguf import models
+    from first_gguf import models, shipped
     from first_gguf.runtime.greedy import greedy
 
     base = models.fetch(models.DEFAULT_MODEL)
@@ -625,9 +625,9 @@ def test_default_model_carries_the_shipped_points(tmp_path, monkeypatch):
     for f in (base, base.with_name(base.name + models.STAMP_SUFFIX)):
         (cache / "models" / f.name).symlink_to(f)
     monkeypatch.setenv("FIRST_GGUF_CACHE", str(cache))
-    path = models.first_gguf_path(models.DEFAULT_MODEL)
+    path = shipped.first_gguf_path(models.DEFAULT_MODEL)
     assert path.parent == cache / "demo"
-    want = fmt.load_points(models.shipped_points_path(models.DEFAULT_MODEL), 24, [0, 23])
+    want = fmt.load_points(shipped.shipped_points_path(models.DEFAULT_MODEL), 24, [0, 23])
     assert fmt.read_points(path) == want and want.default == "quality"
     from first_gguf.runtime import FirstModel
 

@@ -50,7 +50,7 @@ def test_models_lists_the_default_model(client, server):
 
 
 def test_chat_first_fields_are_firstmodels_own_decision(client, server):
-    from first_gguf.models import resolve_model
+    from first_gguf.shipped import resolve_model
     from first_gguf.runtime import FirstModel
 
     r = client.chat.completions.create(model=server[1], messages=MESSAGES, max_tokens=8, temperature=0)

@@ -331,7 +331,7 @@ def test_committed_routers_are_the_readme_recipe(model, n_layer, n_embd):
     import re
     from pathlib import Path
 
-    from first_gguf.models import shipped_routers
+    from first_gguf.shipped import shipped_routers
     from first_gguf.train import recipe
 
     assert model in recipe.COMMITTED_MODELS

@@ -84,10 +84,10 @@ def heal_sets(out: Path, heals: Sequence[str]) -> dict[int, tuple[int, ...]] | N
 
 def labels_path(model: str, labels: str | None) -> Path:
     """The damage labels of ``model``: ``labels``, else those shipped for its zoo name."""
-    from .. import models
+    from .. import shipped
 
     name = Path(model).name.removesuffix(".gguf").removesuffix(".first")
-    path = Path(labels) if labels else models.shipped_labels_path(name)
+    path = Path(labels) if labels else shipped.shipped_labels_path(name)
     if path is None:
         raise FirstError(f"static-kl needs damage labels for {Path(model).name}: measure them with "
                          "`first-gguf damage` and pass --labels")

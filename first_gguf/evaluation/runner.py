@@ -383,11 +383,11 @@ def run_eval(model: str | None = None, out: Path | None = None, command: str | N
     Returns:
         (results, path of ``report.md``).
     """
-    from .. import models
+    from .. import shipped
     from ..format import is_first_gguf
     from .results import write_report
 
-    path = models.resolve_model(model)
+    path = shipped.resolve_model(model)
     if not is_first_gguf(path):
         raise FirstError(f"{path}: not a FiRST-GGUF (no routers); attach routers first (first-gguf attach)")
     if options.get("heals") and "heal" not in options.get("kinds", KINDS):
