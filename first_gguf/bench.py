@@ -2,9 +2,11 @@
 
 Every measurement runs in a fresh worker process (``python -m first_gguf.bench --worker``)
 so the stock library (``LLAMA_CPP_LIB_PATH``) and the patched one never share a process;
-the strategies alternate within each repeat, so machine noise hits them alike. Reported
-per strategy: median decode and prefill tok/s with their spread, and the median of the
-per-repeat ratios to ``full`` (paired, docs/FORMAT.md section 4).
+the strategies alternate within each repeat, so machine noise hits them alike. A run
+covers every cell (context length x thread count). Reported per cell and strategy: median
+decode and prefill tok/s with their spread, the median of the per-repeat ratios to ``full``
+(paired, docs/FORMAT.md section 4) and the worker's peak resident set; every repeat's
+figures stay in the result.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 from .errors import FirstError
 from .log import logger
 
 WARMUP_DECODE = 4
+WARMUP_PROMPT = 512  # the warm-up prompt's cap: one full ubatch builds and touches the largest graph
 DEFAULT_PROMPT = "def quicksort(items):\n    \"\"\"Sort a list of numbers.\"\"\"\n"
 
 
@@ -50,11 +54,19 @@ def worker(spec: dict) -> dict:
         llm = PlainModel(spec["path"], **kw)
     prompt = _prompt_tokens(llm, spec["prompt_tokens"])
     # warm-up: pages the weights in and builds the graphs; then a fixed count of decode steps
-    greedy(llm, prompt, WARMUP_DECODE + 1, eog=False)
+    greedy(llm, prompt[:WARMUP_PROMPT], WARMUP_DECODE + 1, eog=False)
     g = greedy(llm, prompt, spec["decode_tokens"] + 1, eog=False)
     skipped = g.skipped if spec["engine"] == "first" else spec.get("pruned", [])
     return {"prefill_tok_s": len(prompt) / g.t_prefill, "decode_tok_s": g.n_decode / g.t_decode,
-            "skipped_layers": skipped}
+            "peak_rss_mb": peak_rss_mb(), "skipped_layers": skipped}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set of this process in MiB (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    import resource  # POSIX only
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 def _prompt_tokens(llm, n: int) -> list[int]:
@@ -76,63 +88,98 @@ def _run_worker(spec: dict, lib_path: Path | None) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_bench(model: Path, skip_count: int = 6, repeats: int = 5, prompt_tokens: int = 128,
-              decode_tokens: int = 64, threads: int | None = None, stock: bool = True,
+def run_bench(model: Path, skip_count: int = 6, repeats: int = 5, ctx: Sequence[int] = (128,),
+              decode_tokens: int = 64, threads: Sequence[int] | None = None, stock: bool = True,
               strategies: list[str] | None = None, heal: Path | None = None) -> dict:
-    """Measure full, first, mask, pruned (and stock) side by side; with ``heal`` (a healing
-    adapter) also its skip set unhealed (``heal_mask``) and healed (``healed``).
+    """Measure full, first, mask, pruned (and stock) side by side, in every cell (context x threads);
+    with ``heal`` (a healing adapter) also its skip set unhealed (``heal_mask``) and healed (``healed``).
+
+    Args:
+        model: the GGUF (a FiRST-GGUF adds the ``first`` strategy).
+        skip_count: middle layers that ``mask`` and ``pruned`` leave out.
+        repeats: interleaved repeats of every strategy in every cell.
+        ctx: prompt lengths, one cell each: the context every decode step runs at.
+        decode_tokens: decode steps timed per measurement.
+        threads: CPU thread counts, one cell each (default: every core).
+        stock: also the stock-library strategies (builds the stock library once).
+        strategies: a subset of the strategy names (``full`` always runs).
+        heal: a healing adapter.
 
     Returns:
-        ``{"model", "setup", "strategies": {name: {decode_tok_s, prefill_tok_s, skipped_layers,
-        decode_ratio, prefill_ratio, ...}}}``.
+        ``{"model", "setup", "cells": [{"ctx", "threads", "strategies": {name: {decode_tok_s, decode_spread,
+        decode_ratio, decode_ratio_spread, prefill_..., peak_rss_mb, peak_rss_spread, skipped_layers, runs}}}]}``.
     """
-    from . import build
-    from .format import inspect_gguf, prune_gguf
+    from .format import inspect_gguf
 
+    ctxs = _positive(ctx, "context length")
+    thread_counts = _positive(threads or [os.cpu_count() or 1], "thread count")
     info = inspect_gguf(model)
-    n_layer, threads = info["n_layer"], threads or os.cpu_count() or 1
+    n_layer = info["n_layer"]
     skip = middle_layers(n_layer, skip_count)
-    base = dict(prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, threads=threads)
-    specs = [dict(base, name="full", engine="first", path=str(model), mode="full")]
+    cells = [(c, t) for c in ctxs for t in thread_counts]
+    with tempfile.TemporaryDirectory(dir=model.parent) as tmp:
+        specs, stock_lib = _strategy_specs(model, info, skip, Path(tmp), stock, strategies, heal)
+        runs = {cell: {s["name"]: [] for s in specs} for cell in cells}
+        for r in range(repeats):
+            for c, t in cells:
+                cell = runs[(c, t)]
+                for spec in specs[r % len(specs):] + specs[:r % len(specs)]:  # rotate: no strategy always first
+                    lib = stock_lib if spec.get("lib") == "stock" else None
+                    job = dict(spec, prompt_tokens=c, decode_tokens=decode_tokens, threads=t)
+                    cell[spec["name"]].append(_run_worker(job, lib))
+                _log(f"repeat {r + 1}/{repeats}, ctx {c}, {t} threads: " + ", ".join(
+                    f"{k} {v[-1]['decode_tok_s']:.1f}" for k, v in cell.items()) + " decode tok/s")
+    setup = dict(ctx=ctxs, threads=thread_counts, decode_tokens=decode_tokens, repeats=repeats,
+                 skip_count=skip_count, n_layer=n_layer, machine=_machine(), date=time.strftime("%Y-%m-%d %H:%M"))
+    return {"model": str(model), "setup": setup,
+            "cells": [{"ctx": c, "threads": t, "strategies": {k: _summary(v, runs[(c, t)]["full"])
+                                                              for k, v in runs[(c, t)].items()}}
+                      for c, t in cells]}
+
+
+def _positive(values: Sequence[int] | None, what: str) -> list[int]:
+    out = [int(v) for v in values or ()]
+    if not out or min(out) < 1:
+        raise FirstError(f"every {what} must be a positive integer, got {list(values or ())}")
+    return list(dict.fromkeys(out))  # in the order given, each once
+
+
+def _strategy_specs(model: Path, info: dict, skip: list[int], tmp: Path, stock: bool,
+                    strategies: list[str] | None, heal: Path | None) -> tuple[list[dict], Path | None]:
+    """The strategies to measure (name, engine, file, mode, mask, library) and the stock library."""
+    from . import build
+    from .format import prune_gguf
+
+    n_layer = info["n_layer"]
+    specs = [dict(name="full", engine="first", path=str(model), mode="full")]
     if info["first"]:
-        specs.append(dict(base, name="first", engine="first", path=str(model), mode="first"))
-    specs.append(dict(base, name="mask", engine="first", path=str(model), mode="mask",
+        specs.append(dict(name="first", engine="first", path=str(model), mode="first"))
+    specs.append(dict(name="mask", engine="first", path=str(model), mode="mask",
                       mask=[i not in skip for i in range(n_layer)]))
     if heal is not None:
         from .format import read_heal
 
         heal_mask = [i not in read_heal(heal).skip for i in range(n_layer)]
-        specs.append(dict(base, name="heal_mask", engine="first", path=str(model), mode="mask", mask=heal_mask))
-        specs.append(dict(base, name="healed", engine="first", path=str(model), mode="mask", mask=heal_mask,
+        specs.append(dict(name="heal_mask", engine="first", path=str(model), mode="mask", mask=heal_mask))
+        specs.append(dict(name="healed", engine="first", path=str(model), mode="mask", mask=heal_mask,
                           heal=str(heal)))
-    with tempfile.TemporaryDirectory(dir=model.parent) as tmp:
-        pruned = prune_gguf(model, skip, Path(tmp) / "pruned.gguf")
-        stock = stock and (not strategies or bool({"pruned", "stock", "patched_plain"} & set(strategies)))
-        stock_lib = build.ensure_stock_library() if stock else None
-        specs.append(dict(base, name="pruned", engine="plain", path=str(pruned), pruned=skip,
-                          lib="stock" if stock else None))
-        if stock:
-            # the pruned file on the patched library too: separates our graph from the build
-            specs.append(dict(base, name="pruned_patched", engine="plain", path=str(pruned), pruned=skip))
-            specs.append(dict(base, name="stock", engine="plain", path=str(model) if not info["first"]
-                              else str(_plain_copy(model, Path(tmp))), lib="stock"))
-            specs.append(dict(base, name="patched_plain", engine="plain", path=specs[-1]["path"]))
-        if strategies:
-            unknown = set(strategies) - {s["name"] for s in specs}
-            if unknown:
-                raise FirstError(f"unknown or unavailable strategies {sorted(unknown)}; "
-                                 f"choose from {[s['name'] for s in specs]}")
-            specs = [s for s in specs if s["name"] == "full" or s["name"] in strategies]
-        runs: dict[str, list[dict]] = {s["name"]: [] for s in specs}
-        for r in range(repeats):
-            for spec in specs[r % len(specs):] + specs[:r % len(specs)]:  # rotate: no strategy always runs first
-                lib = stock_lib if spec.get("lib") == "stock" else None
-                runs[spec["name"]].append(_run_worker(spec, lib))
-            _log(f"repeat {r + 1}/{repeats}: " + ", ".join(
-                f"{k} {v[-1]['decode_tok_s']:.1f}" for k, v in runs.items()) + " decode tok/s")
-    return {"model": str(model), "setup": dict(base, repeats=repeats, skip_count=skip_count, n_layer=n_layer,
-                                               machine=_machine(), date=time.strftime("%Y-%m-%d %H:%M")),
-            "strategies": {k: _summary(v, runs["full"]) for k, v in runs.items()}}
+    pruned = prune_gguf(model, skip, tmp / "pruned.gguf")
+    stock = stock and (not strategies or bool({"pruned", "stock", "patched_plain"} & set(strategies)))
+    stock_lib = build.ensure_stock_library() if stock else None
+    specs.append(dict(name="pruned", engine="plain", path=str(pruned), pruned=skip, lib="stock" if stock else None))
+    if stock:
+        # the pruned file on the patched library too: separates our graph from the build
+        specs.append(dict(name="pruned_patched", engine="plain", path=str(pruned), pruned=skip))
+        specs.append(dict(name="stock", engine="plain", path=str(model) if not info["first"]
+                          else str(_plain_copy(model, tmp)), lib="stock"))
+        specs.append(dict(name="patched_plain", engine="plain", path=specs[-1]["path"]))
+    if strategies:
+        unknown = set(strategies) - {s["name"] for s in specs}
+        if unknown:
+            raise FirstError(f"unknown or unavailable strategies {sorted(unknown)}; "
+                             f"choose from {[s['name'] for s in specs]}")
+        specs = [s for s in specs if s["name"] == "full" or s["name"] in strategies]
+    return specs, stock_lib
 
 
 def _plain_copy(model: Path, tmp: Path) -> Path:
@@ -143,7 +190,7 @@ def _plain_copy(model: Path, tmp: Path) -> Path:
 
 
 def _summary(runs: list[dict], full: list[dict]) -> dict:
-    out = {"skipped_layers": runs[0]["skipped_layers"]}
+    out: dict = {"skipped_layers": runs[0]["skipped_layers"]}
     for key in ("decode_tok_s", "prefill_tok_s"):
         vals = [r[key] for r in runs]
         ratios = [r[key] / f[key] for r, f in zip(runs, full)]
@@ -151,6 +198,9 @@ def _summary(runs: list[dict], full: list[dict]) -> dict:
         out[key.replace("tok_s", "spread")] = [min(vals), max(vals)]
         out[key.replace("tok_s", "ratio")] = statistics.median(ratios)
         out[key.replace("tok_s", "ratio_spread")] = [min(ratios), max(ratios)]
+    rss = [r["peak_rss_mb"] for r in runs]
+    out["peak_rss_mb"], out["peak_rss_spread"] = statistics.median(rss), [min(rss), max(rss)]
+    out["runs"] = [{k: v for k, v in r.items() if k != "skipped_layers"} for r in runs]  # every repeat, in order
     return out
 
 
@@ -161,16 +211,19 @@ def _machine() -> str:
 
 
 def format_bench(result: dict) -> str:
-    """A table: one row per strategy."""
+    """A table per cell (context x threads): one row per strategy."""
     s = result["setup"]
-    lines = [f"{result['model']}: {s['n_layer']} layers, prompt {s['prompt_tokens']}, decode {s['decode_tokens']}, "
-             f"{s['threads']} threads, {s['repeats']} interleaved repeats ({s['machine']}, {s['date']})",
-             f"{'strategy':<14}{'decode tok/s':>14}{'x full':>8}{'ratio spread':>16}{'prefill tok/s':>15}"
-             f"{'x full':>8}  skipped"]
-    for name, r in result["strategies"].items():
-        lo, hi = r["decode_ratio_spread"]
-        lines.append(f"{name:<14}{r['decode_tok_s']:>14.1f}{r['decode_ratio']:>8.3f}{f'{lo:.2f}-{hi:.2f}':>16}"
-                     f"{r['prefill_tok_s']:>15.1f}{r['prefill_ratio']:>8.3f}  {r['skipped_layers']}")
+    lines = [f"{result['model']}: {s['n_layer']} layers, decode {s['decode_tokens']}, {s['repeats']} interleaved "
+             f"repeats ({s['machine']}, {s['date']})"]
+    for cell in result["cells"]:
+        lines += ["", f"context {cell['ctx']}, {cell['threads']} threads",
+                  f"{'strategy':<16}{'decode tok/s':>13}{'x full':>8}{'ratio spread':>14}{'prefill tok/s':>15}"
+                  f"{'x full':>8}{'peak RSS MB':>13}  skipped"]
+        for name, r in cell["strategies"].items():
+            lo, hi = r["decode_ratio_spread"]
+            lines.append(f"{name:<16}{r['decode_tok_s']:>13.1f}{r['decode_ratio']:>8.3f}{f'{lo:.2f}-{hi:.2f}':>14}"
+                         f"{r['prefill_tok_s']:>15.1f}{r['prefill_ratio']:>8.3f}{r['peak_rss_mb']:>13.0f}"
+                         f"  {r['skipped_layers']}")
     return "\n".join(lines)
 
 
