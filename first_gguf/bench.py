@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from .bench_files import fresh_copy, page_run
 from .errors import FirstError
 from .log import logger
 
@@ -90,7 +91,7 @@ def _run_worker(spec: dict, lib_path: Path | None) -> dict:
 
 def run_bench(model: Path, skip_count: int = 6, repeats: int = 5, ctx: Sequence[int] = (128,),
               decode_tokens: int = 64, threads: Sequence[int] | None = None, stock: bool = True,
-              strategies: list[str] | None = None, heal: Path | None = None) -> dict:
+              strategies: list[str] | None = None, heal: Path | None = None, fresh_files: bool = True) -> dict:
     """Measure full, first, mask, pruned (and stock) side by side, in every cell (context x threads);
     with ``heal`` (a healing adapter) also its skip set unhealed (``heal_mask``) and healed (``healed``).
 
@@ -104,10 +105,14 @@ def run_bench(model: Path, skip_count: int = 6, repeats: int = 5, ctx: Sequence[
         stock: also the stock-library strategies (builds the stock library once).
         strategies: a subset of the strategy names (``full`` always runs).
         heal: a healing adapter.
+        fresh_files: every strategy reads a copy written anew at the start of the run (the model,
+            the pruned file, the routers-free copy), so no file is measured with an older, more
+            scattered page cache than another (``bench_files``); False: the model file as it is.
 
     Returns:
         ``{"model", "setup", "cells": [{"ctx", "threads", "strategies": {name: {decode_tok_s, decode_spread,
-        decode_ratio, decode_ratio_spread, prefill_..., peak_rss_mb, peak_rss_spread, skipped_layers, runs}}}]}``.
+        decode_ratio, decode_ratio_spread, prefill_..., peak_rss_mb, peak_rss_spread, skipped_layers, runs}}}]}``;
+        ``setup["files"]`` gives each file's mean physically contiguous page run before and after (Linux, root).
     """
     from .format import inspect_gguf
 
@@ -118,7 +123,10 @@ def run_bench(model: Path, skip_count: int = 6, repeats: int = 5, ctx: Sequence[
     skip = middle_layers(n_layer, skip_count)
     cells = [(c, t) for c in ctxs for t in thread_counts]
     with tempfile.TemporaryDirectory(dir=model.parent) as tmp:
-        specs, stock_lib = _strategy_specs(model, info, skip, Path(tmp), stock, strategies, heal)
+        stock = stock and (not strategies or bool({"pruned", "stock", "patched_plain"} & set(strategies)))
+        files = _bench_files(model, info, skip, Path(tmp), plain=stock, fresh=fresh_files)
+        layout = {key: {"file": path.name, "page_run_before": page_run(path)} for key, path in files.items()}
+        specs, stock_lib = _strategy_specs(files, info, skip, stock, strategies, heal)
         runs = {cell: {s["name"]: [] for s in specs} for cell in cells}
         for r in range(repeats):
             for c, t in cells:
@@ -129,8 +137,11 @@ def run_bench(model: Path, skip_count: int = 6, repeats: int = 5, ctx: Sequence[
                     cell[spec["name"]].append(_run_worker(job, lib))
                 _log(f"repeat {r + 1}/{repeats}, ctx {c}, {t} threads: " + ", ".join(
                     f"{k} {v[-1]['decode_tok_s']:.1f}" for k, v in cell.items()) + " decode tok/s")
+        for key, path in files.items():
+            layout[key]["page_run_after"] = page_run(path)
     setup = dict(ctx=ctxs, threads=thread_counts, decode_tokens=decode_tokens, repeats=repeats,
-                 skip_count=skip_count, n_layer=n_layer, machine=_machine(), date=time.strftime("%Y-%m-%d %H:%M"))
+                 skip_count=skip_count, n_layer=n_layer, fresh_files=fresh_files, files=layout,
+                 machine=_machine(), date=time.strftime("%Y-%m-%d %H:%M"))
     return {"model": str(model), "setup": setup,
             "cells": [{"ctx": c, "threads": t, "strategies": {k: _summary(v, runs[(c, t)]["full"])
                                                               for k, v in runs[(c, t)].items()}}
@@ -144,13 +155,32 @@ def _positive(values: Sequence[int] | None, what: str) -> list[int]:
     return list(dict.fromkeys(out))  # in the order given, each once
 
 
-def _strategy_specs(model: Path, info: dict, skip: list[int], tmp: Path, stock: bool,
+def _bench_files(model: Path, info: dict, skip: list[int], tmp: Path, plain: bool, fresh: bool) -> dict[str, Path]:
+    """The files the strategies read: ``model``, ``pruned`` and (for the stock library) ``plain``,
+    the model without routers. With ``fresh`` each is a copy written into ``tmp`` back to back."""
+    from .format import prune_gguf
+
+    written = {"pruned": prune_gguf(model, skip, tmp / "pruned.written.gguf")}
+    if plain and info["first"]:  # the stock library cannot load router tensors: strip them (a zero-layer prune)
+        written["plain"] = prune_gguf(model, [], tmp / "plain.written.gguf")
+    if fresh:
+        files = {"model": fresh_copy(model, tmp / "model.gguf")}
+        for key, path in written.items():
+            files[key] = fresh_copy(path, tmp / f"{key}.gguf")
+            path.unlink()
+    else:
+        files = {"model": model, **written}
+    if plain:
+        files.setdefault("plain", files["model"])
+    return files
+
+
+def _strategy_specs(files: dict[str, Path], info: dict, skip: list[int], stock: bool,
                     strategies: list[str] | None, heal: Path | None) -> tuple[list[dict], Path | None]:
     """The strategies to measure (name, engine, file, mode, mask, library) and the stock library."""
     from . import build
-    from .format import prune_gguf
 
-    n_layer = info["n_layer"]
+    n_layer, model = info["n_layer"], files["model"]
     specs = [dict(name="full", engine="first", path=str(model), mode="full")]
     if info["first"]:
         specs.append(dict(name="first", engine="first", path=str(model), mode="first"))
@@ -163,15 +193,13 @@ def _strategy_specs(model: Path, info: dict, skip: list[int], tmp: Path, stock: 
         specs.append(dict(name="heal_mask", engine="first", path=str(model), mode="mask", mask=heal_mask))
         specs.append(dict(name="healed", engine="first", path=str(model), mode="mask", mask=heal_mask,
                           heal=str(heal)))
-    pruned = prune_gguf(model, skip, tmp / "pruned.gguf")
-    stock = stock and (not strategies or bool({"pruned", "stock", "patched_plain"} & set(strategies)))
+    pruned = files["pruned"]
     stock_lib = build.ensure_stock_library() if stock else None
     specs.append(dict(name="pruned", engine="plain", path=str(pruned), pruned=skip, lib="stock" if stock else None))
     if stock:
         # the pruned file on the patched library too: separates our graph from the build
         specs.append(dict(name="pruned_patched", engine="plain", path=str(pruned), pruned=skip))
-        specs.append(dict(name="stock", engine="plain", path=str(model) if not info["first"]
-                          else str(_plain_copy(model, tmp)), lib="stock"))
+        specs.append(dict(name="stock", engine="plain", path=str(files["plain"]), lib="stock"))
         specs.append(dict(name="patched_plain", engine="plain", path=specs[-1]["path"]))
     if strategies:
         unknown = set(strategies) - {s["name"] for s in specs}
@@ -180,13 +208,6 @@ def _strategy_specs(model: Path, info: dict, skip: list[int], tmp: Path, stock: 
                              f"choose from {[s['name'] for s in specs]}")
         specs = [s for s in specs if s["name"] == "full" or s["name"] in strategies]
     return specs, stock_lib
-
-
-def _plain_copy(model: Path, tmp: Path) -> Path:
-    # the stock library cannot load router tensors: strip them (a zero-layer prune)
-    from .format import prune_gguf
-
-    return prune_gguf(model, [], tmp / "plain.gguf")
 
 
 def _summary(runs: list[dict], full: list[dict]) -> dict:
@@ -215,6 +236,10 @@ def format_bench(result: dict) -> str:
     s = result["setup"]
     lines = [f"{result['model']}: {s['n_layer']} layers, decode {s['decode_tokens']}, {s['repeats']} interleaved "
              f"repeats ({s['machine']}, {s['date']})"]
+    runs = {k: (f["page_run_before"], f["page_run_after"]) for k, f in s.get("files", {}).items()}
+    if any(v != (None, None) for v in runs.values()):
+        lines.append(("fresh copies" if s.get("fresh_files") else "files as cached") + "; mean contiguous page run "
+                     "before/after (1 = scattered pages): " + ", ".join(f"{k} {b}/{a}" for k, (b, a) in runs.items()))
     for cell in result["cells"]:
         lines += ["", f"context {cell['ctx']}, {cell['threads']} threads",
                   f"{'strategy':<16}{'decode tok/s':>13}{'x full':>8}{'ratio spread':>14}{'prefill tok/s':>15}"

@@ -212,9 +212,12 @@ def version(as_json: bool) -> None:
 @click.option("--strategies", default=None, help="Comma-separated subset, e.g. first,mask (full always runs).")
 @click.option("--heal", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="A healing adapter: adds its skip set unhealed (heal_mask) and healed (healed).")
+@click.option("--no-fresh-files", is_flag=True,
+              help="Read the model file as it is cached, not a fresh copy like the pruned file's (a page cache of "
+                   "scattered pages decodes slower: docs/SPEED.md).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (every repeat's figures).")
-def bench(model: Path | None, skip_count: int, repeats: int, ctx: str, decode_tokens: int,
-          threads: str | None, no_stock: bool, strategies: str | None, heal: Path | None, as_json: bool) -> None:
+def bench(model: Path | None, skip_count: int, repeats: int, ctx: str, decode_tokens: int, threads: str | None,
+          no_stock: bool, strategies: str | None, heal: Path | None, no_fresh_files: bool, as_json: bool) -> None:
     """Decode/prefill speed and peak memory of full, first, mask, pruned and stock, side by side,
     per context length and thread count."""
     from . import bench as b
@@ -223,7 +226,8 @@ def bench(model: Path | None, skip_count: int, repeats: int, ctx: str, decode_to
     result = b.run_bench(model or first_gguf_path(DEFAULT_MODEL), skip_count=skip_count, repeats=repeats,
                          ctx=_csv(ctx, int, "--ctx"), decode_tokens=decode_tokens,
                          threads=_csv(threads, int, "--threads"), stock=not no_stock,
-                         strategies=strategies.split(",") if strategies else None, heal=heal)
+                         strategies=strategies.split(",") if strategies else None, heal=heal,
+                         fresh_files=not no_fresh_files)
     click.echo(json.dumps(result, indent=1) if as_json else b.format_bench(result))
 
 

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from first_gguf.bench import format_bench, peak_rss_mb, run_bench
+from first_gguf.bench_files import fresh_copy, page_run
 from first_gguf.cli import cli
 from first_gguf.errors import FirstError
 
@@ -36,6 +37,11 @@ def tiny_first(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_every_cell_and_strategy(tiny_first: Path) -> None:
     res = run_bench(tiny_first, skip_count=1, repeats=2, ctx=[8, 24], decode_tokens=3, threads=[1, 2], stock=False)
     assert res["setup"]["ctx"] == [8, 24] and res["setup"]["threads"] == [1, 2]
+    files = res["setup"]["files"]  # fresh copies of every file the strategies read
+    assert res["setup"]["fresh_files"] and set(files) == {"model", "pruned"}
+    assert {f["file"] for f in files.values()} == {"model.gguf", "pruned.gguf"}
+    for f in files.values():
+        assert all(f[k] is None or f[k] >= 1.0 for k in ("page_run_before", "page_run_after"))
     assert [(c["ctx"], c["threads"]) for c in res["cells"]] == [(8, 1), (8, 2), (24, 1), (24, 2)]
     for cell in res["cells"]:
         assert set(cell["strategies"]) == STRATEGIES
@@ -61,9 +67,10 @@ def test_cli_json_and_bad_lists(tiny_first: Path) -> None:
     runner = CliRunner()
     args = ["bench", str(tiny_first), "--repeats", "1", "--decode-tokens", "2", "--skip-count", "1", "--no-stock",
             "--strategies", "mask"]
-    out = runner.invoke(cli, [*args, "--ctx", "8,16", "--threads", "1", "--json"])
+    out = runner.invoke(cli, [*args, "--ctx", "8,16", "--threads", "1", "--no-fresh-files", "--json"])
     assert out.exit_code == 0, out.output
     res = json.loads(out.stdout)
+    assert not res["setup"]["fresh_files"] and res["setup"]["files"]["model"]["file"] == tiny_first.name
     assert [(c["ctx"], c["threads"]) for c in res["cells"]] == [(8, 1), (16, 1)]
     assert all(set(c["strategies"]) == {"full", "mask"} for c in res["cells"])
     bad = runner.invoke(cli, [*args, "--ctx", "8,x"])
@@ -76,3 +83,12 @@ def test_positive_lists() -> None:
     with pytest.raises(FirstError, match="context length"):
         run_bench(Path("unused.gguf"), ctx=[])  # refused before any file is read
     assert peak_rss_mb() > 0
+
+
+def test_fresh_copy_and_page_run(tmp_path: Path) -> None:
+    src = tmp_path / "src.bin"
+    src.write_bytes(bytes(range(256)) * 70_000)  # over one 16 MiB chunk
+    dst = fresh_copy(src, tmp_path / "dst.bin")
+    assert dst.read_bytes() == src.read_bytes()
+    run = page_run(dst)  # None without frame numbers (not Linux, or not root)
+    assert run is None or run >= 1.0
