@@ -46,7 +46,7 @@ def worker(spec: dict) -> dict:
     from .runtime.greedy import PlainModel, greedy
 
     kw = dict(n_ctx=spec["prompt_tokens"] + spec["decode_tokens"] + 16, n_threads=spec["threads"],
-              n_batch=max(512, spec["prompt_tokens"]), n_ubatch=512, verbose=False)
+              n_batch=max(512, spec["prompt_tokens"]), n_ubatch=512, use_mmap=spec.get("mmap", True), verbose=False)
     if spec["engine"] == "first":
         from .runtime import FirstModel
 
@@ -91,7 +91,8 @@ def _run_worker(spec: dict, lib_path: Path | None) -> dict:
 
 def run_bench(model: Path, skip_count: int = 6, repeats: int = 5, ctx: Sequence[int] = (128,),
               decode_tokens: int = 64, threads: Sequence[int] | None = None, stock: bool = True,
-              strategies: list[str] | None = None, heal: Path | None = None, fresh_files: bool = True) -> dict:
+              strategies: list[str] | None = None, heal: Path | None = None, fresh_files: bool = True,
+              mmap: bool = True) -> dict:
     """Measure full, first, mask, pruned (and stock) side by side, in every cell (context x threads);
     with ``heal`` (a healing adapter) also its skip set unhealed (``heal_mask``) and healed (``healed``).
 
@@ -108,6 +109,8 @@ def run_bench(model: Path, skip_count: int = 6, repeats: int = 5, ctx: Sequence[
         fresh_files: every strategy reads a copy written anew at the start of the run (the model,
             the pruned file, the routers-free copy), so no file is measured with an older, more
             scattered page cache than another (``bench_files``); False: the model file as it is.
+        mmap: map the weights from the page cache (llama.cpp's default); False reads them into each
+            worker's own memory, which no page-cache history can slow down (costs load time and memory).
 
     Returns:
         ``{"model", "setup", "cells": [{"ctx", "threads", "strategies": {name: {decode_tok_s, decode_spread,
@@ -133,19 +136,33 @@ def run_bench(model: Path, skip_count: int = 6, repeats: int = 5, ctx: Sequence[
                 cell = runs[(c, t)]
                 for spec in specs[r % len(specs):] + specs[:r % len(specs)]:  # rotate: no strategy always first
                     lib = stock_lib if spec.get("lib") == "stock" else None
-                    job = dict(spec, prompt_tokens=c, decode_tokens=decode_tokens, threads=t)
+                    job = dict(spec, prompt_tokens=c, decode_tokens=decode_tokens, threads=t, mmap=mmap)
                     cell[spec["name"]].append(_run_worker(job, lib))
                 _log(f"repeat {r + 1}/{repeats}, ctx {c}, {t} threads: " + ", ".join(
                     f"{k} {v[-1]['decode_tok_s']:.1f}" for k, v in cell.items()) + " decode tok/s")
         for key, path in files.items():
             layout[key]["page_run_after"] = page_run(path)
     setup = dict(ctx=ctxs, threads=thread_counts, decode_tokens=decode_tokens, repeats=repeats,
-                 skip_count=skip_count, n_layer=n_layer, fresh_files=fresh_files, files=layout,
+                 skip_count=skip_count, n_layer=n_layer, fresh_files=fresh_files, mmap=mmap, files=layout,
                  machine=_machine(), date=time.strftime("%Y-%m-%d %H:%M"))
     return {"model": str(model), "setup": setup,
             "cells": [{"ctx": c, "threads": t, "strategies": {k: _summary(v, runs[(c, t)]["full"])
-                                                              for k, v in runs[(c, t)].items()}}
-                      for c, t in cells]}
+                                                              for k, v in runs[(c, t)].items()},
+                       "pairs": _pairs(runs[(c, t)])} for c, t in cells]}
+
+
+# paired decode ratios the targets are stated in (docs/SPEED.md): in-graph skipping against the
+# pruned file, and the patched library (with and without routers in the file) against stock
+PAIRS = (("mask", "pruned"), ("full", "stock"), ("patched_plain", "stock"), ("pruned_patched", "pruned"))
+
+
+def _pairs(cell: dict[str, list[dict]]) -> dict[str, dict]:
+    out = {}
+    for a, b in PAIRS:
+        if a in cell and b in cell:
+            ratios = [x["decode_tok_s"] / y["decode_tok_s"] for x, y in zip(cell[a], cell[b])]
+            out[f"{a}/{b}"] = {"decode_ratio": statistics.median(ratios), "spread": [min(ratios), max(ratios)]}
+    return out
 
 
 def _positive(values: Sequence[int] | None, what: str) -> list[int]:
@@ -238,10 +255,11 @@ def format_bench(result: dict) -> str:
              f"repeats ({s['machine']}, {s['date']})"]
     runs = {k: (f["page_run_before"], f["page_run_after"]) for k, f in s.get("files", {}).items()}
     if any(v != (None, None) for v in runs.values()):
-        lines.append(("fresh copies" if s.get("fresh_files") else "files as cached") + "; mean contiguous page run "
+        lines.append(("fresh copies" if s.get("fresh_files") else "files as cached") +
+                     ("" if s.get("mmap", True) else ", weights read into memory (no mmap)") + "; mean contiguous page run "
                      "before/after (1 = scattered pages): " + ", ".join(f"{k} {b}/{a}" for k, (b, a) in runs.items()))
     for cell in result["cells"]:
-        lines += ["", f"context {cell['ctx']}, {cell['threads']} threads",
+        lines += ["", f"context {cell['ctx']}, {cell['threads']} thread{'s' if cell['threads'] > 1 else ''}",
                   f"{'strategy':<16}{'decode tok/s':>13}{'x full':>8}{'ratio spread':>14}{'prefill tok/s':>15}"
                   f"{'x full':>8}{'peak RSS MB':>13}  skipped"]
         for name, r in cell["strategies"].items():
@@ -249,6 +267,10 @@ def format_bench(result: dict) -> str:
             lines.append(f"{name:<16}{r['decode_tok_s']:>13.1f}{r['decode_ratio']:>8.3f}{f'{lo:.2f}-{hi:.2f}':>14}"
                          f"{r['prefill_tok_s']:>15.1f}{r['prefill_ratio']:>8.3f}{r['peak_rss_mb']:>13.0f}"
                          f"  {r['skipped_layers']}")
+        if cell.get("pairs"):
+            lines.append("paired decode ratios: " + ", ".join(
+                f"{k} {v['decode_ratio']:.3f} ({v['spread'][0]:.2f}-{v['spread'][1]:.2f})"
+                for k, v in cell["pairs"].items()))
     return "\n".join(lines)
 
 

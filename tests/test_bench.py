@@ -54,11 +54,13 @@ def test_every_cell_and_strategy(tiny_first: Path) -> None:
                 assert 0 < lo <= hi, where
             assert len(r["runs"]) == 2 and all(run["peak_rss_mb"] > 0 for run in r["runs"]), where
         assert cell["strategies"]["full"]["decode_ratio"] == 1.0
+        assert set(cell["pairs"]) == {"mask/pruned"} and cell["pairs"]["mask/pruned"]["decode_ratio"] > 0
         assert cell["strategies"]["mask"]["skipped_layers"] == [1]
         assert cell["strategies"]["pruned"]["skipped_layers"] == [1]
     table = format_bench(res)
     for c, t in [(8, 1), (8, 2), (24, 1), (24, 2)]:
-        assert f"context {c}, {t} threads" in table
+        assert f"context {c}, {t} thread{'s' if t > 1 else ''}" in table
+    assert "paired decode ratios: mask/pruned" in table
     assert "peak RSS MB" in table and all(name in table for name in STRATEGIES)
     json.dumps(res)  # the JSON output keeps all of it
 
@@ -67,10 +69,11 @@ def test_cli_json_and_bad_lists(tiny_first: Path) -> None:
     runner = CliRunner()
     args = ["bench", str(tiny_first), "--repeats", "1", "--decode-tokens", "2", "--skip-count", "1", "--no-stock",
             "--strategies", "mask"]
-    out = runner.invoke(cli, [*args, "--ctx", "8,16", "--threads", "1", "--no-fresh-files", "--json"])
+    out = runner.invoke(cli, [*args, "--ctx", "8,16", "--threads", "1", "--no-fresh-files", "--no-mmap", "--json"])
     assert out.exit_code == 0, out.output
     res = json.loads(out.stdout)
     assert not res["setup"]["fresh_files"] and res["setup"]["files"]["model"]["file"] == tiny_first.name
+    assert res["setup"]["mmap"] is False
     assert [(c["ctx"], c["threads"]) for c in res["cells"]] == [(8, 1), (16, 1)]
     assert all(set(c["strategies"]) == {"full", "mask"} for c in res["cells"])
     bad = runner.invoke(cli, [*args, "--ctx", "8,x"])

@@ -359,5 +359,6 @@ def test_bench_json_has_every_strategy(default_first):
     assert strategies["mask"]["skipped_layers"] == list(SKIP)
     assert strategies["pruned"]["skipped_layers"] == list(SKIP)
     assert strategies["full"]["skipped_layers"] == []
+    assert set(cell["pairs"]) == {"mask/pruned", "full/stock", "patched_plain/stock", "pruned_patched/pruned"}
     routed = strategies["first"]["skipped_layers"]
     assert routed and 0 not in routed and 23 not in routed  # the spread routers skip some layers
