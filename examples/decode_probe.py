@@ -24,7 +24,6 @@ import argparse
 import json
 import mmap
 import os
-import resource
 import statistics
 import struct
 import time
@@ -103,7 +102,7 @@ def _perf(cmd: str) -> None:
 def decode(strategy: str, path: str, skip: list[int], threads: int, ctx: int, tokens: int, mmap_: bool = True) -> None:
     import llama_cpp
 
-    from first_gguf.bench import _prompt_tokens
+    from first_gguf.bench import _prompt_tokens, peak_rss_mb
     from first_gguf.runtime.greedy import PlainModel
 
     kw = dict(n_ctx=ctx + tokens + 16, n_threads=threads, n_threads_batch=threads, n_batch=max(512, ctx),
@@ -131,7 +130,7 @@ def decode(strategy: str, path: str, skip: list[int], threads: int, ctx: int, to
     perf = llama_cpp.llama_perf_context(llm.ctx)
     print(json.dumps({"strategy": strategy, "cpu_ms_per_token": (c1 - c0) * 1e3 / tokens,
                       "wall_ms_per_token": (w1 - w0) * 1e3 / tokens, "graph_reused": perf.n_reused,
-                      "decode_calls": perf.n_eval, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "decode_calls": perf.n_eval, "peak_rss_mb": peak_rss_mb()}))
 
 
 def main() -> None:

@@ -45,8 +45,10 @@ def worker(spec: dict) -> dict:
     """One timed run: prefill ``prompt_tokens`` tokens, then decode ``decode_tokens`` greedily."""
     from .runtime.greedy import PlainModel, greedy
 
+    # the prompt runs on the same threads (llama-cpp-python's default there is every core)
     kw = dict(n_ctx=spec["prompt_tokens"] + spec["decode_tokens"] + 16, n_threads=spec["threads"],
-              n_batch=max(512, spec["prompt_tokens"]), n_ubatch=512, use_mmap=spec.get("mmap", True), verbose=False)
+              n_threads_batch=spec["threads"], n_batch=max(512, spec["prompt_tokens"]), n_ubatch=512,
+              use_mmap=spec.get("mmap", True), verbose=False)
     if spec["engine"] == "first":
         from .runtime import FirstModel
 
@@ -63,11 +65,18 @@ def worker(spec: dict) -> dict:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set of this process in MiB (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    """Peak resident set of this process in MiB: Linux's ``VmHWM`` (of this program image only;
+    ``ru_maxrss`` would carry the parent's peak across fork and exec), else ``ru_maxrss``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
     import resource  # POSIX only
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (2**20 if sys.platform == "darwin" else 2**10)
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, KiB elsewhere
 
 
 def _prompt_tokens(llm, n: int) -> list[int]:
@@ -255,9 +264,10 @@ def format_bench(result: dict) -> str:
              f"repeats ({s['machine']}, {s['date']})"]
     runs = {k: (f["page_run_before"], f["page_run_after"]) for k, f in s.get("files", {}).items()}
     if any(v != (None, None) for v in runs.values()):
-        lines.append(("fresh copies" if s.get("fresh_files") else "files as cached") +
-                     ("" if s.get("mmap", True) else ", weights read into memory (no mmap)") + "; mean contiguous page run "
-                     "before/after (1 = scattered pages): " + ", ".join(f"{k} {b}/{a}" for k, (b, a) in runs.items()))
+        how = ("fresh copies" if s.get("fresh_files") else "files as cached") + (
+            "" if s.get("mmap", True) else ", weights read into memory (no mmap)")
+        lines.append(f"{how}; mean contiguous page run before/after (1 = scattered pages): "
+                     + ", ".join(f"{k} {b}/{a}" for k, (b, a) in runs.items()))
     for cell in result["cells"]:
         lines += ["", f"context {cell['ctx']}, {cell['threads']} thread{'s' if cell['threads'] > 1 else ''}",
                   f"{'strategy':<16}{'decode tok/s':>13}{'x full':>8}{'ratio spread':>14}{'prefill tok/s':>15}"
