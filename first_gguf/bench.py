@@ -2,9 +2,11 @@
 
 Every measurement runs in a fresh worker process (``python -m first_gguf.bench --worker``)
 so the stock library (``LLAMA_CPP_LIB_PATH``) and the patched one never share a process;
-the strategies alternate within each repeat, so machine noise hits them alike. Reported
-per strategy: median decode and prefill tok/s with their spread, and the median of the
-per-repeat ratios to ``full`` (paired, docs/FORMAT.md section 4).
+the strategies alternate within each repeat, so machine noise hits them alike. A run
+covers every cell (context length x thread count). Reported per cell and strategy: median
+decode and prefill tok/s with their spread, the median of the per-repeat ratios to ``full``
+(paired, docs/FORMAT.md section 4) and the worker's peak resident set; every repeat's
+figures stay in the result.
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
+from .bench_files import fresh_copy, page_run
 from .errors import FirstError
 from .log import logger
 
 WARMUP_DECODE = 4
+WARMUP_PROMPT = 512  # the warm-up prompt's cap: one full ubatch builds and touches the largest graph
 DEFAULT_PROMPT = "def quicksort(items):\n    \"\"\"Sort a list of numbers.\"\"\"\n"
 
 
@@ -40,8 +45,10 @@ def worker(spec: dict) -> dict:
     """One timed run: prefill ``prompt_tokens`` tokens, then decode ``decode_tokens`` greedily."""
     from .runtime.greedy import PlainModel, greedy
 
+    # the prompt runs on the same threads (llama-cpp-python's default there is every core)
     kw = dict(n_ctx=spec["prompt_tokens"] + spec["decode_tokens"] + 16, n_threads=spec["threads"],
-              n_batch=max(512, spec["prompt_tokens"]), n_ubatch=512, verbose=False)
+              n_threads_batch=spec["threads"], n_batch=max(512, spec["prompt_tokens"]), n_ubatch=512,
+              use_mmap=spec.get("mmap", True), verbose=False)
     if spec["engine"] == "first":
         from .runtime import FirstModel
 
@@ -50,11 +57,26 @@ def worker(spec: dict) -> dict:
         llm = PlainModel(spec["path"], **kw)
     prompt = _prompt_tokens(llm, spec["prompt_tokens"])
     # warm-up: pages the weights in and builds the graphs; then a fixed count of decode steps
-    greedy(llm, prompt, WARMUP_DECODE + 1, eog=False)
+    greedy(llm, prompt[:WARMUP_PROMPT], WARMUP_DECODE + 1, eog=False)
     g = greedy(llm, prompt, spec["decode_tokens"] + 1, eog=False)
     skipped = g.skipped if spec["engine"] == "first" else spec.get("pruned", [])
     return {"prefill_tok_s": len(prompt) / g.t_prefill, "decode_tok_s": g.n_decode / g.t_decode,
-            "skipped_layers": skipped}
+            "peak_rss_mb": peak_rss_mb(), "skipped_layers": skipped}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set of this process in MiB: Linux's ``VmHWM`` (of this program image only;
+    ``ru_maxrss`` would carry the parent's peak across fork and exec), else ``ru_maxrss``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
+    import resource  # POSIX only
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, KiB elsewhere
 
 
 def _prompt_tokens(llm, n: int) -> list[int]:
@@ -76,74 +98,146 @@ def _run_worker(spec: dict, lib_path: Path | None) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_bench(model: Path, skip_count: int = 6, repeats: int = 5, prompt_tokens: int = 128,
-              decode_tokens: int = 64, threads: int | None = None, stock: bool = True,
-              strategies: list[str] | None = None, heal: Path | None = None) -> dict:
-    """Measure full, first, mask, pruned (and stock) side by side; with ``heal`` (a healing
-    adapter) also its skip set unhealed (``heal_mask``) and healed (``healed``).
+def run_bench(model: Path, skip_count: int = 6, repeats: int = 5, ctx: Sequence[int] = (128,),
+              decode_tokens: int = 64, threads: Sequence[int] | None = None, stock: bool = True,
+              strategies: list[str] | None = None, heal: Path | None = None, fresh_files: bool = True,
+              mmap: bool = True) -> dict:
+    """Measure full, first, mask, pruned (and stock) side by side, in every cell (context x threads);
+    with ``heal`` (a healing adapter) also its skip set unhealed (``heal_mask``) and healed (``healed``).
+
+    Args:
+        model: the GGUF (a FiRST-GGUF adds the ``first`` strategy).
+        skip_count: middle layers that ``mask`` and ``pruned`` leave out.
+        repeats: interleaved repeats of every strategy in every cell.
+        ctx: prompt lengths, one cell each: the context every decode step runs at.
+        decode_tokens: decode steps timed per measurement.
+        threads: CPU thread counts, one cell each (default: every core).
+        stock: also the stock-library strategies (builds the stock library once).
+        strategies: a subset of the strategy names (``full`` always runs).
+        heal: a healing adapter.
+        fresh_files: every strategy reads a copy written anew at the start of the run (the model,
+            the pruned file, the routers-free copy), so no file is measured with an older, more
+            scattered page cache than another (``bench_files``); False: the model file as it is.
+        mmap: map the weights from the page cache (llama.cpp's default); False reads them into each
+            worker's own memory, which no page-cache history can slow down (costs load time and memory).
 
     Returns:
-        ``{"model", "setup", "strategies": {name: {decode_tok_s, prefill_tok_s, skipped_layers,
-        decode_ratio, prefill_ratio, ...}}}``.
+        ``{"model", "setup", "cells": [{"ctx", "threads", "strategies": {name: {decode_tok_s, decode_spread,
+        decode_ratio, decode_ratio_spread, prefill_..., peak_rss_mb, peak_rss_spread, skipped_layers, runs}}}]}``;
+        ``setup["files"]`` gives each file's mean physically contiguous page run before and after (Linux, root).
     """
-    from . import build
-    from .format import inspect_gguf, prune_gguf
+    from .format import inspect_gguf
 
+    ctxs = _positive(ctx, "context length")
+    thread_counts = _positive(threads or [os.cpu_count() or 1], "thread count")
     info = inspect_gguf(model)
-    n_layer, threads = info["n_layer"], threads or os.cpu_count() or 1
+    n_layer = info["n_layer"]
     skip = middle_layers(n_layer, skip_count)
-    base = dict(prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, threads=threads)
-    specs = [dict(base, name="full", engine="first", path=str(model), mode="full")]
+    cells = [(c, t) for c in ctxs for t in thread_counts]
+    with tempfile.TemporaryDirectory(dir=model.parent) as tmp:
+        stock = stock and (not strategies or bool({"pruned", "stock", "patched_plain"} & set(strategies)))
+        files = _bench_files(model, info, skip, Path(tmp), plain=stock, fresh=fresh_files)
+        layout = {key: {"file": path.name, "page_run_before": page_run(path)} for key, path in files.items()}
+        specs, stock_lib = _strategy_specs(files, info, skip, stock, strategies, heal)
+        runs = {cell: {s["name"]: [] for s in specs} for cell in cells}
+        for r in range(repeats):
+            for c, t in cells:
+                cell = runs[(c, t)]
+                for spec in specs[r % len(specs):] + specs[:r % len(specs)]:  # rotate: no strategy always first
+                    lib = stock_lib if spec.get("lib") == "stock" else None
+                    job = dict(spec, prompt_tokens=c, decode_tokens=decode_tokens, threads=t, mmap=mmap)
+                    cell[spec["name"]].append(_run_worker(job, lib))
+                _log(f"repeat {r + 1}/{repeats}, ctx {c}, {t} threads: " + ", ".join(
+                    f"{k} {v[-1]['decode_tok_s']:.1f}" for k, v in cell.items()) + " decode tok/s")
+        for key, path in files.items():
+            layout[key]["page_run_after"] = page_run(path)
+    setup = dict(ctx=ctxs, threads=thread_counts, decode_tokens=decode_tokens, repeats=repeats,
+                 skip_count=skip_count, n_layer=n_layer, fresh_files=fresh_files, mmap=mmap, files=layout,
+                 machine=_machine(), date=time.strftime("%Y-%m-%d %H:%M"))
+    return {"model": str(model), "setup": setup,
+            "cells": [{"ctx": c, "threads": t, "strategies": {k: _summary(v, runs[(c, t)]["full"])
+                                                              for k, v in runs[(c, t)].items()},
+                       "pairs": _pairs(runs[(c, t)])} for c, t in cells]}
+
+
+# paired decode ratios the targets are stated in (docs/SPEED.md): in-graph skipping against the
+# pruned file, and the patched library (with and without routers in the file) against stock
+PAIRS = (("mask", "pruned"), ("full", "stock"), ("patched_plain", "stock"), ("pruned_patched", "pruned"))
+
+
+def _pairs(cell: dict[str, list[dict]]) -> dict[str, dict]:
+    out = {}
+    for a, b in PAIRS:
+        if a in cell and b in cell:
+            ratios = [x["decode_tok_s"] / y["decode_tok_s"] for x, y in zip(cell[a], cell[b])]
+            out[f"{a}/{b}"] = {"decode_ratio": statistics.median(ratios), "spread": [min(ratios), max(ratios)]}
+    return out
+
+
+def _positive(values: Sequence[int] | None, what: str) -> list[int]:
+    out = [int(v) for v in values or ()]
+    if not out or min(out) < 1:
+        raise FirstError(f"every {what} must be a positive integer, got {list(values or ())}")
+    return list(dict.fromkeys(out))  # in the order given, each once
+
+
+def _bench_files(model: Path, info: dict, skip: list[int], tmp: Path, plain: bool, fresh: bool) -> dict[str, Path]:
+    """The files the strategies read: ``model``, ``pruned`` and (for the stock library) ``plain``,
+    the model without routers. With ``fresh`` each is a copy written into ``tmp`` back to back."""
+    from .format import prune_gguf
+
+    written = {"pruned": prune_gguf(model, skip, tmp / "pruned.written.gguf")}
+    if plain and info["first"]:  # the stock library cannot load router tensors: strip them (a zero-layer prune)
+        written["plain"] = prune_gguf(model, [], tmp / "plain.written.gguf")
+    if fresh:
+        files = {"model": fresh_copy(model, tmp / "model.gguf")}
+        for key, path in written.items():
+            files[key] = fresh_copy(path, tmp / f"{key}.gguf")
+            path.unlink()
+    else:
+        files = {"model": model, **written}
+    if plain:
+        files.setdefault("plain", files["model"])
+    return files
+
+
+def _strategy_specs(files: dict[str, Path], info: dict, skip: list[int], stock: bool,
+                    strategies: list[str] | None, heal: Path | None) -> tuple[list[dict], Path | None]:
+    """The strategies to measure (name, engine, file, mode, mask, library) and the stock library."""
+    from . import build
+
+    n_layer, model = info["n_layer"], files["model"]
+    specs = [dict(name="full", engine="first", path=str(model), mode="full")]
     if info["first"]:
-        specs.append(dict(base, name="first", engine="first", path=str(model), mode="first"))
-    specs.append(dict(base, name="mask", engine="first", path=str(model), mode="mask",
+        specs.append(dict(name="first", engine="first", path=str(model), mode="first"))
+    specs.append(dict(name="mask", engine="first", path=str(model), mode="mask",
                       mask=[i not in skip for i in range(n_layer)]))
     if heal is not None:
         from .format import read_heal
 
         heal_mask = [i not in read_heal(heal).skip for i in range(n_layer)]
-        specs.append(dict(base, name="heal_mask", engine="first", path=str(model), mode="mask", mask=heal_mask))
-        specs.append(dict(base, name="healed", engine="first", path=str(model), mode="mask", mask=heal_mask,
+        specs.append(dict(name="heal_mask", engine="first", path=str(model), mode="mask", mask=heal_mask))
+        specs.append(dict(name="healed", engine="first", path=str(model), mode="mask", mask=heal_mask,
                           heal=str(heal)))
-    with tempfile.TemporaryDirectory(dir=model.parent) as tmp:
-        pruned = prune_gguf(model, skip, Path(tmp) / "pruned.gguf")
-        stock = stock and (not strategies or bool({"pruned", "stock", "patched_plain"} & set(strategies)))
-        stock_lib = build.ensure_stock_library() if stock else None
-        specs.append(dict(base, name="pruned", engine="plain", path=str(pruned), pruned=skip,
-                          lib="stock" if stock else None))
-        if stock:
-            # the pruned file on the patched library too: separates our graph from the build
-            specs.append(dict(base, name="pruned_patched", engine="plain", path=str(pruned), pruned=skip))
-            specs.append(dict(base, name="stock", engine="plain", path=str(model) if not info["first"]
-                              else str(_plain_copy(model, Path(tmp))), lib="stock"))
-            specs.append(dict(base, name="patched_plain", engine="plain", path=specs[-1]["path"]))
-        if strategies:
-            unknown = set(strategies) - {s["name"] for s in specs}
-            if unknown:
-                raise FirstError(f"unknown or unavailable strategies {sorted(unknown)}; "
-                                 f"choose from {[s['name'] for s in specs]}")
-            specs = [s for s in specs if s["name"] == "full" or s["name"] in strategies]
-        runs: dict[str, list[dict]] = {s["name"]: [] for s in specs}
-        for r in range(repeats):
-            for spec in specs[r % len(specs):] + specs[:r % len(specs)]:  # rotate: no strategy always runs first
-                lib = stock_lib if spec.get("lib") == "stock" else None
-                runs[spec["name"]].append(_run_worker(spec, lib))
-            _log(f"repeat {r + 1}/{repeats}: " + ", ".join(
-                f"{k} {v[-1]['decode_tok_s']:.1f}" for k, v in runs.items()) + " decode tok/s")
-    return {"model": str(model), "setup": dict(base, repeats=repeats, skip_count=skip_count, n_layer=n_layer,
-                                               machine=_machine(), date=time.strftime("%Y-%m-%d %H:%M")),
-            "strategies": {k: _summary(v, runs["full"]) for k, v in runs.items()}}
-
-
-def _plain_copy(model: Path, tmp: Path) -> Path:
-    # the stock library cannot load router tensors: strip them (a zero-layer prune)
-    from .format import prune_gguf
-
-    return prune_gguf(model, [], tmp / "plain.gguf")
+    pruned = files["pruned"]
+    stock_lib = build.ensure_stock_library() if stock else None
+    specs.append(dict(name="pruned", engine="plain", path=str(pruned), pruned=skip, lib="stock" if stock else None))
+    if stock:
+        # the pruned file on the patched library too: separates our graph from the build
+        specs.append(dict(name="pruned_patched", engine="plain", path=str(pruned), pruned=skip))
+        specs.append(dict(name="stock", engine="plain", path=str(files["plain"]), lib="stock"))
+        specs.append(dict(name="patched_plain", engine="plain", path=specs[-1]["path"]))
+    if strategies:
+        unknown = set(strategies) - {s["name"] for s in specs}
+        if unknown:
+            raise FirstError(f"unknown or unavailable strategies {sorted(unknown)}; "
+                             f"choose from {[s['name'] for s in specs]}")
+        specs = [s for s in specs if s["name"] == "full" or s["name"] in strategies]
+    return specs, stock_lib
 
 
 def _summary(runs: list[dict], full: list[dict]) -> dict:
-    out = {"skipped_layers": runs[0]["skipped_layers"]}
+    out: dict = {"skipped_layers": runs[0]["skipped_layers"]}
     for key in ("decode_tok_s", "prefill_tok_s"):
         vals = [r[key] for r in runs]
         ratios = [r[key] / f[key] for r, f in zip(runs, full)]
@@ -151,6 +245,9 @@ def _summary(runs: list[dict], full: list[dict]) -> dict:
         out[key.replace("tok_s", "spread")] = [min(vals), max(vals)]
         out[key.replace("tok_s", "ratio")] = statistics.median(ratios)
         out[key.replace("tok_s", "ratio_spread")] = [min(ratios), max(ratios)]
+    rss = [r["peak_rss_mb"] for r in runs]
+    out["peak_rss_mb"], out["peak_rss_spread"] = statistics.median(rss), [min(rss), max(rss)]
+    out["runs"] = [{k: v for k, v in r.items() if k != "skipped_layers"} for r in runs]  # every repeat, in order
     return out
 
 
@@ -161,16 +258,29 @@ def _machine() -> str:
 
 
 def format_bench(result: dict) -> str:
-    """A table: one row per strategy."""
+    """A table per cell (context x threads): one row per strategy."""
     s = result["setup"]
-    lines = [f"{result['model']}: {s['n_layer']} layers, prompt {s['prompt_tokens']}, decode {s['decode_tokens']}, "
-             f"{s['threads']} threads, {s['repeats']} interleaved repeats ({s['machine']}, {s['date']})",
-             f"{'strategy':<14}{'decode tok/s':>14}{'x full':>8}{'ratio spread':>16}{'prefill tok/s':>15}"
-             f"{'x full':>8}  skipped"]
-    for name, r in result["strategies"].items():
-        lo, hi = r["decode_ratio_spread"]
-        lines.append(f"{name:<14}{r['decode_tok_s']:>14.1f}{r['decode_ratio']:>8.3f}{f'{lo:.2f}-{hi:.2f}':>16}"
-                     f"{r['prefill_tok_s']:>15.1f}{r['prefill_ratio']:>8.3f}  {r['skipped_layers']}")
+    lines = [f"{result['model']}: {s['n_layer']} layers, decode {s['decode_tokens']}, {s['repeats']} interleaved "
+             f"repeats ({s['machine']}, {s['date']})"]
+    runs = {k: (f["page_run_before"], f["page_run_after"]) for k, f in s.get("files", {}).items()}
+    if any(v != (None, None) for v in runs.values()):
+        how = ("fresh copies" if s.get("fresh_files") else "files as cached") + (
+            "" if s.get("mmap", True) else ", weights read into memory (no mmap)")
+        lines.append(f"{how}; mean contiguous page run before/after (1 = scattered pages): "
+                     + ", ".join(f"{k} {b}/{a}" for k, (b, a) in runs.items()))
+    for cell in result["cells"]:
+        lines += ["", f"context {cell['ctx']}, {cell['threads']} thread{'s' if cell['threads'] > 1 else ''}",
+                  f"{'strategy':<16}{'decode tok/s':>13}{'x full':>8}{'ratio spread':>14}{'prefill tok/s':>15}"
+                  f"{'x full':>8}{'peak RSS MB':>13}  skipped"]
+        for name, r in cell["strategies"].items():
+            lo, hi = r["decode_ratio_spread"]
+            lines.append(f"{name:<16}{r['decode_tok_s']:>13.1f}{r['decode_ratio']:>8.3f}{f'{lo:.2f}-{hi:.2f}':>14}"
+                         f"{r['prefill_tok_s']:>15.1f}{r['prefill_ratio']:>8.3f}{r['peak_rss_mb']:>13.0f}"
+                         f"  {r['skipped_layers']}")
+        if cell.get("pairs"):
+            lines.append("paired decode ratios: " + ", ".join(
+                f"{k} {v['decode_ratio']:.3f} ({v['spread'][0]:.2f}-{v['spread'][1]:.2f})"
+                for k, v in cell["pairs"].items()))
     return "\n".join(lines)
 
 

@@ -201,26 +201,37 @@ def version(as_json: bool) -> None:
 @cli.command()
 @click.argument("model", type=PathArg, required=False)
 @click.option("--skip-count", default=6, show_default=True, help="Middle layers the mask/pruned strategies skip.")
-@click.option("--repeats", default=5, show_default=True, help="Interleaved repeats of every strategy.")
-@click.option("--prompt-tokens", default=128, show_default=True)
+@click.option("--repeats", default=5, show_default=True, help="Interleaved repeats of every strategy in every cell.")
+@click.option("--ctx", default="128", show_default=True,
+              help="Comma-separated prompt lengths, one cell each: the context every decode step runs at, "
+                   "e.g. 128,1024,4096.")
 @click.option("--decode-tokens", default=64, show_default=True)
-@click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
+@click.option("--threads", default=None, help="Comma-separated CPU thread counts, one cell each, e.g. 1,2,4 "
+                                              "(default: all cores).")
 @click.option("--no-stock", is_flag=True, help="Skip the stock-library strategies (no stock build).")
 @click.option("--strategies", default=None, help="Comma-separated subset, e.g. first,mask (full always runs).")
 @click.option("--heal", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="A healing adapter: adds its skip set unhealed (heal_mask) and healed (healed).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def bench(model: Path | None, skip_count: int, repeats: int, prompt_tokens: int, decode_tokens: int,
-          threads: int | None, no_stock: bool, strategies: str | None, heal: Path | None, as_json: bool) -> None:
-    """Decode/prefill speed of full, first, mask, pruned and stock, side by side."""
+@click.option("--no-fresh-files", is_flag=True,
+              help="Read the model file as it is cached, not a fresh copy like the pruned file's (a page cache of "
+                   "scattered pages decodes slower: docs/SPEED.md).")
+@click.option("--no-mmap", is_flag=True,
+              help="Read the weights into each worker's memory instead of mapping the file (no page-cache effect).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (every repeat's figures).")
+def bench(model: Path | None, skip_count: int, repeats: int, ctx: str, decode_tokens: int, threads: str | None,
+          no_stock: bool, strategies: str | None, heal: Path | None, no_fresh_files: bool, no_mmap: bool,
+          as_json: bool) -> None:
+    """Decode/prefill speed and peak memory of full, first, mask, pruned and stock, side by side,
+    per context length and thread count."""
     from . import bench as b
     from .models import DEFAULT_MODEL
     from .shipped import first_gguf_path
 
     result = b.run_bench(model or first_gguf_path(DEFAULT_MODEL), skip_count=skip_count, repeats=repeats,
-                         prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, threads=threads,
-                         stock=not no_stock, strategies=strategies.split(",") if strategies else None,
-                         heal=heal)
+                         ctx=_csv(ctx, int, "--ctx"), decode_tokens=decode_tokens,
+                         threads=_csv(threads, int, "--threads"), stock=not no_stock,
+                         strategies=strategies.split(",") if strategies else None, heal=heal,
+                         fresh_files=not no_fresh_files, mmap=not no_mmap)
     click.echo(json.dumps(result, indent=1) if as_json else b.format_bench(result))
 
 

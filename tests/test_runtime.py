@@ -350,12 +350,15 @@ def test_graph_reuse_never_serves_another_mask(default_first, default_tokens):
 def test_bench_json_has_every_strategy(default_first):
     from first_gguf.bench import run_bench
 
-    res = run_bench(default_first, skip_count=6, repeats=1, prompt_tokens=16, decode_tokens=4, threads=2)
-    assert {"full", "first", "mask", "pruned", "pruned_patched", "stock", "patched_plain"} == set(res["strategies"])
-    for name, r in res["strategies"].items():
-        assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0, name
-    assert res["strategies"]["mask"]["skipped_layers"] == list(SKIP)
-    assert res["strategies"]["pruned"]["skipped_layers"] == list(SKIP)
-    assert res["strategies"]["full"]["skipped_layers"] == []
-    routed = res["strategies"]["first"]["skipped_layers"]
+    res = run_bench(default_first, skip_count=6, repeats=1, ctx=[16], decode_tokens=4, threads=[2])
+    (cell,) = res["cells"]
+    strategies = cell["strategies"]
+    assert {"full", "first", "mask", "pruned", "pruned_patched", "stock", "patched_plain"} == set(strategies)
+    for name, r in strategies.items():
+        assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["peak_rss_mb"] > 0, name
+    assert strategies["mask"]["skipped_layers"] == list(SKIP)
+    assert strategies["pruned"]["skipped_layers"] == list(SKIP)
+    assert strategies["full"]["skipped_layers"] == []
+    assert set(cell["pairs"]) == {"mask/pruned", "full/stock", "patched_plain/stock", "pruned_patched/pruned"}
+    routed = strategies["first"]["skipped_layers"]
     assert routed and 0 not in routed and 23 not in routed  # the spread routers skip some layers

@@ -1,0 +1,97 @@
+"""`first-gguf bench` on a tiny converted qwen2 (4 layers, f32): the result has every cell
+(context x threads) and every strategy, with the spread, every repeat's figures and the
+workers' peak resident set. Structure only: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from first_gguf.bench import format_bench, peak_rss_mb, run_bench
+from first_gguf.bench_files import fresh_copy, page_run
+from first_gguf.cli import cli
+from first_gguf.errors import FirstError
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+STRATEGIES = {"full", "first", "mask", "pruned"}
+
+
+@pytest.fixture(scope="module")
+def tiny_first(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import tiny_ckpt
+    from first_gguf.convert import convert_hf
+    from first_gguf.format import make_identity_routers
+
+    work = tmp_path_factory.mktemp("bench")
+    model, hf_dir = tiny_ckpt.checkpoint_dir("qwen2", work)
+    n_layer, n_embd = model.config.num_hidden_layers, model.config.hidden_size
+    return convert_hf(hf_dir, work / "tiny.first.gguf", routers=make_identity_routers(n_layer, n_embd),
+                      outtype="f32")
+
+
+def test_every_cell_and_strategy(tiny_first: Path) -> None:
+    res = run_bench(tiny_first, skip_count=1, repeats=2, ctx=[8, 24], decode_tokens=3, threads=[1, 2], stock=False)
+    assert res["setup"]["ctx"] == [8, 24] and res["setup"]["threads"] == [1, 2]
+    files = res["setup"]["files"]  # fresh copies of every file the strategies read
+    assert res["setup"]["fresh_files"] and set(files) == {"model", "pruned"}
+    assert {f["file"] for f in files.values()} == {"model.gguf", "pruned.gguf"}
+    for f in files.values():
+        assert all(f[k] is None or f[k] >= 1.0 for k in ("page_run_before", "page_run_after"))
+    assert [(c["ctx"], c["threads"]) for c in res["cells"]] == [(8, 1), (8, 2), (24, 1), (24, 2)]
+    for cell in res["cells"]:
+        assert set(cell["strategies"]) == STRATEGIES
+        for name, r in cell["strategies"].items():
+            where = f"ctx {cell['ctx']}, {cell['threads']} threads, {name}"
+            assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0, where
+            assert r["peak_rss_mb"] > 0, where
+            for key in ("decode", "prefill", "peak_rss"):
+                lo, hi = r[f"{key}_spread"]
+                assert 0 < lo <= hi, where
+            assert len(r["runs"]) == 2 and all(run["peak_rss_mb"] > 0 for run in r["runs"]), where
+        assert cell["strategies"]["full"]["decode_ratio"] == 1.0
+        assert set(cell["pairs"]) == {"mask/pruned"} and cell["pairs"]["mask/pruned"]["decode_ratio"] > 0
+        assert cell["strategies"]["mask"]["skipped_layers"] == [1]
+        assert cell["strategies"]["pruned"]["skipped_layers"] == [1]
+    table = format_bench(res)
+    for c, t in [(8, 1), (8, 2), (24, 1), (24, 2)]:
+        assert f"context {c}, {t} thread{'s' if t > 1 else ''}" in table
+    assert "paired decode ratios: mask/pruned" in table
+    assert "peak RSS MB" in table and all(name in table for name in STRATEGIES)
+    json.dumps(res)  # the JSON output keeps all of it
+
+
+def test_cli_json_and_bad_lists(tiny_first: Path) -> None:
+    runner = CliRunner()
+    args = ["bench", str(tiny_first), "--repeats", "1", "--decode-tokens", "2", "--skip-count", "1", "--no-stock",
+            "--strategies", "mask"]
+    out = runner.invoke(cli, [*args, "--ctx", "8,16", "--threads", "1", "--no-fresh-files", "--no-mmap", "--json"])
+    assert out.exit_code == 0, out.output
+    res = json.loads(out.stdout)
+    assert not res["setup"]["fresh_files"] and res["setup"]["files"]["model"]["file"] == tiny_first.name
+    assert res["setup"]["mmap"] is False
+    assert [(c["ctx"], c["threads"]) for c in res["cells"]] == [(8, 1), (16, 1)]
+    assert all(set(c["strategies"]) == {"full", "mask"} for c in res["cells"])
+    bad = runner.invoke(cli, [*args, "--ctx", "8,x"])
+    assert bad.exit_code != 0 and "--ctx" in bad.output
+    zero = runner.invoke(cli, [*args, "--threads", "0"])
+    assert zero.exit_code != 0 and "thread count" in zero.output
+
+
+def test_positive_lists() -> None:
+    with pytest.raises(FirstError, match="context length"):
+        run_bench(Path("unused.gguf"), ctx=[])  # refused before any file is read
+    assert peak_rss_mb() > 0
+
+
+def test_fresh_copy_and_page_run(tmp_path: Path) -> None:
+    src = tmp_path / "src.bin"
+    src.write_bytes(bytes(range(256)) * 70_000)  # over one 16 MiB chunk
+    dst = fresh_copy(src, tmp_path / "dst.bin")
+    assert dst.read_bytes() == src.read_bytes()
+    run = page_run(dst)  # None without frame numbers (not Linux, or not root)
+    assert run is None or run >= 1.0
