@@ -94,9 +94,9 @@ def terminal():
     opened: list[Terminal] = []
 
     def start(*args: str) -> Terminal:
-        # the routers' point (first mode at 0.5): the status lines and /threshold are about routing
-        point = () if "--point" in args else ("--point", "fast")
-        opened.append(Terminal("chat", "--threads", "1", *point, *args))
+        # the routers (first mode at 0.5): the status lines and /threshold are about routing
+        routing = () if "--point" in args else ("--threshold", "0.5")
+        opened.append(Terminal("chat", "--threads", "1", *routing, *args))
         return opened[-1]
 
     yield start
@@ -106,7 +106,7 @@ def terminal():
 
 def test_a_conversation_with_commands_then_eof(terminal):
     t = terminal("--max-tokens", "16")
-    t.expect(r"24 layers, mode first, point fast")
+    t.expect(r"24 layers, mode first; /help")
     first = t.ask("My name is Ada. Reply with just OK.")
     assert "[first: skipped" in first
     second = t.ask("What is my name?")
@@ -129,7 +129,7 @@ def test_a_conversation_with_commands_then_eof(terminal):
 
     assert "outside [0, 1]; unchanged" in t.ask("/threshold 1.5")
     assert "not a number" in t.ask("/threshold x")
-    assert "threshold 0.5 (set here; the file's is 0.5)" in t.ask("/threshold")  # point fast's, kept by /mode
+    assert "threshold 0.5 (set here; the file's is 0.5)" in t.ask("/threshold")  # --threshold's, kept by /mode
     assert "(threshold 0.2" in t.ask("/threshold 0.2")
     t.ask("/mode first")
     assert "Ada" in t.ask("Repeat my name.")  # the conversation survived the bad commands
@@ -189,7 +189,7 @@ def test_kv_reuse_across_turns_equals_a_fresh_model_per_turn():
 
     path = resolve_model(None)
     # one token per ubatch: a reused prefix and a recomputed one are then bit-identical in llama.cpp
-    kw = dict(n_ctx=2048, n_threads=1, n_threads_batch=1, n_batch=64, n_ubatch=1, point="fast")  # the routers
+    kw = dict(n_ctx=2048, n_threads=1, n_threads_batch=1, n_batch=64, n_ubatch=1, threshold=0.5)  # the routers
     turns = ["Write a Python function that reverses a string.", "Now make it recursive.", "Add a docstring."]
     system = "You are a concise coding assistant."
     chat = ChatSession(FirstModel(path, **kw), system=system, max_tokens=16)
@@ -239,7 +239,7 @@ def test_default_point_and_the_point_command():
         t.expect(r"24 layers, mode mask, point quality")
         listing = t.ask("/point")
         assert re.search(r"\* quality: skip \[4\]", listing) and "balanced: skip [4, 9]" in listing
-        assert "no operating point 'nonsense'; it has quality, balanced, fast; unchanged" in t.ask("/point nonsense")
+        assert "no operating point 'nonsense'; it has quality, balanced; unchanged" in t.ask("/point nonsense")
         assert "(point balanced" in t.ask("/point balanced")
         answer = t.ask("Say hi.")
         assert "[mask: skipped 2/24 layers (point balanced)" in answer, answer

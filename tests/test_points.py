@@ -335,7 +335,7 @@ def test_the_shipped_points_file_is_valid_for_its_model():
     path = shipped.shipped_points_path(models.DEFAULT_MODEL)
     points = fmt.load_points(path, 24, [0, 23])
     assert points.as_json() == {"default": "quality", "points": {
-        "quality": {"skip": [4]}, "balanced": {"skip": [4, 9]}, "fast": {"threshold": 0.5}}}
+        "quality": {"skip": [4]}, "balanced": {"skip": [4, 9]}}}
 
 
 # --- the runtime on a tiny runnable FiRST-GGUF ---------------------------------------------------
@@ -633,7 +633,7 @@ def test_default_model_carries_the_shipped_points(tmp_path, monkeypatch):
 
     llm = FirstModel(path, n_ctx=256, n_threads=1)
     try:
-        assert llm.point == "quality" and llm.points.names == ["quality", "balanced", "fast"]
+        assert llm.point == "quality" and llm.points.names == ["quality", "balanced"]
         g = greedy(llm, llm.tokenize(b"def fibonacci(n):"), 4)
         assert g.report.point == "quality" and g.report.skipped == (4,) and g.report.mode == "mask"
         llm.configure(point="balanced")

@@ -23,8 +23,9 @@ def server(tmp_path_factory):
     from first_gguf.serve_load import server_process
 
     log_path = tmp_path_factory.mktemp("serve") / "server.log"
-    # the routers' point (first mode at 0.5): these tests are about routed requests
-    with open(log_path, "w") as log, server_process(threads=1, n_ctx=N_CTX, log=log, extra=("--point", "fast")) as base:
+    # the routers (first mode at 0.5): these tests are about routed requests
+    with open(log_path, "w") as log, server_process(threads=1, n_ctx=N_CTX, log=log,
+                                                    extra=("--mode", "first", "--threshold", "0.5")) as base:
         yield base, DEFAULT_MODEL
     print(log_path.read_text()[-3000:])
 
@@ -59,7 +60,7 @@ def test_chat_first_fields_are_firstmodels_own_decision(client, server):
     first = r.model_extra["first"]
     _check_first(first)
 
-    llm = FirstModel(resolve_model(None), n_ctx=N_CTX, n_threads=1, n_threads_batch=1, point="fast")
+    llm = FirstModel(resolve_model(None), n_ctx=N_CTX, n_threads=1, n_threads_batch=1, threshold=0.5)
     llm.create_chat_completion(MESSAGES, max_tokens=8, temperature=0)
     rep = llm.last_prefill
     assert first["n_tokens"] == rep.n_tokens
