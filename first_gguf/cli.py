@@ -8,6 +8,8 @@ on stderr and a non-zero exit.
 from __future__ import annotations
 
 import json
+import signal
+import sys
 from pathlib import Path
 
 import click
@@ -357,8 +359,14 @@ for _command in (train, damage, fit_routers, heal):
     cli.add_command(_command)
 
 
+def _terminate(signum, frame) -> None:
+    """SIGTERM ends a command as Ctrl-C does: its temporary files and partial outputs are removed."""
+    sys.exit(128 + signum)
+
+
 def main() -> None:
     """Console entry point."""
+    signal.signal(signal.SIGTERM, _terminate)
     cli()
 
 

@@ -95,3 +95,27 @@ def test_fresh_copy_and_page_run(tmp_path: Path) -> None:
     assert dst.read_bytes() == src.read_bytes()
     run = page_run(dst)  # None without frame numbers (not Linux, or not root)
     assert run is None or run >= 1.0
+
+
+def test_sigterm_removes_the_runs_file_copies(tiny_first: Path) -> None:
+    """A bench stopped by SIGTERM (a service manager, `kill`) leaves no copies of the model behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    before = set(tiny_first.parent.iterdir())
+    proc = subprocess.Popen([sys.executable, "-m", "first_gguf.cli", "bench", str(tiny_first), "--repeats", "500",
+                             "--no-stock", "--threads", "1", "--ctx", "8"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not [p for p in set(tiny_first.parent.iterdir()) - before if p.name.startswith("tmp")]:
+            assert proc.poll() is None and time.monotonic() < deadline, "the bench made no copies"
+            time.sleep(0.1)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+    assert set(tiny_first.parent.iterdir()) == before
