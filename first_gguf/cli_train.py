@@ -114,11 +114,12 @@ def fit_routers(model: str, labels: Path, output: Path, d_ref: float | None, epo
 @click.option("--layers", default=None, help="Layers that get adapters, e.g. 5,10 (default: the first kept "
               "layer after each skipped run).")
 @click.option("--max-response-tokens", default=None, type=int)
+@click.option("--families", default=None, help="Built-in families to train on, e.g. instruct (default: code,instruct,prose).")
 @click.option("--outtype", default="f16", show_default=True, help="f32, f16, bf16 or q8_0.")
 @click.option("--threads", default=None, type=int, help="torch threads (default: all cores).")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
 def heal(model: str, skip: str, output: Path, run_dir: Path | None, examples: int | None, epochs: int | None,
-         rank: int | None, lr: float | None, targets: str | None, layers: str | None, max_response_tokens: int | None, outtype: str,
+         rank: int | None, lr: float | None, targets: str | None, layers: str | None, max_response_tokens: int | None, families: str | None, outtype: str,
          threads: int | None, force: bool) -> None:
     """Train a decode-only healing adapter for one skip set of MODEL (GGUF file or zoo name).
 
@@ -132,8 +133,20 @@ def heal(model: str, skip: str, output: Path, run_dir: Path | None, examples: in
 
     opts = {"examples": examples, "epochs": epochs, "rank": rank, "lr": lr, "max_response": max_response_tokens,
             "targets": tuple(_csv(targets, str, "--targets")) if targets else None,
-            "layers": tuple(sorted(parse_layers(layers))) if layers else None}
+            "layers": tuple(sorted(parse_layers(layers))) if layers else None,
+            "families": _families(families)}
     cfg = dataclasses.replace(HealConfig(skip=tuple(sorted(parse_layers(skip)))),
                               **{k: v for k, v in opts.items() if v is not None})
     click.echo(heal_gguf(str(_gguf(model)), cfg, output, run_dir=run_dir, threads=threads, outtype=outtype,
                          force=force, source=" ".join(["first-gguf", "heal", *sys.argv[2:]])))
+
+
+def _families(value: str | None) -> tuple[str, ...] | None:
+    from .prompts import FAMILIES
+
+    names = _csv(value, str, "--families")
+    bad = [n for n in names or () if n not in FAMILIES]
+    if bad:
+        raise click.BadParameter(f"{', '.join(bad)}: not a built-in family ({', '.join(FAMILIES)})",
+                                 param_hint="--families")
+    return names

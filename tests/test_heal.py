@@ -190,3 +190,22 @@ def test_training_lowers_heldout_kl_resumes_and_writes_the_file(tiny, tmp_path, 
     other = HealConfig(**{**cfg.__dict__, "rank": 2})
     with pytest.raises(FirstError, match="another run"):
         heal_gguf(str(hf_dir), other, tmp_path / "h2.gguf", run_dir=tmp_path / "h.gguf.run", threads=1)
+
+
+def test_cli_trains_on_the_families_given(tiny, tmp_path):
+    """`first-gguf heal --families` reaches the run (its heal.json), and an unknown family is refused."""
+    from click.testing import CliRunner
+
+    from first_gguf.cli import cli
+
+    _, hf_dir, _, _, _ = tiny
+    out = tmp_path / "h.gguf"
+    args = ["heal", str(hf_dir), "--skip", "1", "-o", str(out), "--examples", "4", "--rank", "2",
+            "--max-response-tokens", "8", "--outtype", "f32", "--threads", "1"]
+    bad = CliRunner().invoke(cli, [*args, "--families", "code,poetry"])
+    assert bad.exit_code == 2 and "poetry: not a built-in family" in bad.output and not out.exists()
+    res = CliRunner().invoke(cli, [*args, "--families", "code"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "h.gguf.run" / "heal.json").read_text())
+    assert summary["config"]["families"] == ["code"] and read_heal(out).skip == SKIP
+
