@@ -18,7 +18,6 @@ from .cli_args import PathArg, csv_values as _csv
 from .errors import FirstError
 
 
-
 class _Group(click.Group):
     """Turns a FirstError into click's one-line "Error: ..." and exit code 1."""
 
