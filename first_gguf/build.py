@@ -135,7 +135,7 @@ def fetch_sdist(base: Base, cache: Path) -> Path:
     _ensure_build_backend()  # pip prepares the sdist's metadata with it
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         _log(f"downloading llama-cpp-python=={base.version} (sdist)")
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+        run_command([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
               "--no-build-isolation", f"llama-cpp-python=={base.version}", "-d", tmp],
              what="pip download of the sdist")
         got = Path(tmp) / base.sdist_name
@@ -197,7 +197,7 @@ def apply_patches(tree: Path, patches: list[Path]) -> list[str]:
     return states
 
 
-def _run(cmd: list[str], what: str, env: dict | None = None, cwd: Path | None = None,
+def run_command(cmd: list[str], what: str, env: dict | None = None, cwd: Path | None = None,
          log: Path | None = None) -> None:
     """Run ``cmd``; on failure raise BuildError with the tail of its output."""
     out = open(log, "w") if log else subprocess.PIPE
@@ -218,7 +218,7 @@ def _ensure_build_backend() -> None:
         import scikit_build_core  # noqa: F401
     except ImportError:
         _log(f"installing the build backend ({SCIKIT_BUILD_CORE})")
-        _run([sys.executable, "-m", "pip", "install", SCIKIT_BUILD_CORE], what="pip install")
+        run_command([sys.executable, "-m", "pip", "install", SCIKIT_BUILD_CORE], what="pip install")
     if shutil.which("cmake") is None and shutil.which("ninja") is None:
         raise BuildError("building needs cmake (>= 3.21) and a C++17 compiler on PATH")
 
@@ -232,7 +232,7 @@ def build_wheel(tree: Path, key: str, args: list[str], out: Path, build_dir: Pat
     log = out / "build.log"
     _log(f"building the patched wheel (a few minutes; log: {log})")
     t0 = time.monotonic()
-    _run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation", "-w", str(out),
+    run_command([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation", "-w", str(out),
           "-C", f"build-dir={build_dir}", str(tree)], what="wheel build", env=env, log=log)
     wheels = sorted(out.glob("llama_cpp_python-*.whl"))
     if not wheels:
@@ -250,7 +250,7 @@ def installed_build_key() -> str | None:
 
 def install_wheel(wheel: Path) -> None:
     _log(f"installing {wheel.name}")
-    _run([sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", str(wheel)],
+    run_command([sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", str(wheel)],
          what="pip install of the patched wheel")
 
 
@@ -319,9 +319,9 @@ def ensure_stock_library(cache: Path | None = None, extra_cmake_args: str | None
     tree = extract_sdist(fetch_sdist(base, cache), root / "src")
     _log(f"building the stock library for comparisons (a few minutes; log: {root / 'build.log'})")
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-    _run(["cmake", "-S", str(tree), "-B", str(root / "build"), *gen, *args, "-DCMAKE_BUILD_TYPE=Release"],
+    run_command(["cmake", "-S", str(tree), "-B", str(root / "build"), *gen, *args, "-DCMAKE_BUILD_TYPE=Release"],
          what="cmake configure (stock)", log=root / "configure.log")
-    _run(["cmake", "--build", str(root / "build"), "--target", "llama", "-j", str(os.cpu_count() or 1)],
+    run_command(["cmake", "--build", str(root / "build"), "--target", "llama", "-j", str(os.cpu_count() or 1)],
          what="cmake build (stock)", log=root / "build.log")
     stamp.write_text(json.dumps({"key": key, "cmake_args": args}))
     return libdir
@@ -359,9 +359,9 @@ def dev_build(dev: Path, extra_cmake_args: str | None = None) -> Path:
     head = _git(["rev-parse", "--short", "HEAD"], tree).stdout.strip()
     args = [*cmake_args(extra_cmake_args), f"-DLLAMA_FIRST_BUILD_KEY=dev-{head}", "-DCMAKE_BUILD_TYPE=Release"]
     gen = ["-G", "Ninja"] if shutil.which("ninja") and not (build / "CMakeCache.txt").exists() else []
-    _run(["cmake", "-S", str(tree), "-B", str(build), *gen, *args], what="cmake configure",
+    run_command(["cmake", "-S", str(tree), "-B", str(build), *gen, *args], what="cmake configure",
          log=dev / "configure.log")
-    _run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 1)], what="cmake build",
+    run_command(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 1)], what="cmake build",
          log=dev / "build.log")
     return build / "bin"
 

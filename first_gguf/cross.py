@@ -101,8 +101,8 @@ def ensure_tools(target: Target, install: bool = True) -> None:
         raise BuildError(f"{what}; install them as root with apt-get install --no-install-recommends")
     _log(f"{what}: installing with apt-get")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    build._run([*root, "apt-get", "update", "-qq"], what="apt-get update", env=env)
-    build._run([*root, "apt-get", "install", "-y", "--no-install-recommends", *APT_PACKAGES],
+    build.run_command([*root, "apt-get", "update", "-qq"], what="apt-get update", env=env)
+    build.run_command([*root, "apt-get", "install", "-y", "--no-install-recommends", *APT_PACKAGES],
                what="apt-get install", env=env)
     if missing_tools(target):
         raise BuildError(f"apt-get installed {' '.join(APT_PACKAGES)} but {', '.join(missing_tools(target))} "
@@ -159,9 +159,9 @@ def ensure_cross_library(target: Target, cache: Path | None = None, force: bool 
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
     _log(f"cross-compiling the patched library for {target.name} (minutes; log: {root / 'build.log'})")
     t0 = time.monotonic()
-    build._run(["cmake", "-S", str(src), "-B", str(out), *gen, *args, f"-DLLAMA_FIRST_BUILD_KEY={key}"],
+    build.run_command(["cmake", "-S", str(src), "-B", str(out), *gen, *args, f"-DLLAMA_FIRST_BUILD_KEY={key}"],
                what=f"cmake configure ({target.name})", log=root / "configure.log")
-    build._run(["nice", "-n", "10", "cmake", "--build", str(out), "--target", "llama",
+    build.run_command(["nice", "-n", "10", "cmake", "--build", str(out), "--target", "llama",
                 "-j", str(os.cpu_count() or 1)], what=f"cmake build ({target.name})", log=root / "build.log")
     seconds = time.monotonic() - t0
     _log(f"built the {target.name} library in {seconds:.0f} s")
@@ -223,7 +223,7 @@ def compile_driver(lib: Library, target: Target | None = None, cache: Path | Non
     out.parent.mkdir(parents=True, exist_ok=True)
     includes = [f"-I{d}" for d in lib.include_dirs]
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        build._run([cc, "-std=c11", "-O2", "-Wall", "-Wextra", *includes, str(DRIVER_SOURCE), "-o", f"{tmp}/d",
+        build.run_command([cc, "-std=c11", "-O2", "-Wall", "-Wextra", *includes, str(DRIVER_SOURCE), "-o", f"{tmp}/d",
                     f"-L{lib.lib_dir}", "-lllama", "-lggml", "-lggml-base", f"-Wl,-rpath,{lib.lib_dir}", "-lm"],
                    what=f"compiling {DRIVER_SOURCE.name} ({target.name if target else 'host'})")
         os.replace(f"{tmp}/d", out)
