@@ -13,8 +13,11 @@ it is empty. At the prompt, Ctrl-C twice in a row or Ctrl-D quits.
 from __future__ import annotations
 
 import contextlib
+import os
+import select
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,15 +170,96 @@ def _status_line(turn: Turn) -> str:
     return f"[{where}, {s.decode_tok_s:.1f} tok/s, {s.t_total:.2f} s{cut}]"
 
 
-@contextlib.contextmanager
-def _sigint_as_flag() -> Iterator[Callable[[], bool]]:
-    """While an answer streams, Ctrl-C only sets a flag: no KeyboardInterrupt inside the runtime's bookkeeping."""
-    hit: list[bool] = []
-    previous = signal.signal(signal.SIGINT, lambda *_: hit.append(True))
-    try:
-        yield lambda: bool(hit)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+class _CtrlC:
+    """Ctrl-C for a whole chat session: one SIGINT handler from the first prompt to the last.
+
+    Presses are counted from the handler's wakeup fd, so a press is never lost whatever the main
+    thread is doing. While an answer streams a press only counts (``pending()`` stops it), so no
+    KeyboardInterrupt lands inside the runtime; ``read`` raises KeyboardInterrupt once per press,
+    also for one that came after an answer's last token. CPython's line reader prints the prompt,
+    then waits in select(): a SIGINT landing in between is only acted on at the next key, so a
+    watcher thread pokes the main thread with SIGUSR2 every 50 ms while a press waits at the
+    prompt (select returns EINTR and the handler runs).
+    """
+
+    POKE = signal.SIGUSR2
+
+    def __init__(self) -> None:
+        self.pressed = 0  # SIGINTs counted from the wakeup fd (under _lock)
+        self.taken = 0  # presses acted on: an answer stopped, or a KeyboardInterrupt at the prompt
+        self.reading = False
+        self._lock = threading.Lock()
+        self._interrupt = KeyboardInterrupt()
+
+    def __enter__(self) -> "_CtrlC":
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        self._saved = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, self.POKE)}
+        self._wakeup = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+        self._watcher = threading.Thread(target=self._watch, args=(threading.main_thread().ident,),
+                                         name="ctrl-c", daemon=True)
+        self._watcher.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.write(self._w, b"\0")  # no signal is numbered 0: the watcher ends (then no poke can come)
+        self._watcher.join()
+        signal.set_wakeup_fd(self._wakeup)
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+        os.close(self._r)
+        os.close(self._w)
+
+    def pending(self) -> bool:
+        self._count()
+        return self.taken < self.pressed
+
+    def take_all(self) -> None:
+        """The presses so far did their work (they stopped an answer)."""
+        self._count()
+        self.taken = self.pressed
+
+    def read(self, reader: Callable[[str], str], prompt: str) -> str:
+        """``reader(prompt)``; a Ctrl-C pressed before it returns raises KeyboardInterrupt, one per press."""
+        while True:
+            if self.pending():
+                self.taken += 1
+                raise KeyboardInterrupt
+            self._interrupt = KeyboardInterrupt()
+            try:
+                self.reading = True
+                return reader(prompt)
+            except KeyboardInterrupt:
+                pass  # the loop takes the press; a late poke alone reads again
+            finally:
+                self.reading = False
+
+    def _on_signal(self, signum, frame) -> None:
+        # no calls here: input() may run handlers with its KeyboardInterrupt already set, and
+        # then a handler can only raise (an exception it has to create or a None it returns
+        # would be a SystemError)
+        if self.reading:
+            raise self._interrupt
+
+    def _count(self) -> bool:
+        """Count the SIGINTs the wakeup fd holds; True once ``__exit__`` asked the watcher to end."""
+        with self._lock:
+            try:
+                data = os.read(self._r, 4096)
+            except BlockingIOError:
+                return False
+            self.pressed += data.count(signal.SIGINT)
+        return 0 in data
+
+    def _watch(self, main: int) -> None:
+        while True:
+            owed = self.reading and self.taken < self.pressed
+            if select.select([self._r], [], [], 0.05 if owed else None)[0]:
+                if self._count():
+                    return
+            elif self.reading and self.taken < self.pressed:
+                signal.pthread_kill(main, self.POKE)
 
 
 def command(session: ChatSession, line: str) -> str:
@@ -243,11 +327,19 @@ def _threshold(llm, arg: str) -> str:
 
 def repl(session: ChatSession, read: Callable[[str], str] = input, out: TextIO = sys.stdout,
          err: TextIO = sys.stderr) -> None:
-    """Read lines until EOF or Ctrl-C twice at the prompt; answer them or run their /command."""
+    """Read lines until EOF or Ctrl-C twice at the prompt; answer them or run their /command.
+
+    Call it from the main thread: it owns SIGINT (and SIGUSR2) while it runs.
+    """
+    with _CtrlC() as ctrl_c:
+        _loop(session, ctrl_c, read, out, err)
+
+
+def _loop(session: ChatSession, ctrl_c: _CtrlC, read: Callable[[str], str], out: TextIO, err: TextIO) -> None:
     armed = False  # the last prompt ended in Ctrl-C
     while True:
         try:
-            line = read("you> ").strip()
+            line = ctrl_c.read(read, "you> ").strip()
         except EOFError:
             print(file=out)
             return
@@ -264,20 +356,22 @@ def repl(session: ChatSession, read: Callable[[str], str] = input, out: TextIO =
         if line.startswith("/"):
             print(command(session, line), file=out, flush=True)
             continue
-        _answer(session, line, out, err)
+        _answer(session, line, ctrl_c, out, err)
 
 
-def _answer(session: ChatSession, line: str, out: TextIO, err: TextIO) -> None:
+def _answer(session: ChatSession, line: str, ctrl_c: _CtrlC, out: TextIO, err: TextIO) -> None:
     def show(piece: str) -> None:
         out.write(piece)
         out.flush()
 
-    with _sigint_as_flag() as stop:
-        try:
-            turn = session.ask(line, on_piece=show, stop=stop)
-        except FirstError as exc:
-            print(f"error: {exc}", file=err, flush=True)
-            return
+    try:
+        turn = session.ask(line, on_piece=show, stop=ctrl_c.pending)
+    except FirstError as exc:
+        print(f"error: {exc}", file=err, flush=True)
+        return
+    if turn.stats.interrupted:
+        ctrl_c.take_all()
+    # a press after the last token was checked stays pending: the prompt takes it as its Ctrl-C
     print(file=out, flush=True)
     print(_status_line(turn), file=err, flush=True)
 
