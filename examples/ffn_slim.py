@@ -70,6 +70,8 @@ class Thinned:
         self.layers = self.model.model.layers
         self.record: dict[str, torch.Tensor] | None = None
         self.keep: torch.Tensor | None = None  # [n_layer, n_ff] 0/1
+        self._full_rows: list[dict] | None = None  # the rows self._cache holds full's results for
+        self._cache: list[tuple] = []
         self.down_norm = torch.stack([l.mlp.down_proj.weight.pow(2).sum(0) for l in self.layers])
         for i, layer in enumerate(self.layers):
             layer.mlp.forward = self._mlp(i, layer.mlp)
@@ -96,22 +98,31 @@ class Thinned:
         out, self.record = {k: v.numpy() for k, v in self.record.items()}, None
         return out
 
+    def _full(self, rows: list[dict]) -> list[tuple]:
+        """Per row (prompt, continuation, the prompt's KV cache, full's log-probs): computed once."""
+        if self._full_rows is not rows:
+            t, self._cache = self.torch, []
+            for r in rows:
+                p, c = t.tensor([r["prompt"]]), t.tensor([r["cont"]])
+                kv = self.model(p, use_cache=True).past_key_values
+                ref = self.model(c, past_key_values=copy.deepcopy(kv), use_cache=True).logits[0]
+                self._cache.append((p, c, kv, ref.log_softmax(-1)))
+            self._full_rows = rows
+        return self._cache
+
     def kl(self, rows: list[dict], keep: np.ndarray, decode_only: bool) -> float:
         """Mean teacher-forced KL(full || thinned) over the rows' continuation tokens."""
         t, vals = self.torch, []
-        for r in rows:
-            p, c = t.tensor([r["prompt"]]), t.tensor([r["cont"]])
-            out = self.model(p, use_cache=True)
-            ref = self.model(c, past_key_values=copy.deepcopy(out.past_key_values), use_cache=True).logits[0]
+        for p, c, kv, ref in self._full(rows):
             self.keep = t.from_numpy(keep.astype(np.float32))
             try:
                 if decode_only:
-                    got = self.model(c, past_key_values=out.past_key_values, use_cache=True).logits[0]
+                    got = self.model(c, past_key_values=copy.deepcopy(kv), use_cache=True).logits[0]
                 else:
                     got = self.model(t.cat([p, c], 1)).logits[0, p.shape[1]:]
             finally:
                 self.keep = None
-            ref, got = ref.log_softmax(-1), got.log_softmax(-1)
+            got = got.log_softmax(-1)
             vals.append(float((ref.exp() * (ref - got)).sum(-1).mean()))
         return float(np.mean(vals))
 
