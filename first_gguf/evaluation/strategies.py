@@ -90,7 +90,7 @@ class Strategy:
             llm.configure(point=self.point)
             return
         llm.configure(mode=self.mode, mask=self.mask(llm.n_layer), prefill=self.prefill,
-                      threshold=self.threshold, heal=self.heal)
+                      threshold=self.threshold, heal=self.heal, thin=())  # no thin FFN left from a point
         if self.mode == "first" and self.threshold is None:
             llm.reset_threshold()
 

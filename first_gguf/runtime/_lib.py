@@ -164,6 +164,20 @@ class FirstLib:
     @_c_function("llama_first_get_prefill_tokens", [llama_context_p], _i32)
     def get_prefill_tokens(self, ctx: llama_context_p | int) -> int: ...
 
+    # --- thin FFN stand-ins (format version 2) --------------------------------------------------
+
+    # int32_t llama_first_model_thin_width(const struct llama_model * model, int32_t il);
+    @_c_function("llama_first_model_thin_width", [llama_model_p, _i32], _i32)
+    def model_thin_width(self, model: llama_model_p | int, il: int) -> int: ...
+
+    # int32_t llama_first_set_thin(struct llama_context * ctx, const uint8_t * thin, int32_t n);
+    @_c_function("llama_first_set_thin", [llama_context_p, _u8p, _i32], _i32)
+    def set_thin(self, ctx: llama_context_p | int, thin: CtypesArray[ctypes.c_uint8], n: int) -> int: ...
+
+    # int32_t llama_first_get_thin(const struct llama_context * ctx, uint8_t * thin, int32_t n);
+    @_c_function("llama_first_get_thin", [llama_context_p, _u8p, _i32], _i32)
+    def get_thin(self, ctx: llama_context_p | int, thin: CtypesArray[ctypes.c_uint8], n: int) -> int: ...
+
     # --- layer-input capture (optional: only evaluation and tests read it) ----------------------
 
     # void llama_first_set_layer_inp_capture(struct llama_context * ctx, uint32_t il, bool capture);

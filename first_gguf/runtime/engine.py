@@ -32,6 +32,7 @@ from llama_cpp import llama_cpp
 from ..errors import FirstError
 from . import _lib
 from .healing import Healing
+from .kvcache import KvSegments, _Segment
 from .scoring import Scoring, _Fork
 
 MODES = {"full": _lib.MODE_FULL, "first": _lib.MODE_FIRST, "mask": _lib.MODE_MASK}
@@ -51,6 +52,7 @@ class PrefillReport:
         n_evaluated: positions this prefill evaluated.
         healed: whether the decode that follows runs a healing adapter.
         point: the named operating point configured, None when configured otherwise.
+        thin: layers the decode runs with their thin FFN (docs/FORMAT.md section 7).
     """
 
     mode: str
@@ -61,20 +63,11 @@ class PrefillReport:
     n_evaluated: int
     healed: bool = False
     point: str | None = None
+    thin: tuple[int, ...] = ()
 
     @property
     def skipped(self) -> tuple[int, ...]:
         return tuple(i for i, run in enumerate(self.mask) if not run)
-
-
-@dataclass
-class _Segment:
-    """Cache positions [start, end) and how their KV was computed."""
-
-    start: int
-    end: int
-    kv: bytes | None  # run mask that computed them; None: every layer
-    sums: np.ndarray | None  # router sums over these positions (a `first` prefill)
 
 
 def mask_from_skip(n_layer: int, skip: Iterable[int]) -> list[bool]:
@@ -85,7 +78,7 @@ def mask_from_skip(n_layer: int, skip: Iterable[int]) -> list[bool]:
     return [i not in skip for i in range(n_layer)]
 
 
-class FirstModel(Scoring, Healing, Llama):
+class FirstModel(KvSegments, Scoring, Healing, Llama):
     """A GGUF on the patched llama.cpp, with FiRST layer skipping.
 
     Args:
@@ -99,6 +92,8 @@ class FirstModel(Scoring, Healing, Llama):
         prefill: "full" (the default: the prompt runs every layer) or "masked" (the mask applies
             to the prompt too, as in a GGUF with the skipped blocks removed); "mask" mode only.
         threshold: overrides the file's router threshold, in [0, 1].
+        thin: layers whose decode (in "first" and "mask" modes) uses the file's thin FFN in place
+            of the full one (docs/FORMAT.md section 7); the prompt and "full" never do.
         heal: healing adapters (``first-gguf heal``, docs/FORMAT.md section 6), one path or
             several (one per skip set): llama.cpp's LoRA support applies an adapter while a
             decode mask that skips exactly its set runs, never to a prefill or to ``full``.
@@ -111,7 +106,7 @@ class FirstModel(Scoring, Healing, Llama):
 
     def __init__(self, model_path: str | Path, *, point: str | None = None, mode: str | None = None,
                  mask: Sequence[bool] | None = None, prefill: str | None = None, threshold: float | None = None,
-                 heal: str | Path | Sequence[str | Path] | None = None,
+                 heal: str | Path | Sequence[str | Path] | None = None, thin: Sequence[int] | None = None,
                  **kwargs: Any) -> None:
         from ..format import Points, is_first_gguf, read_first
 
@@ -133,23 +128,30 @@ class FirstModel(Scoring, Healing, Llama):
         heal_paths = [] if heal is None else [heal] if isinstance(heal, (str, Path)) else list(heal)
         self._adapters = self._load_heals(heal_paths)
         self.mode, self.mask, self.prefill_kind, self.threshold, self.point = "full", None, "full", None, None
-        if point is None and mode is None and mask is None and prefill is None and threshold is None:
+        self.thin: tuple[int, ...] = ()
+        if point is None and mode is None and mask is None and prefill is None and threshold is None and thin is None:
             point = self.points.default
         if point is None:
             mode = mode or ("first" if self.has_routers else "full")
-        self.configure(mode=mode, mask=mask, prefill=prefill, threshold=threshold, point=point)
+        self.configure(mode=mode, mask=mask, prefill=prefill, threshold=threshold, point=point, thin=thin)
 
     @property
     def has_routers(self) -> bool:
         return self._flib.model_router_hidden(self._model.model) > 0
 
+    @property
+    def thin_layers(self) -> tuple[int, ...]:
+        """Layers that carry a thin FFN in this file (format version 2)."""
+        return tuple(i for i in range(self.n_layer) if self._flib.model_thin_width(self._model.model, i) > 0)
+
     # --- configuration ---------------------------------------------------------------
 
     def configure(self, mode: str | None = None, mask: Sequence[bool] | None = None,
                   prefill: str | None = None, threshold: float | None = None, heal: bool | None = None,
-                  point: str | None = None) -> None:
+                  point: str | None = None, thin: Sequence[int] | None = None) -> None:
         """Set the mode, mask, prefill kind, threshold and whether healing adapters apply
-        (``heal``; on by default when adapters are loaded), or all of them by naming an
+        (``heal``; on by default when adapters are loaded) and the layers decoded with their
+        thin FFN (``thin``; ``()`` for none; None leaves them), or all of them by naming an
         operating point of the file (``point``, alone); the next generation uses them.
 
         A threshold point is "first" mode at its threshold; a skip point is "mask" mode with
@@ -159,17 +161,20 @@ class FirstModel(Scoring, Healing, Llama):
         Raises:
             FirstError: unknown mode/prefill/point, a point given with any other setting, a
                 mask of the wrong length or skipping every layer, a threshold outside [0, 1],
-                "first" mode without routers, a point's adapter missing or for another set.
+                "first" mode without routers, a point's adapter missing or for another set,
+                a thin layer without a thin FFN in the file.
         """
         if point is not None:
             given = [k for k, v in (("mode", mode), ("mask", mask), ("prefill", prefill), ("threshold", threshold),
-                                    ("heal", heal)) if v is not None]
+                                    ("heal", heal), ("thin", thin)) if v is not None]
             if given:
                 raise FirstError(f"point {point!r} sets the mode, mask, prefill, threshold and healing itself; "
                                  f"give either the point or {', '.join(given)}")
             self._configure_point(point)
             return
         self._configure(mode, mask, prefill, threshold, heal)
+        if thin is not None:
+            self._set_thin(thin)
         self.point = None
 
     def _configure_point(self, name: str) -> None:
@@ -178,12 +183,13 @@ class FirstModel(Scoring, Healing, Llama):
             have = ", ".join(self.points.names)
             raise FirstError(f"{self.model_path}: no operating point {name!r}; "
                              + (f"it has {have}" if have else "it has no named points"))
-        if p.skip is None:
+        if p.threshold is not None:
             self._configure("first", None, "full", p.threshold, False)
         else:
             if p.heal is not None:
                 self._load_point_heal(p)
-            self._configure("mask", p.mask(self.n_layer), "full", None, p.heal is not None)
+            self._configure("mask", p.mask(self.n_layer) or [True] * self.n_layer, "full", None, p.heal is not None)
+        self._set_thin(p.thin or ())
         self.point = p.name
 
     def _configure(self, mode: str | None, mask: Sequence[bool] | None, prefill: str | None,
@@ -229,6 +235,17 @@ class FirstModel(Scoring, Healing, Llama):
         self._check(self._flib.set_mask(self.ctx, buf, self.n_layer), "set_mask")
         self.mask = tuple(mask)
 
+    def _set_thin(self, thin: Iterable[int]) -> None:
+        thin = tuple(sorted({int(i) for i in thin}))
+        if bad := [i for i in thin if not 0 <= i < self.n_layer]:
+            raise FirstError(f"thin layers {bad} out of range for a {self.n_layer}-layer model")
+        if missing := [i for i in thin if i not in self.thin_layers]:
+            raise FirstError(f"{self.model_path}: layers {missing} have no thin FFN in this file"
+                             + (f" (it has {list(self.thin_layers)})" if self.thin_layers else " (it has none)"))
+        buf = (ctypes.c_uint8 * self.n_layer)(*[i in thin for i in range(self.n_layer)])
+        self._check(self._flib.set_thin(self.ctx, buf, self.n_layer), "set_thin")
+        self.thin = thin
+
     def _set_mode(self, mode: str) -> None:
         self._check(self._flib.set_mode(self.ctx, MODES[mode]), "set_mode")
         self.mode = mode
@@ -240,49 +257,6 @@ class FirstModel(Scoring, Healing, Llama):
     @property
     def ctx(self) -> int:
         return self._ctx.ctx
-
-    # --- KV bookkeeping ----------------------------------------------------------------
-
-    def _prefill_kv(self) -> bytes | None:
-        return _kv_key(self.mask) if (self.mode == "mask" and self.prefill_kind == "masked") else None
-
-    def _decode_kv(self) -> bytes | None:
-        if self.mode == "full":
-            return None
-        key = _kv_key(self.mask) if self.mode == "mask" else (
-            _kv_key(self.last_prefill.mask) if self.last_prefill else None)
-        return key + b"h" if key is not None and self._healing is not None else key
-
-    def _compatible_upto(self, limit: int) -> int:
-        """End of the longest prefix of cached segments the next prefill may reuse."""
-        need_kv, need_sums = self._prefill_kv(), self.mode == "first"
-        end = 0
-        for seg in self._segments:
-            if seg.start >= limit or seg.kv != need_kv or (need_sums and seg.sums is None):
-                break
-            if seg.end > limit:  # a segment cut in the middle: its sums are not separable
-                break
-            end = seg.end
-        return end
-
-    def _truncate_segments(self, n: int) -> None:
-        kept = []
-        for seg in self._segments:
-            if seg.start >= n:
-                break
-            if seg.end > n:
-                seg = _Segment(seg.start, n, seg.kv, None)
-            kept.append(seg)
-        self._segments = kept
-
-    def _record(self, start: int, end: int, kv: bytes | None, sums: np.ndarray | None) -> None:
-        if end <= start:
-            return
-        last = self._segments[-1] if self._segments else None
-        if last and last.end == start and last.kv == kv and last.sums is None and sums is None:
-            last.end = end
-        else:
-            self._segments.append(_Segment(start, end, kv, sums))
 
     # --- the llama-cpp-python hooks -----------------------------------------------------
 
@@ -335,7 +309,7 @@ class FirstModel(Scoring, Healing, Llama):
         self._check(self._flib.end_prefill(self.ctx), "end_prefill")
         self._record(start, self.n_tokens, self._prefill_kv(), sums)
         report = self._report(self.n_tokens - start)
-        healable = self.mode != "full" and self.prefill_kind == "full"
+        healable = self.mode != "full" and self.prefill_kind == "full" and not self.thin
         self.last_prefill = dataclasses.replace(report, healed=self._use_heal(report.mask if healable else None),
                                                 point=self.point)
 
@@ -349,7 +323,9 @@ class FirstModel(Scoring, Healing, Llama):
             self._check(self._flib.get_probs(self.ctx, p, self.n_layer), "get_probs")
             probs, threshold = tuple(float(x) for x in p), float(self._flib.get_threshold(self.ctx))
             n_tokens = int(self._flib.get_prefill_tokens(self.ctx))
-        return PrefillReport(self.mode, tuple(bool(m) for m in buf), probs, threshold, n_tokens, n_evaluated)
+        mask = tuple(bool(m) for m in buf)
+        thin = tuple(i for i in self.thin if mask[i]) if self.mode != "full" else ()
+        return PrefillReport(self.mode, mask, probs, threshold, n_tokens, n_evaluated, thin=thin)
 
     def __del__(self) -> None:
         if hasattr(self, "_stack"):  # __init__ may fail before Llama's own
@@ -374,12 +350,6 @@ class FirstModel(Scoring, Healing, Llama):
         self._pending_prefill = True
         self.eval(list(prompt))
         return self.last_prefill
-
-
-def _kv_key(mask: Sequence[bool] | None) -> bytes | None:
-    if mask is None or all(mask):
-        return None
-    return bytes(int(bool(m)) for m in mask)
 
 
 def _f64p(arr: np.ndarray) -> Any:
