@@ -7,8 +7,14 @@ nothing heavy so that any part of the package can use it.
 
 from __future__ import annotations
 
-# Version of the FiRST-GGUF format this package reads and writes (`first.version`).
-FIRST_VERSION = 1
+# Versions of the FiRST-GGUF format (`first.version`): this package reads every one of
+# FIRST_VERSIONS. A writer writes FIRST_VERSION_THIN exactly when the file carries thinned FFNs
+# (the first.thin.* keys and tensors), else FIRST_VERSION_PLAIN, so a file without them stays
+# byte-identical to what version 1 wrote.
+FIRST_VERSION_PLAIN = 1
+FIRST_VERSION_THIN = 2
+FIRST_VERSION = FIRST_VERSION_THIN  # the newest
+FIRST_VERSIONS = (FIRST_VERSION_PLAIN, FIRST_VERSION_THIN)
 
 # --- GGUF keys ---------------------------------------------------------------------------
 KEY_VERSION = "first.version"                       # u32
@@ -21,6 +27,10 @@ KEY_PREFILL = "first.prefill"                       # string
 KEY_TRAIN_SOURCE = "first.train.source"             # string
 KEY_POINTS = "first.points"                         # array[string], optional: named operating points
 KEY_POINTS_DEFAULT = "first.points.default"         # string, optional: the point used when none is asked for
+KEY_THIN_LAYERS = "first.thin.layers"                # array[i32], version 2: layers with a thinned FFN, ascending
+KEY_THIN_WIDTHS = "first.thin.widths"                # array[u32], version 2: kept neurons per listed layer
+KEY_THIN_NEURONS = "first.thin.neurons"              # array[i32], version 2: kept neuron indices, layer after layer
+KEY_THIN_SOURCE = "first.thin.source"                # string, optional: how the neurons were chosen
 
 FIRST_KEY_PREFIX = "first."
 
@@ -37,6 +47,10 @@ REQUIRED_KEYS = (
 OPTIONAL_KEYS = (KEY_TRAIN_SOURCE,)
 # Keys of a FiRST-GGUF only (router files do not carry operating points).
 POINT_KEYS = (KEY_POINTS, KEY_POINTS_DEFAULT)
+# Keys of a file with thinned FFNs (first.version 2): the first three together, the source optional.
+THIN_KEY_PREFIX = "first.thin."
+THIN_REQUIRED_KEYS = (KEY_THIN_LAYERS, KEY_THIN_WIDTHS, KEY_THIN_NEURONS)
+THIN_KEYS = THIN_REQUIRED_KEYS + (KEY_THIN_SOURCE,)
 
 # Allowed values of the string keys (first.version 1 has one each).
 AGGREGATION_MEAN = "mean"
@@ -45,10 +59,12 @@ PREFILL_FULL = "full"
 PREFILL_VALUES = (PREFILL_FULL,)
 
 # Operating points (docs/FORMAT.md section 2): each entry of first.points is
-# "<name>=threshold:<T>" or "<name>=skip:<i>,<j>,...", the skip form optionally followed by
-# ";heal:<file>" (a healing adapter beside the GGUF).
+# "<name>=threshold:<T>", "<name>=skip:<i>,<j>,..." or "<name>=thin:<i>,<j>,...", the first two
+# optionally followed by ";thin:<i>,<j>,..." (layers decoded with their thinned FFN), a skip
+# point without thin by ";heal:<file>" (a healing adapter beside the GGUF).
 POINT_THRESHOLD = "threshold"
 POINT_SKIP = "skip"
+POINT_THIN = "thin"
 POINT_HEAL = "heal"
 
 # --- Defaults ----------------------------------------------------------------------------
@@ -108,3 +124,41 @@ def router_shape(role: str, n_embd: int, hidden: int) -> tuple[int, ...]:
 
 # Roles whose tensor may be stored as F16 in a GGUF (every other one is F32).
 ROUTER_F16_ROLES = (ROUTER_IN_WEIGHT,)
+
+
+# --- Thinned FFNs (first.version 2) ------------------------------------------------------
+# Role -> name template of the decode-only stand-in of a layer's FFN: the kept neurons of
+# ffn_gate / ffn_up (rows, ne [n_embd, w]) and ffn_down (columns, ne [w, n_embd]), in the
+# types of the base tensors they come from (BASE_FFN_TENSORS).
+THIN_GATE = "gate"
+THIN_UP = "up"
+THIN_DOWN = "down"
+
+THIN_TENSORS = {
+    THIN_GATE: "blk.{bid}.first_ffn_gate.weight",
+    THIN_UP: "blk.{bid}.first_ffn_up.weight",
+    THIN_DOWN: "blk.{bid}.first_ffn_down.weight",
+}
+BASE_FFN_TENSORS = {
+    THIN_GATE: "blk.{bid}.ffn_gate.weight",
+    THIN_UP: "blk.{bid}.ffn_up.weight",
+    THIN_DOWN: "blk.{bid}.ffn_down.weight",
+}
+
+# Marker every thin tensor name contains (after `blk.N.`).
+THIN_NAME_MARKER = ".first_ffn_"
+
+
+def thin_tensor_name(role: str, bid: int) -> str:
+    """Name of one thinned-FFN tensor of layer ``bid``."""
+    return THIN_TENSORS[role].format(bid=bid)
+
+
+def base_ffn_name(role: str, bid: int) -> str:
+    """Name of the base FFN tensor of layer ``bid`` a thin tensor is cut from."""
+    return BASE_FFN_TENSORS[role].format(bid=bid)
+
+
+def thin_ne(role: str, n_embd: int, width: int) -> tuple[int, int]:
+    """GGUF shape (``ne``) of one thinned-FFN tensor of ``width`` neurons."""
+    return (width, n_embd) if role == THIN_DOWN else (n_embd, width)

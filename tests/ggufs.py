@@ -79,7 +79,7 @@ def base_tensors(n_layer: int = N_LAYER, n_embd: int = N_EMBD, seed: int = 0) ->
 def first_kv(hidden: int = HIDDEN, n_layer: int = N_LAYER) -> KV:
     """Valid first.* keys, spelled with docs/FORMAT.md's types."""
     values = {
-        C.KEY_VERSION: C.FIRST_VERSION,
+        C.KEY_VERSION: C.FIRST_VERSION_PLAIN,
         C.KEY_ROUTER_HIDDEN_SIZE: hidden,
         C.KEY_ROUTER_NORM_EPS: C.DEFAULT_NORM_EPS,
         C.KEY_ROUTER_THRESHOLD: C.DEFAULT_THRESHOLD,

@@ -117,10 +117,10 @@ def test_installed_library_is_this_checkouts_patched_build() -> None:
 
 def test_c_sources_spell_the_keys_of_constants() -> None:
     patch = "".join(p.read_text() for p in build.patch_files())
-    keys = [*constants.REQUIRED_KEYS]
+    keys = [*constants.REQUIRED_KEYS, *constants.THIN_REQUIRED_KEYS]
     for key in keys:
         assert f'"{key}"' in patch, key
-    for template in constants.ROUTER_TENSORS.values():
+    for template in [*constants.ROUTER_TENSORS.values(), *constants.THIN_TENSORS.values()]:
         stem = template.split(".")[2]  # blk.{bid}.<stem>.weight
         assert f'"blk.%d.{stem}"' in patch, stem
 

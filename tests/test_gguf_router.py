@@ -89,7 +89,7 @@ def test_identity_routers_are_deterministic_per_seed():
 def test_metadata_names_every_first_key():
     meta = _routers().metadata()
     assert set(meta) == set(C.REQUIRED_KEYS + C.OPTIONAL_KEYS)
-    assert meta[C.KEY_VERSION] == C.FIRST_VERSION and meta[C.KEY_ROUTER_HIDDEN_SIZE] == ggufs.HIDDEN
+    assert meta[C.KEY_VERSION] == C.FIRST_VERSION_PLAIN and meta[C.KEY_ROUTER_HIDDEN_SIZE] == ggufs.HIDDEN
     assert meta[C.KEY_ROUTER_THRESHOLD] == 0.375 and meta[C.KEY_PROTECTED_LAYERS] == [0, 2]
 
 
@@ -357,9 +357,9 @@ BAD_FILES = {
                  r"layer 0: blk\.0\.first_router_norm\.weight has type F16, expected F32$"),
     "Q8_0 W1": (_set_tensor(W1, 1, lambda a: gguf.quants.quantize(a, Q.Q8_0), raw=Q.Q8_0),
                 r"layer 1: blk\.1\.first_router_in\.weight has type Q8_0, expected F32 or F16$"),
-    "unknown version": (_set_kv(C.KEY_VERSION, 2), r"unknown first\.version 2 \(this first-gguf reads 1\)$"),
-    "newer version, new key": (_both(_set_kv(C.KEY_VERSION, 2), _set_kv("first.new", 1, T.UINT32)),
-                               r"unknown first\.version 2 "),
+    "unknown version": (_set_kv(C.KEY_VERSION, 3), r"unknown first\.version 3 \(this first-gguf reads 1 and 2\)$"),
+    "newer version, new key": (_both(_set_kv(C.KEY_VERSION, 3), _set_kv("first.new", 1, T.UINT32)),
+                               r"unknown first\.version 3 "),
     "prefill masked": (_set_kv(C.KEY_PREFILL, "masked"),
                        r"first\.prefill is 'masked'; first\.version 1 allows only 'full'$"),
     "aggregation max": (_set_kv(C.KEY_AGGREGATION, "max"), r"first\.aggregation is 'max'; .* allows only 'mean'$"),
@@ -527,8 +527,8 @@ BAD_ROUTER_FILES = {
                           r"no router tensors"),
     "prefill masked": (None, lambda m: m.update({C.KEY_PREFILL: '"masked"'}), r"first\.prefill is 'masked'"),
     "missing key": (None, lambda m: m.pop(C.KEY_VERSION), r"missing key first\.version$"),
-    "newer version": (None, lambda m: m.update({C.KEY_VERSION: "2", "first.new": "1"}),
-                      r"unknown first\.version 2 "),
+    "newer version": (None, lambda m: m.update({C.KEY_VERSION: "3", "first.new": "1"}),
+                      r"unknown first\.version 3 "),
     "not JSON": (None, lambda m: m.update({C.KEY_ROUTER_THRESHOLD: "half"}),
                  r"metadata first\.router\.threshold is not JSON: 'half'$"),
     "wrong JSON type": (None, lambda m: m.update({C.KEY_ROUTER_HIDDEN_SIZE: '"8"'}),

@@ -95,7 +95,7 @@ BAD_SPECS = {  # entry of a 3-layer file, protected layers 0 and 2 -> message af
     "skip out of range": ("q=skip:1,3", r"point 'q=skip:1,3': layer 3 outside 0\.\.2$"),
     "skip protected": ("q=skip:0,1", r"skips protected layers \[0\] \(first\.router\.protected_layers always run\)$"),
     "heal on a threshold": ("q=threshold:0.5;heal:h.gguf", r"only a skip point takes ';heal:FILE\.gguf'$"),
-    "unknown suffix": ("q=skip:1;foo:h.gguf", r"only a skip point takes ';heal:FILE\.gguf'$"),
+    "unknown suffix": ("q=skip:1;foo:h.gguf", r"unexpected 'foo:h\.gguf': the main part may be followed by ';thin:"),
     "heal with a directory": ("q=skip:1;heal:../h.gguf", r"heal '\.\./h\.gguf' is not a file name ending in \.gguf"),
     "heal not gguf": ("q=skip:1;heal:h.bin", r"heal 'h\.bin' is not a file name ending in \.gguf"),
     "heal empty": ("q=skip:1;heal:", r"heal '' is not a file name"),

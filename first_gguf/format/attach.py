@@ -22,15 +22,16 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from ..constants import FIRST_KEY_PREFIX, POINT_KEYS, ROUTER_NAME_MARKER
+from ..constants import FIRST_KEY_PREFIX, FIRST_VERSION_THIN, KEY_VERSION, POINT_KEYS, ROUTER_NAME_MARKER, THIN_KEY_PREFIX
 from ..errors import FormatError
 from ..paths import atomic_output, check_output_path
 from .header import read_header
 from .points import Points, load_points
-from .reader import KEY_TYPES, Reader, field_type, first_from_reader, int_key, model_dims
+from .reader import KEY_TYPES, Reader, field_type, first_from_reader, first_parts_from_reader, int_key, model_dims
 from .router_file import checked_routers
 from .routers import RouterSet, check_w1_dtype, router_arrays
 from .rules import parse_router_name
+from .thin import ThinInfo, thin_from_reader
 from .writer import base_tensors, copied_fields, gguf_writer, write_tensors
 
 PointsArg = Points | dict | str | os.PathLike | None
@@ -39,8 +40,9 @@ logger = logging.getLogger(__name__)
 
 
 def write_gguf(reader: Reader, arch: str, metadata: dict[str, object],
-               new: list[tuple[str, np.ndarray]], path: Path) -> None:
-    """Base KVs and tensors (bytes and types as they are), then the first.* keys and routers.
+               new: list[tuple[str, np.ndarray]], path: Path, raw_fields: list = ()) -> None:
+    """Base KVs and tensors (bytes and types as they are), then the first.* keys, ``raw_fields``
+    of ``reader`` byte for byte (the thinned FFNs' keys), and the routers.
 
     No check of any kind: ``attach_checked`` checks before and reads back after.
     """
@@ -49,7 +51,29 @@ def write_gguf(reader: Reader, arch: str, metadata: dict[str, object],
             writer.copy_field(reader, field)
         for key, value in metadata.items():
             writer.add_key_value(key, value, KEY_TYPES[key][0], sub_type=KEY_TYPES[key][1])
+        for field in raw_fields:
+            writer.copy_field(reader, field)
         write_tensors(writer, reader, [(t.name, t) for t in base_tensors(reader)], new)
+
+
+def base_thin(reader: Reader, where: str) -> tuple[list, ThinInfo | None]:
+    """(first.thin.* fields, checked ThinInfo) of a base that carries thinned FFNs, else ([], None).
+
+    Only the thin part is checked (its keys' types, tensors and their agreement): a base's old
+    routers are replaced, whatever they were.
+    """
+    fields = [f for f in reader.fields.values() if f.name.startswith(THIN_KEY_PREFIX)]
+    meta: dict[str, object] = {KEY_VERSION: FIRST_VERSION_THIN}
+    for field in fields:
+        want = KEY_TYPES.get(field.name)
+        if want is None:
+            raise FormatError(f"{where}: unknown key {field.name}")
+        if field_type(field) != want:
+            raise FormatError(f"{where}: {field.name} has type {field_type(field)[0].name}, expected "
+                              f"{want[0].name}" + (f"[{want[1].name}]" if want[1] else ""))
+        meta[field.name] = field.contents()
+    arch, n_layer, n_embd = model_dims(reader, where)
+    return fields, thin_from_reader(reader, where, meta, arch, n_layer, n_embd)
 
 
 def _verify_written(path: Path, base: Reader, new: list[tuple[str, np.ndarray]], points: Points,
@@ -85,7 +109,8 @@ def attach_routers(base_path: str | os.PathLike, routers: RouterSet | str | os.P
     Every check runs before anything is written (routers valid, base readable, routers sized
     for the base, output path allowed); the file is written to a temporary name next to the
     output, read back and checked, then renamed. A base that is already a FiRST-GGUF has
-    its routers and first.* keys replaced.
+    its routers and first.* keys replaced; its thinned FFNs (first.thin.* keys and tensors,
+    docs/FORMAT.md section 7) are kept as they are.
 
     Args:
         base_path: The base GGUF (any quantization).
@@ -121,14 +146,17 @@ def attach_checked(base_path: str | os.PathLike, routers: RouterSet, out_path: s
         if mine != theirs:
             amount = f"{mine} layers" if what == "layers" else f"n_embd {mine}"
             raise FormatError(f"{routers.source}: routers are for {amount} but {base} has {theirs}")
-    points = Points() if points is None else load_points(points, n_layer, routers.protected_layers)
+    thin_fields, thin = base_thin(reader, str(base))
+    thin_layers = thin.layers if thin else ()
+    points = Points() if points is None else load_points(points, n_layer, routers.protected_layers, thin_layers)
     new = router_arrays(routers, w1_dtype)
     old = [t.name for t in reader.tensors if ROUTER_NAME_MARKER in t.name]
     if old or any(name.startswith(FIRST_KEY_PREFIX) for name in reader.fields):
         logger.warning("%s is already a FiRST-GGUF: replacing its %d router tensors and first.* keys",
                        base, len(old))
     with atomic_output(out) as tmp:
-        write_gguf(reader, arch, routers.metadata() | points.metadata(), new, tmp)
+        metadata = routers.metadata() | points.metadata() | ({KEY_VERSION: FIRST_VERSION_THIN} if thin else {})
+        write_gguf(reader, arch, metadata, new, tmp, thin_fields)
         _verify_written(tmp, reader, new, points, str(out))
     return out
 
@@ -138,7 +166,8 @@ def stamp_points(path: str | os.PathLike, points: PointsArg, out_path: str | os.
     """Copy the FiRST-GGUF ``path`` to ``out_path`` with other operating points; the input is never modified.
 
     Every key/value and tensor but the old ``first.points*`` keys is copied byte for byte, in
-    order; the new keys follow (none for no points). The copy is read back and checked.
+    order (the thinned FFNs too); the new keys follow (none for no points). The copy is read
+    back and checked.
 
     Args:
         path: A valid FiRST-GGUF.
@@ -149,9 +178,10 @@ def stamp_points(path: str | os.PathLike, points: PointsArg, out_path: str | os.
     src, out = Path(path), Path(out_path)
     check_output_path(out, force, inputs=(src,))
     reader = read_header(src)
-    routers, _ = first_from_reader(reader, str(src))
+    routers, _, thin = first_parts_from_reader(reader, str(src))
     arch, n_layer, _ = model_dims(reader, str(src))
-    points = Points() if points is None else load_points(points, n_layer, routers.protected_layers)
+    points = (Points() if points is None else
+              load_points(points, n_layer, routers.protected_layers, thin.layers if thin else ()))
     kept = [f for f in reader.fields.values() if not f.name.startswith("GGUF.")
             and f.name != gguf.Keys.General.ARCHITECTURE and f.name not in POINT_KEYS]
     with atomic_output(out) as tmp:

@@ -2,7 +2,8 @@
 
 A point names one way to run the file: a router threshold (``first`` mode at T) or a fixed
 decode skip set (``mask`` mode, the prompt at full depth), the latter optionally healed by an
-adapter file that lives beside the GGUF. The GGUF stores each point as one string of
+adapter file that lives beside the GGUF; either, or neither (``mask`` mode skipping nothing),
+may decode some layers with their thinned FFN (first.version 2, section 7). The GGUF stores each point as one string of
 ``first.points`` and the default's name in ``first.points.default``; a JSON file
 (``first-gguf attach --points``, ``first-gguf points --set``) says the same as an object.
 Every path checks the same rules here, and messages name the file and the entry.
@@ -19,24 +20,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from ..constants import KEY_POINTS, KEY_POINTS_DEFAULT, POINT_HEAL, POINT_KEYS, POINT_SKIP, POINT_THRESHOLD
+from ..constants import (KEY_POINTS, KEY_POINTS_DEFAULT, KEY_THIN_LAYERS, POINT_HEAL, POINT_KEYS, POINT_SKIP,
+                         POINT_THIN, POINT_THRESHOLD)
 from ..errors import FormatError
 
 NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 _THRESHOLD = re.compile(r"[01](\.[0-9]+)?")
 _LAYERS = re.compile(r"(0|[1-9][0-9]*)(,(0|[1-9][0-9]*))*")
 _HEAL_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*\.gguf")
-GRAMMAR = "NAME=threshold:T or NAME=skip:I,J,... (optionally ;heal:FILE.gguf)"
+GRAMMAR = ("NAME=threshold:T or NAME=skip:I,J,... or NAME=thin:I,J,... (the first two optionally followed by "
+           ";thin:I,J,..., a skip without thin by ;heal:FILE.gguf)")
 
 
 @dataclass(frozen=True)
 class Point:
-    """One operating point: exactly one of ``threshold`` and ``skip``; ``heal`` only with ``skip``.
+    """One operating point: at most one of ``threshold`` and ``skip``, and ``thin`` when neither;
+    ``heal`` only with ``skip`` and never with ``thin``.
 
     Attributes:
         name: [a-z0-9][a-z0-9-]*, at most 32 characters.
         threshold: ``first`` mode at this router threshold, in [0, 1].
         skip: ``mask`` mode skipping these layers in decode (ascending, distinct).
+        thin: layers decoded with their thinned FFN (ascending, distinct, in the file's
+            first.thin.layers, none skipped); alone: ``mask`` mode skipping nothing.
         heal: file name of a healing adapter for ``skip``, in the GGUF's directory.
     """
 
@@ -44,26 +50,48 @@ class Point:
     threshold: float | None = None
     skip: tuple[int, ...] | None = None
     heal: str | None = None
+    thin: tuple[int, ...] | None = None
 
     @property
     def kind(self) -> str:
-        return POINT_THRESHOLD if self.skip is None else POINT_SKIP
+        """``threshold`` (first mode), ``skip`` (mask mode) or ``thin`` (mask mode, nothing skipped)."""
+        if self.threshold is not None:
+            return POINT_THRESHOLD
+        return POINT_SKIP if self.skip is not None else POINT_THIN
 
     def spec(self) -> str:
         """The ``first.points`` entry (canonical: ``parse_spec(p.spec()) == p``)."""
-        if self.skip is None:
-            return f"{self.name}={POINT_THRESHOLD}:{_threshold_text(self.threshold)}"
-        heal = f";{POINT_HEAL}:{self.heal}" if self.heal else ""
-        return f"{self.name}={POINT_SKIP}:{','.join(map(str, self.skip))}{heal}"
+        parts = []
+        if self.threshold is not None:
+            parts.append(f"{POINT_THRESHOLD}:{_threshold_text(self.threshold)}")
+        if self.skip is not None:
+            parts.append(f"{POINT_SKIP}:{_layers_text(self.skip)}")
+        if self.thin is not None:
+            parts.append(f"{POINT_THIN}:{_layers_text(self.thin)}")
+        if self.heal:
+            parts.append(f"{POINT_HEAL}:{self.heal}")
+        return f"{self.name}={';'.join(parts)}"
 
     def mask(self, n_layer: int) -> list[bool] | None:
-        """Run mask of a skip point (True = the layer runs); None for a threshold point."""
-        return None if self.skip is None else [i not in self.skip for i in range(n_layer)]
+        """Run mask of a mask-mode point (True = the layer runs; a thin-only point runs every
+        layer); None for a threshold point."""
+        if self.threshold is not None:
+            return None
+        return [i not in (self.skip or ()) for i in range(n_layer)]
+
+    def thin_mask(self, n_layer: int) -> list[bool] | None:
+        """True where the layer decodes with its thinned FFN; None for a point without thin."""
+        return None if self.thin is None else [i in self.thin for i in range(n_layer)]
 
     def as_json(self) -> dict:
-        if self.skip is None:
-            return {POINT_THRESHOLD: self.threshold}
-        return {POINT_SKIP: list(self.skip), **({POINT_HEAL: self.heal} if self.heal else {})}
+        out: dict[str, object] = {}
+        if self.threshold is not None:
+            out[POINT_THRESHOLD] = self.threshold
+        if self.skip is not None:
+            out[POINT_SKIP] = list(self.skip)
+        if self.thin is not None:
+            out[POINT_THIN] = list(self.thin)
+        return out | ({POINT_HEAL: self.heal} if self.heal else {})
 
 
 @dataclass(frozen=True)
@@ -109,41 +137,64 @@ def _threshold_text(t: float) -> str:
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 
+def _layers_text(layers: Sequence[int]) -> str:
+    return ",".join(map(str, layers))
+
+
 def parse_spec(spec: str, where: str) -> Point:
     """One ``first.points`` entry -> Point (syntax only; ``check_points`` applies the rules)."""
     at = f"{where}: {KEY_POINTS} entry {spec!r}"
     name, eq, body = spec.partition("=")
     if not eq:
         raise FormatError(f"{at}: expected {GRAMMAR}")
-    main, semi, extra = body.partition(";")
-    kind, colon, arg = main.partition(":")
-    if not colon or kind not in (POINT_THRESHOLD, POINT_SKIP):
+    first, *rest = body.split(";")
+    kind, colon, arg = first.partition(":")
+    if not colon or kind not in (POINT_THRESHOLD, POINT_SKIP, POINT_THIN):
         raise FormatError(f"{at}: expected {GRAMMAR}")
-    heal = None
-    if semi:
-        tag, colon, heal = extra.partition(":")
-        if kind != POINT_SKIP or tag != POINT_HEAL or not colon:
+    values: dict[str, str] = {kind: arg}
+    for part in rest:
+        tag, colon, value = part.partition(":")
+        if tag == POINT_HEAL and colon and kind != POINT_SKIP:
             raise FormatError(f"{at}: only a skip point takes ';{POINT_HEAL}:FILE.gguf'")
-    if kind == POINT_THRESHOLD:
+        order, last = [POINT_THIN, POINT_HEAL], list(values)[-1]  # thin, then heal, each once, in this order
+        allowed = order[order.index(last) + 1:] if last in order else order
+        if not colon or tag not in allowed or (tag == POINT_HEAL and POINT_THIN in values):
+            raise FormatError(f"{at}: unexpected {part!r}: the main part may be followed by ';{POINT_THIN}:I,J,...'"
+                              f" (not after thin:) or, for a skip point without thin, ';{POINT_HEAL}:FILE.gguf'")
+        values[tag] = value
+    threshold = None
+    if POINT_THRESHOLD in values:
         if not _THRESHOLD.fullmatch(arg):
             raise FormatError(f"{at}: threshold {arg!r} is not a decimal in [0, 1] (e.g. 0.35)")
-        return Point(name, threshold=float(arg))
-    if not _LAYERS.fullmatch(arg):
-        raise FormatError(f"{at}: skip {arg!r} is not a comma-separated list of layer numbers (e.g. 4,9)")
-    return Point(name, skip=tuple(int(i) for i in arg.split(",")), heal=heal)
+        threshold = float(arg)
+    layers = {}
+    for tag in (POINT_SKIP, POINT_THIN):
+        if tag in values:
+            if not _LAYERS.fullmatch(values[tag]):
+                raise FormatError(f"{at}: {tag} {values[tag]!r} is not a comma-separated list of layer numbers "
+                                  f"(e.g. 4,9)")
+            layers[tag] = tuple(int(i) for i in values[tag].split(","))
+    return Point(name, threshold=threshold, skip=layers.get(POINT_SKIP), heal=values.get(POINT_HEAL),
+                 thin=layers.get(POINT_THIN))
 
 
-def check_points(points: Points, where: str, n_layer: int, protected: Sequence[int]) -> None:
+def check_points(points: Points, where: str, n_layer: int, protected: Sequence[int],
+                 thin_layers: Sequence[int] | None = None) -> None:
     """The rules of docs/FORMAT.md section 2 for operating points; FormatError names ``where`` and the point.
 
-    Names match [a-z0-9][a-z0-9-]* (at most 32) and are unique; a threshold lies in [0, 1]; a
-    skip set is non-empty, ascending, distinct, in 0..n_layer-1, leaves a layer running and
-    skips no protected layer; a heal file is a plain ``*.gguf`` name; the default names a point.
+    Names match [a-z0-9][a-z0-9-]* (at most 32) and are unique; a point has a threshold or a
+    skip set (not both) or only thin layers; a threshold lies in [0, 1]; a skip set is non-empty,
+    ascending, distinct, in 0..n_layer-1, leaves a layer running and skips no protected layer; a
+    heal file is a plain ``*.gguf`` name on a skip point without thin; thin layers are
+    non-empty, ascending, distinct, in range, none skipped, and (``thin_layers`` given: the
+    file's first.thin.layers) each carries a thinned FFN; the default names a point.
     """
     seen: set[str] = set()
     for p in points:
-        if (p.threshold is None) == (p.skip is None):
-            raise FormatError(f"{where}: point {p.name!r}: a point is a threshold or a skip set, exactly one")
+        if p.threshold is not None and p.skip is not None:
+            raise FormatError(f"{where}: point {p.name!r}: a point is a threshold or a skip set, not both")
+        if p.threshold is None and p.skip is None and p.thin is None:
+            raise FormatError(f"{where}: point {p.name!r}: a point is a threshold, a skip set or thin layers")
         at = f"{where}: point {p.spec()!r}"
         if not NAME.fullmatch(p.name):
             raise FormatError(f"{at}: name {p.name!r} must match [a-z0-9][a-z0-9-]* (at most 32 characters)")
@@ -156,6 +207,8 @@ def check_points(points: Points, where: str, n_layer: int, protected: Sequence[i
             _check_skip(at, p, n_layer, protected)
         elif p.heal is not None:
             raise FormatError(f"{at}: only a skip point takes a healing adapter")
+        if p.thin is not None:
+            _check_thin(at, p, n_layer, thin_layers)
     if points.default is not None and points.default not in seen:
         raise FormatError(f"{where}: {KEY_POINTS_DEFAULT} is {points.default!r}, not one of the points "
                           f"({', '.join(points.names) or 'none'})")
@@ -178,8 +231,29 @@ def _check_skip(at: str, p: Point, n_layer: int, protected: Sequence[int]) -> No
                           f"beside the GGUF; no directories)")
 
 
-def points_from_metadata(meta: dict[str, object], where: str, n_layer: int, protected: Sequence[int]) -> Points:
-    """The checked points of a FiRST-GGUF's first.* values (types already checked); none when absent."""
+def _check_thin(at: str, p: Point, n_layer: int, thin_layers: Sequence[int] | None) -> None:
+    thin = list(p.thin)
+    if not thin:
+        raise FormatError(f"{at}: thins no layer; leave thin out instead")
+    if thin != sorted(set(thin)):
+        raise FormatError(f"{at}: thin layers {thin} must be ascending and distinct")
+    if thin[0] < 0 or thin[-1] >= n_layer:
+        raise FormatError(f"{at}: thin layer {thin[0] if thin[0] < 0 else thin[-1]} outside 0..{n_layer - 1}")
+    if hit := sorted(set(thin) & set(p.skip or ())):
+        raise FormatError(f"{at}: layers {hit} are both skipped and thinned")
+    if p.heal is not None:
+        raise FormatError(f"{at}: a point with thin layers takes no healing adapter")
+    if thin_layers is not None and (missing := sorted(set(thin) - set(thin_layers))):
+        raise FormatError(f"{at}: thin layers {missing} carry no thinned FFN ({KEY_THIN_LAYERS} "
+                          f"{list(thin_layers) or 'absent'})")
+
+
+def points_from_metadata(meta: dict[str, object], where: str, n_layer: int, protected: Sequence[int],
+                         thin_layers: Sequence[int] = ()) -> Points:
+    """The checked points of a FiRST-GGUF's first.* values (types already checked); none when absent.
+
+    ``thin_layers``: the file's first.thin.layers (empty: it has none).
+    """
     specs, default = meta.get(KEY_POINTS), meta.get(KEY_POINTS_DEFAULT)
     if specs is None:
         if default is not None:
@@ -188,19 +262,24 @@ def points_from_metadata(meta: dict[str, object], where: str, n_layer: int, prot
     if not specs:
         raise FormatError(f"{where}: {KEY_POINTS} is empty; leave the key out instead")
     points = Points(tuple(parse_spec(s, where) for s in specs), default)
-    check_points(points, where, n_layer, protected)
+    check_points(points, where, n_layer, protected, thin_layers)
     return points
 
 
-def load_points(source: Points | dict | str | os.PathLike, n_layer: int, protected: Sequence[int]) -> Points:
+def load_points(source: Points | dict | str | os.PathLike, n_layer: int, protected: Sequence[int],
+                thin_layers: Sequence[int] | None = None) -> Points:
     """Checked points from a Points, a JSON object, or a JSON file.
 
     The JSON form: ``{"default": "balanced", "points": {"quality": {"skip": [4]},
-    "fast": {"threshold": 0.5}, "healed": {"skip": [4, 9], "heal": "h.gguf"}}}`` ("default"
-    optional; the points in file order).
+    "fast": {"threshold": 0.5}, "healed": {"skip": [4, 9], "heal": "h.gguf"},
+    "lean": {"thin": [0, 1, 2]}, "fast-thin": {"threshold": 0.5, "thin": [1, 2]}}}``
+    ("default" optional; the points in file order).
+
+    ``thin_layers``: the first.thin.layers of the file the points are for (empty: it has none);
+    None: thin layers are checked for range only.
     """
     if isinstance(source, Points):
-        check_points(source, "points", n_layer, protected)
+        check_points(source, "points", n_layer, protected, thin_layers)
         return source
     where = "points"
     if not isinstance(source, dict):
@@ -212,7 +291,7 @@ def load_points(source: Points | dict | str | os.PathLike, n_layer: int, protect
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise FormatError(f"{where}: not a JSON file ({exc})") from None
     points = _from_json(source, where)
-    check_points(points, where, n_layer, protected)
+    check_points(points, where, n_layer, protected, thin_layers)
     return points
 
 
@@ -226,23 +305,36 @@ def _from_json(data: object, where: str) -> Points:
     return Points(tuple(_point_from_json(name, body, where) for name, body in data["points"].items()), default)
 
 
+_JSON_KEYS = ({POINT_THRESHOLD}, {POINT_SKIP}, {POINT_SKIP, POINT_HEAL}, {POINT_THIN}, {POINT_THRESHOLD, POINT_THIN},
+              {POINT_SKIP, POINT_THIN})
+
+
 def _point_from_json(name: str, body: object, where: str) -> Point:
     at = f"{where}: point {name!r}"
     keys = set(body) if isinstance(body, dict) else None
-    if keys not in ({POINT_THRESHOLD}, {POINT_SKIP}, {POINT_SKIP, POINT_HEAL}):
+    if keys not in _JSON_KEYS:
         raise FormatError(f'{at}: expected {{"threshold": T}} or {{"skip": [I, J, ...]}} (optionally with '
-                          f'"heal": FILE.gguf), got {body!r}')
+                          f'"heal": FILE.gguf), either optionally with "thin": [I, J, ...], or {{"thin": [I, J, ...]}}, '
+                          f'got {body!r}')
+    threshold = None
     if POINT_THRESHOLD in body:
         t = body[POINT_THRESHOLD]
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
             raise FormatError(f"{at}: threshold {t!r} is not a number")
-        return Point(name, threshold=float(t))
-    skip, heal = body[POINT_SKIP], body.get(POINT_HEAL)
-    if not isinstance(skip, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in skip):
-        raise FormatError(f"{at}: skip {skip!r} is not a list of layer numbers")
+        threshold = float(t)
+    layers = {}
+    for tag in (POINT_SKIP, POINT_THIN):
+        if tag not in body:
+            layers[tag] = None
+            continue
+        value = body[tag]
+        if not isinstance(value, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in value):
+            raise FormatError(f"{at}: {tag} {value!r} is not a list of layer numbers")
+        layers[tag] = tuple(value)
+    heal = body.get(POINT_HEAL)
     if heal is not None and not isinstance(heal, str):
         raise FormatError(f"{at}: heal {heal!r} is not a file name")
-    return Point(name, skip=tuple(skip), heal=heal)
+    return Point(name, threshold=threshold, skip=layers[POINT_SKIP], heal=heal, thin=layers[POINT_THIN])
 
 
 def size_without_points(path: str | os.PathLike) -> int:

@@ -3,7 +3,8 @@ reference that ``mask`` mode with ``prefill=masked`` must match (docs/FORMAT.md 
 
 Like ``llama-quantize --prune-layers``: the kept blocks are renumbered 0..k-1, the block
 count and any per-layer array key are cut to them, every other key and tensor is copied
-byte for byte. Router tensors and ``first.*`` keys are dropped (the result is a plain GGUF).
+byte for byte. Router tensors, thinned FFNs and ``first.*`` keys are dropped (the result is a
+plain GGUF).
 numpy + gguf only.
 """
 
@@ -16,7 +17,7 @@ from typing import Any, Iterable
 
 from gguf import GGUFValueType
 
-from ..constants import FIRST_KEY_PREFIX, ROUTER_NAME_MARKER
+from ..constants import FIRST_KEY_PREFIX, ROUTER_NAME_MARKER, THIN_NAME_MARKER
 from ..errors import FormatError
 from ..paths import atomic_output, check_output_path
 from .header import read_header
@@ -73,12 +74,12 @@ def _copy_fields(writer: CopyWriter, reader: Reader, arch: str, n_layer: int, ke
 
 
 def _kept_tensors(reader: Reader, keep: list[int]) -> list[tuple[str, Any]]:
-    """(new name, tensor) of every tensor but the routers and the removed blocks; blocks renumbered."""
+    """(new name, tensor) of every tensor but the routers, thinned FFNs and removed blocks; blocks renumbered."""
     renumber = {old: new for new, old in enumerate(keep)}
     kept = []
     for t in reader.tensors:
         m = _BLOCK.match(t.name)
-        if ROUTER_NAME_MARKER in t.name or (m and int(m.group(1)) not in renumber):
+        if ROUTER_NAME_MARKER in t.name or THIN_NAME_MARKER in t.name or (m and int(m.group(1)) not in renumber):
             continue
         kept.append((f"blk.{renumber[int(m.group(1))]}.{m.group(2)}" if m else t.name, t))
     return kept

@@ -15,7 +15,7 @@ are ``rules``', shared with the router files.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import gguf
 from gguf import GGUFValueType
@@ -34,12 +34,14 @@ from ..constants import (
     KEY_VERSION,
     POINT_KEYS,
     ROUTER_NAME_MARKER,
+    THIN_KEYS,
 )
 from ..errors import FormatError
 from .header import GGUFHeader, read_header
 from .points import Points, points_from_metadata
 from .routers import RouterSet, routers_from_metadata
 from .rules import KNOWN_KEYS, StoredTensor, check_keys_present, check_metadata, check_version, collect_layers
+from .thin import THIN_KEY_TYPES, ThinInfo, thin_from_reader
 
 # GGUF type of each first.* key (docs/FORMAT.md section 2): (type, array item type).
 KEY_TYPES: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {
@@ -53,6 +55,7 @@ KEY_TYPES: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {
     KEY_TRAIN_SOURCE: (GGUFValueType.STRING, None),
     KEY_POINTS: (GGUFValueType.ARRAY, GGUFValueType.STRING),
     KEY_POINTS_DEFAULT: (GGUFValueType.STRING, None),
+    **THIN_KEY_TYPES,
 }
 Reader = gguf.GGUFReader | GGUFHeader
 _INT_TYPES = (GGUFValueType.UINT8, GGUFValueType.UINT16, GGUFValueType.UINT32, GGUFValueType.UINT64,
@@ -120,7 +123,7 @@ def _first_metadata(reader: Reader, where: str) -> dict[str, object]:
     version = fields.get(KEY_VERSION)
     if version is not None and field_type(version) == KEY_TYPES[KEY_VERSION]:
         check_version(where, version.contents())
-    check_keys_present(where, list(fields), KNOWN_KEYS + POINT_KEYS)
+    check_keys_present(where, list(fields), KNOWN_KEYS + POINT_KEYS + THIN_KEYS)
     meta = {}
     for key, field in fields.items():
         got, want = field_type(field), KEY_TYPES[key]
@@ -138,15 +141,30 @@ def _stored(tensor: Any) -> StoredTensor:
     return StoredTensor(tensor.name, shape, tensor.tensor_type.name, tensor.data)
 
 
-def first_from_reader(reader: Reader, where: str) -> tuple[RouterSet, Points]:
-    """Validate an open GGUF's FiRST part (messages name ``where``); return its routers and points."""
-    _, n_layer, n_embd = model_dims(reader, where)
+class FirstParts(NamedTuple):
+    """Everything a valid FiRST-GGUF declares: routers, operating points, thinned FFNs (or None)."""
+
+    routers: RouterSet
+    points: Points
+    thin: ThinInfo | None
+
+
+def first_parts_from_reader(reader: Reader, where: str) -> FirstParts:
+    """Validate an open GGUF's FiRST part (messages name ``where``); return all of it."""
+    arch, n_layer, n_embd = model_dims(reader, where)
     meta = _first_metadata(reader, where)
     check_metadata(where, meta, n_layer)
     stored = {t.name: _stored(t) for t in reader.tensors if ROUTER_NAME_MARKER in t.name}
     tensors = collect_layers(where, stored, n_layer, n_embd, meta[KEY_ROUTER_HIDDEN_SIZE], gguf_ne=True)
-    points = points_from_metadata(meta, where, n_layer, meta[KEY_PROTECTED_LAYERS])
-    return routers_from_metadata(meta, n_layer, n_embd, tensors, where), points
+    thin = thin_from_reader(reader, where, meta, arch, n_layer, n_embd)
+    points = points_from_metadata(meta, where, n_layer, meta[KEY_PROTECTED_LAYERS], thin.layers if thin else ())
+    return FirstParts(routers_from_metadata(meta, n_layer, n_embd, tensors, where), points, thin)
+
+
+def first_from_reader(reader: Reader, where: str) -> tuple[RouterSet, Points]:
+    """Validate an open GGUF's FiRST part (messages name ``where``); return its routers and points."""
+    parts = first_parts_from_reader(reader, where)
+    return parts.routers, parts.points
 
 
 def routers_from_reader(reader: Reader, where: str) -> RouterSet:
@@ -181,6 +199,11 @@ def read_points(path: str | os.PathLike) -> Points:
 def read_first(path: str | os.PathLike) -> tuple[RouterSet, Points]:
     """The routers and operating points of a FiRST-GGUF, validated once."""
     return first_from_reader(read_header(path), str(path))
+
+
+def read_first_parts(path: str | os.PathLike) -> FirstParts:
+    """The routers, operating points and thinned FFNs (None: none) of a FiRST-GGUF, validated once."""
+    return first_parts_from_reader(read_header(path), str(path))
 
 
 def gguf_w1_dtype(path: str | os.PathLike) -> str:

@@ -19,7 +19,7 @@ from ..constants import (
     DEFAULT_HIDDEN_SIZE,
     DEFAULT_NORM_EPS,
     DEFAULT_THRESHOLD,
-    FIRST_VERSION,
+    FIRST_VERSION_PLAIN,
     KEY_AGGREGATION,
     KEY_PREFILL,
     KEY_PROTECTED_LAYERS,
@@ -82,7 +82,7 @@ class RouterSet:
     def metadata(self) -> dict[str, object]:
         """The first.* keys of a FiRST-GGUF carrying these routers -> their values."""
         return {
-            KEY_VERSION: FIRST_VERSION,
+            KEY_VERSION: FIRST_VERSION_PLAIN,
             KEY_ROUTER_HIDDEN_SIZE: self.hidden_size,
             KEY_ROUTER_NORM_EPS: self.norm_eps,
             KEY_ROUTER_THRESHOLD: self.threshold,

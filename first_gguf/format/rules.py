@@ -19,6 +19,7 @@ from ..constants import (
     AGGREGATION_VALUES,
     FIRST_KEY_PREFIX,
     FIRST_VERSION,
+    FIRST_VERSIONS,
     KEY_AGGREGATION,
     KEY_PREFILL,
     KEY_PROTECTED_LAYERS,
@@ -70,8 +71,9 @@ def numpy_dtype_name(dtype: np.dtype) -> str:
 
 def check_version(where: str, version: object) -> None:
     """Checked before anything else, so a file of a newer version says so rather than fail on a new key."""
-    if version != FIRST_VERSION:
-        raise FormatError(f"{where}: unknown {KEY_VERSION} {version} (this first-gguf reads {FIRST_VERSION})")
+    if version not in FIRST_VERSIONS:
+        raise FormatError(f"{where}: unknown {KEY_VERSION} {version} (this first-gguf reads "
+                          f"{' and '.join(map(str, FIRST_VERSIONS))})")
 
 
 def check_keys_present(where: str, keys: set[str] | list[str], known: tuple[str, ...] = KNOWN_KEYS) -> None:
@@ -122,7 +124,7 @@ def check_metadata(where: str, meta: dict[str, object], n_layer: int) -> None:
         raise FormatError(f"{where}: {KEY_PROTECTED_LAYERS} {protected} lists a layer twice")
     for key, allowed in ((KEY_AGGREGATION, AGGREGATION_VALUES), (KEY_PREFILL, PREFILL_VALUES)):
         if meta[key] not in allowed:
-            raise FormatError(f"{where}: {key} is {meta[key]!r}; first.version {FIRST_VERSION} "
+            raise FormatError(f"{where}: {key} is {meta[key]!r}; first.version {meta[KEY_VERSION]} "
                               f"allows only {', '.join(map(repr, allowed))}")
 
 

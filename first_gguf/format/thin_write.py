@@ -1,0 +1,208 @@
+"""Write thinned FFNs into a FiRST-GGUF (``docs/FORMAT.md`` section 7): ``first-gguf thin``'s writer.
+
+The FiRST-GGUF is rewritten byte for byte (``writer``), never in place: every key and tensor
+as it is, but ``first.version`` (2) and any old ``first.thin.*`` keys and thin tensors, which
+are replaced. Per thinned layer, ``ffn_gate`` / ``ffn_up`` rows (one neuron each) are copied
+as their stored bytes; ``ffn_down`` is dequantized (gguf-py), its neuron columns selected and
+quantized again to its own type by ggml's quantizer (``ggml_quantize_chunk`` of the library
+llama-cpp-python ships; F32 / F16 / BF16 exactly with numpy). Written to a temporary file
+beside the output, read back and checked, renamed. numpy + gguf (+ ctypes) only, never torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+import os
+import types
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from ..constants import (
+    FIRST_VERSION_THIN,
+    KEY_VERSION,
+    THIN_DOWN,
+    THIN_KEY_PREFIX,
+    THIN_NAME_MARKER,
+    THIN_TENSORS,
+    thin_tensor_name,
+)
+from ..errors import FirstError, FormatError
+from ..paths import atomic_output, check_output_path
+from .header import read_header
+from .reader import KEY_TYPES, Reader, first_parts_from_reader, model_dims
+from .thin import ThinInfo, base_ffn, block_size, ffn_length, top_neurons
+from .writer import gguf_writer, write_tensors
+
+# Types numpy converts exactly (a selection of already-stored values); everything else goes
+# through ggml's own quantizer.
+_NUMPY_TYPES = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}
+
+
+@functools.lru_cache(maxsize=1)
+def ggml_quantizer() -> Any:
+    """``ggml_quantize_chunk`` of the libggml-base that llama-cpp-python ships (or LLAMA_CPP_LIB_PATH's)."""
+    lib_dir = os.environ.get("LLAMA_CPP_LIB_PATH")
+    if not lib_dir:
+        spec = importlib.util.find_spec("llama_cpp")
+        if spec is None or spec.origin is None:
+            raise FirstError("llama-cpp-python is not installed: its ggml quantizer requantizes ffn_down")
+        lib_dir = str(Path(spec.origin).parent / "lib")
+    path = Path(lib_dir) / "libggml-base.so"
+    if not path.is_file():
+        raise FirstError(f"{path}: no such library (ggml's quantizer requantizes ffn_down)")
+    fn = ctypes.CDLL(str(path)).ggml_quantize_chunk
+    fn.restype = ctypes.c_size_t
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_int64, ctypes.c_void_p]
+    return fn
+
+
+def quantize(arr: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """Rows of float values -> the GGUF data of a ``qtype`` tensor (float rows for F32 / F16, else
+    uint8 rows of blocks), as ggml quantizes them (no importance matrix)."""
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if qtype in _NUMPY_TYPES:
+        return arr.astype(_NUMPY_TYPES[qtype])
+    rows, n = arr.shape
+    block, size = GGML_QUANT_SIZES[qtype]
+    if n % block:
+        raise FormatError(f"a row of {n} values is not a multiple of {qtype.name}'s block of {block}")
+    out = np.zeros((rows, n // block * size), dtype=np.uint8)
+    if ggml_quantizer()(int(qtype), arr.ctypes.data, out.ctypes.data, 0, rows, n, None) != out.nbytes:
+        raise FormatError(f"ggml_quantize_chunk wrote an unexpected size for {qtype.name}")
+    return out
+
+
+def select_columns(tensor: Any, idx: np.ndarray) -> np.ndarray:
+    """Columns ``idx`` (``ne0`` positions) of a stored 2-D tensor, in its own type: F32 / F16
+    exactly, any other type dequantized, selected and quantized again by ggml."""
+    from gguf.quants import dequantize
+
+    if tensor.tensor_type in _NUMPY_TYPES:
+        return np.ascontiguousarray(np.asarray(tensor.data)[:, idx])
+    return quantize(dequantize(tensor.data, tensor.tensor_type)[:, idx], tensor.tensor_type)
+
+
+def thin_tensors(reader: Reader, where: str, neurons: Mapping[int, np.ndarray]) -> list[tuple[str, Any]]:
+    """(name, tensor with ``data`` and ``tensor_type``) of the thin FFN of every layer in ``neurons``,
+    in layer order, gate / up / down each."""
+    arch, _, n_embd = model_dims(reader, where)
+    out = []
+    for layer in sorted(neurons):
+        idx = np.asarray(neurons[layer], dtype=np.int64)
+        base = base_ffn(reader, where, layer, n_embd, ffn_length(reader, arch, layer, where))
+        for role in THIN_TENSORS:
+            t = base[role]
+            data = select_columns(t, idx) if role == THIN_DOWN else np.ascontiguousarray(np.asarray(t.data)[idx])
+            out.append((thin_tensor_name(role, layer), types.SimpleNamespace(data=data, tensor_type=t.tensor_type)))
+    return out
+
+
+def check_neurons(reader: Reader, where: str, neurons: Mapping[int, Sequence[int]]) -> dict[int, np.ndarray]:
+    """The kept neurons per layer, checked against the model before anything is written."""
+    arch, n_layer, n_embd = model_dims(reader, where)
+    if not neurons:
+        raise FirstError(f"{where}: no layer to thin")
+    out = {}
+    for layer in sorted(neurons):
+        if not 0 <= layer < n_layer:
+            raise FirstError(f"{where}: layer {layer} outside 0..{n_layer - 1}")
+        n_ff = ffn_length(reader, arch, layer, where)
+        base = base_ffn(reader, where, layer, n_embd, n_ff)
+        idx = np.asarray(neurons[layer], dtype=np.int64)
+        block, width = block_size(base[THIN_DOWN].tensor_type), len(idx)
+        if not 0 < width < n_ff or width % block:
+            raise FirstError(f"{where}: layer {layer}: width {width} must be in 1..{n_ff - 1} and a multiple of "
+                             f"{block} (the block of its ffn_down's {base[THIN_DOWN].tensor_type.name})")
+        if idx[0] < 0 or idx[-1] >= n_ff or np.any(np.diff(idx) <= 0):
+            raise FirstError(f"{where}: layer {layer}: neurons must be ascending and distinct, in 0..{n_ff - 1}")
+        out[layer] = idx
+    return out
+
+
+def write_thin(path: str | os.PathLike, neurons: Mapping[int, Sequence[int]], out_path: str | os.PathLike,
+               source: str | None = None, force: bool = False) -> Path:
+    """Write the FiRST-GGUF ``path`` with thinned FFNs for the layers of ``neurons``; the input is never modified.
+
+    Args:
+        path: A valid FiRST-GGUF (any quantization); thinned FFNs it already carries are replaced.
+        neurons: Layer -> the kept neuron indices, ascending; a width a multiple of the block of
+            that layer's ``ffn_down`` type.
+        out_path: Where to write; never the input.
+        source: ``first.thin.source`` (how the neurons were chosen), or None.
+        force: Overwrite an existing output.
+
+    Returns:
+        The output path.
+    """
+    src, out = Path(path), Path(out_path)
+    check_output_path(out, force, inputs=(src,))
+    reader = read_header(src)
+    first_parts_from_reader(reader, str(src))
+    arch, _, _ = model_dims(reader, str(src))
+    kept = check_neurons(reader, str(src), neurons)
+    info = ThinInfo(tuple(kept), tuple(len(v) for v in kept.values()),
+                    tuple(tuple(int(i) for i in v) for v in kept.values()), source)
+    new = thin_tensors(reader, str(src), kept)
+    with atomic_output(out) as tmp:
+        _write(reader, arch, info, new, tmp)
+        _verify(tmp, reader, info, new, str(out))
+    return out
+
+
+def write_thin_from_scores(path: str | os.PathLike, scores: np.ndarray, width: int, out_path: str | os.PathLike,
+                           layers: Sequence[int] | None = None, source: str | None = None,
+                           force: bool = False) -> Path:
+    """``write_thin`` keeping, in each of ``layers`` (None: every layer), the ``width`` highest-scoring
+    neurons of ``scores`` (shape ``[n_layer, n_ff]``)."""
+    scores = np.asarray(scores)
+    n_layer = model_dims(read_header(path), str(path))[1]
+    if scores.ndim != 2 or scores.shape[0] != n_layer:
+        raise FirstError(f"scores of shape {list(scores.shape)} do not fit {path} ({n_layer} layers x n_ff)")
+    chosen = range(n_layer) if layers is None else sorted(set(int(i) for i in layers))
+    if any(not 0 <= i < n_layer for i in chosen):
+        raise FirstError(f"{path}: layers {list(chosen)} outside 0..{n_layer - 1}")
+    return write_thin(path, {i: top_neurons(scores[i], width) for i in chosen}, out_path, source=source, force=force)
+
+
+def _write(reader: Reader, arch: str, info: ThinInfo, new: list[tuple[str, Any]], path: Path) -> None:
+    """Every key in order (first.version set to 2, old thin keys dropped), then the thin keys;
+    every tensor but old thin ones, then the new."""
+    with gguf_writer(reader, arch, path) as writer:
+        for field in _kept_fields(reader):
+            if field.name == KEY_VERSION:
+                writer.add_uint32(KEY_VERSION, FIRST_VERSION_THIN)
+            else:
+                writer.copy_field(reader, field)
+        for key, value in info.metadata().items():
+            writer.add_key_value(key, value, KEY_TYPES[key][0], sub_type=KEY_TYPES[key][1])
+        write_tensors(writer, reader, [(t.name, t) for t in _kept_tensors(reader)] + new)
+
+
+def _kept_fields(reader: Reader) -> list[Any]:
+    return [f for f in reader.fields.values() if not f.name.startswith("GGUF.")
+            and f.name != "general.architecture" and not f.name.startswith(THIN_KEY_PREFIX)]
+
+
+def _kept_tensors(reader: Reader) -> list[Any]:
+    return [t for t in reader.tensors if THIN_NAME_MARKER not in t.name]
+
+
+def _verify(path: Path, base: Reader, info: ThinInfo, new: list[tuple[str, Any]], where: str) -> None:
+    """Read the new file back: valid, its thin part as planned, everything else as in the input."""
+    out = read_header(path)
+    if first_parts_from_reader(out, where).thin != info:
+        raise FormatError(f"{where}: read-back check failed: the thinned FFNs differ from the plan")
+    table = lambda r: ([(f.name, f.types[0]) for f in _kept_fields(r) if f.name != KEY_VERSION],  # noqa: E731
+                       [(t.name, t.tensor_type, t.n_bytes) for t in _kept_tensors(r)])
+    if table(out) != table(base):
+        raise FormatError(f"{where}: read-back check failed: keys or tensors beside the thin part differ")
+    got = {t.name: t for t in out.tensors}
+    for name, t in new:
+        if not np.array_equal(np.asarray(got[name].data).view(np.uint8).ravel(), t.data.view(np.uint8).ravel()):
+            raise FormatError(f"{where}: read-back check failed: {name} differs from the planned bytes")
