@@ -15,7 +15,8 @@ writes a plain GGUF with a smaller ``feed_forward_length`` that stock llama.cpp 
   thinning everything (what the written GGUF does), for several neuron counts.
 - ``write``: the thinned GGUF. ffn_gate / ffn_up rows are neurons and are copied as their
   quantized bytes; ffn_down is dequantized, its columns selected and quantized again to its
-  own type with ggml's quantizer (the library llama-cpp-python ships).
+  own type with ggml's quantizer (the library llama-cpp-python ships), as ``first-gguf thin``
+  does for its decode-only stand-ins (``first_gguf.format.thin_write``).
 
     python examples/ffn_slim.py scores -o scores.npz
     python examples/ffn_slim.py kl scores.npz --keep 4096,3840,3584
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import types
 from pathlib import Path
 
@@ -129,52 +129,28 @@ class Thinned:
 
 def top_neurons(scores: np.ndarray, keep: int) -> list[np.ndarray]:
     """Per layer, the ``keep`` best neurons in their original order."""
-    return [np.sort(np.argsort(-s, kind="stable")[:keep]) for s in scores]
+    from first_gguf.format.thin import top_neurons as top
 
-
-def _quantizer():
-    import llama_cpp
-
-    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
-    fn = lib.ggml_quantize_chunk
-    fn.restype = ctypes.c_size_t
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                   ctypes.c_int64, ctypes.c_void_p]
-    return fn
-
-
-def quantize(arr: np.ndarray, qtype, fn) -> np.ndarray:
-    import gguf
-
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
-    rows, n = arr.shape
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
-    if n % block:
-        raise SystemExit(f"{n} neurons is not a multiple of {qtype.name}'s block of {block}")
-    out = np.zeros((rows, n // block * size), dtype=np.uint8)
-    if fn(int(qtype), arr.ctypes.data, out.ctypes.data, 0, rows, n, None) != out.nbytes:
-        raise SystemExit(f"ggml_quantize_chunk wrote an unexpected size for {qtype.name}")
-    return out
+    return [top(s, keep) for s in scores]
 
 
 def write_slim(scores: np.ndarray, keep: int, out: Path) -> None:
-    from gguf.quants import dequantize
-
     from first_gguf import models
     from first_gguf.format import read_header
     from first_gguf.format.reader import model_dims
+    from first_gguf.format.thin_write import select_columns
     from first_gguf.format.writer import copied_fields, gguf_writer, write_tensors
 
     base = models.fetch(MODEL)
     reader = read_header(base)
     arch, _, _ = model_dims(reader, str(base))
-    chosen, fn, tensors = top_neurons(scores, keep), _quantizer(), []
+    chosen, tensors = top_neurons(scores, keep), []
     for t in reader.tensors:
         part = t.name.split(".")[2] if t.name.startswith("blk.") else ""
         if part in ("ffn_gate", "ffn_up", "ffn_down"):
             idx = chosen[int(t.name.split(".")[1])]
             if part == "ffn_down":  # rows are outputs, columns neurons: select, then quantize again
-                data = quantize(dequantize(t.data, t.tensor_type)[:, idx], t.tensor_type, fn)
+                data = select_columns(t, idx)
             else:  # rows are neurons, each quantized on its own
                 data = np.ascontiguousarray(t.data[idx])
             tensors.append((t.name, types.SimpleNamespace(data=data, tensor_type=t.tensor_type)))

@@ -1,4 +1,4 @@
-"""Training commands of ``first-gguf``: train, damage, fit-routers, heal (registered by ``cli``)."""
+"""Training commands of ``first-gguf``: train, damage, fit-routers, heal, thin (registered by ``cli``)."""
 
 from __future__ import annotations
 
@@ -139,6 +139,33 @@ def heal(model: str, skip: str, output: Path, run_dir: Path | None, examples: in
                               **{k: v for k, v in opts.items() if v is not None})
     click.echo(heal_gguf(str(_gguf(model)), cfg, output, run_dir=run_dir, threads=threads, outtype=outtype,
                          force=force, source=" ".join(["first-gguf", "heal", *sys.argv[2:]])))
+
+
+@click.command()
+@click.argument("model")
+@click.option("-o", "--output", type=PathArg, required=True, help="FiRST-GGUF to write, with thinned FFNs.")
+@click.option("--width", required=True, type=int, help="Neurons each thinned FFN keeps (a multiple of ffn_down's "
+              "quantization block).")
+@click.option("--layers", default="all", show_default=True, help="Layers to thin, e.g. 0,1,2 or 4-20.")
+@click.option("--examples", default=120, show_default=True, help="Calibration examples (built-in families, train split).")
+@click.option("--threads", default=None, type=int, help="torch threads (default: all cores).")
+@click.option("--scores", type=PathArg, default=None,
+              help="Neuron scores (npz, key contrib): read if it exists (no calibration), else written.")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
+def thin(model: str, output: Path, width: int, layers: str, examples: int, threads: int | None,
+         scores: Path | None, force: bool) -> None:
+    """Add decode-only thinned FFNs to MODEL (a FiRST-GGUF or zoo name): docs/FORMAT.md section 7.
+
+    Each listed layer keeps the WIDTH neurons that carry the most output on training prompts;
+    the full FFNs stay, so the prompt and `full` are unchanged.
+    """
+    from .format import parse_layers
+    from .shipped import resolve_model
+    from .train.thin import thin_model
+
+    chosen = None if layers == "all" else parse_layers(layers)
+    click.echo(thin_model(resolve_model(model), output, width, layers=chosen, examples=examples, threads=threads,
+                          scores=scores, force=force))
 
 
 def _families(value: str | None) -> tuple[str, ...] | None:

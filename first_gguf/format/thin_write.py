@@ -160,13 +160,15 @@ def write_thin_from_scores(path: str | os.PathLike, scores: np.ndarray, width: i
                            force: bool = False) -> Path:
     """``write_thin`` keeping, in each of ``layers`` (None: every layer), the ``width`` highest-scoring
     neurons of ``scores`` (shape ``[n_layer, n_ff]``)."""
-    scores = np.asarray(scores)
-    n_layer = model_dims(read_header(path), str(path))[1]
-    if scores.ndim != 2 or scores.shape[0] != n_layer:
-        raise FirstError(f"scores of shape {list(scores.shape)} do not fit {path} ({n_layer} layers x n_ff)")
+    scores, reader = np.asarray(scores), read_header(path)
+    arch, n_layer, _ = model_dims(reader, str(path))
     chosen = range(n_layer) if layers is None else sorted(set(int(i) for i in layers))
     if any(not 0 <= i < n_layer for i in chosen):
         raise FirstError(f"{path}: layers {list(chosen)} outside 0..{n_layer - 1}")
+    n_ff = {ffn_length(reader, arch, i, str(path)) for i in chosen}
+    if scores.ndim != 2 or scores.shape[0] != n_layer or {scores.shape[1]} != n_ff:
+        raise FirstError(f"scores of shape {list(scores.shape)} do not fit {path} ({n_layer} layers, "
+                         f"feed_forward_length {sorted(n_ff)})")
     return write_thin(path, {i: top_neurons(scores[i], width) for i in chosen}, out_path, source=source, force=force)
 
 
