@@ -27,6 +27,7 @@ sys.meta_path.insert(0, _Block())
     "first_gguf.runtime.scoring", "first_gguf.runtime.greedy", "first_gguf.damage", "first_gguf.evaluation.controls",
     "first_gguf.chat", "first_gguf.serve", "first_gguf.serve_load",
     "first_gguf.format.points", "first_gguf.runtime.healing", "first_gguf.cross", "first_gguf.shipped",
+    "first_gguf.format.thin", "first_gguf.format.thin_write", "first_gguf.train.thin",
 ])
 def test_imports_without_torch(module: str) -> None:
     code = BLOCK_TORCH + f"import {module}\nassert 'torch' not in sys.modules\nprint('ok')"

@@ -152,8 +152,8 @@ def attach_checked(base_path: str | os.PathLike, routers: RouterSet, out_path: s
     new = router_arrays(routers, w1_dtype)
     old = [t.name for t in reader.tensors if ROUTER_NAME_MARKER in t.name]
     if old or any(name.startswith(FIRST_KEY_PREFIX) for name in reader.fields):
-        logger.warning("%s is already a FiRST-GGUF: replacing its %d router tensors and first.* keys",
-                       base, len(old))
+        logger.warning("%s is already a FiRST-GGUF: replacing its %d router tensors and first.* keys%s",
+                       base, len(old), " (its thinned FFNs are kept)" if thin else "")
     with atomic_output(out) as tmp:
         metadata = routers.metadata() | points.metadata() | ({KEY_VERSION: FIRST_VERSION_THIN} if thin else {})
         write_gguf(reader, arch, metadata, new, tmp, thin_fields)

@@ -25,17 +25,24 @@ from ..constants import (
     KEY_ROUTER_HIDDEN_SIZE,
     KEY_ROUTER_NORM_EPS,
     KEY_ROUTER_THRESHOLD,
+    KEY_THIN_LAYERS,
+    KEY_THIN_SOURCE,
+    KEY_THIN_WIDTHS,
     KEY_TRAIN_SOURCE,
     KEY_VERSION,
     ROUTER_IN_WEIGHT,
     ROUTER_NAME_MARKER,
     ROUTER_OUT_BIAS,
     ROUTER_TENSORS,
+    THIN_NAME_MARKER,
+    THIN_TENSORS,
+    base_ffn_name,
 )
 from ..errors import FormatError
 from .header import read_header
 from .reader import Reader, architecture, int_key, routers_from_reader
 from .rules import parse_router_name
+from .thin import parse_thin_name
 
 # first.* key -> its name in inspect's output.
 _FIRST_FIELDS = {
@@ -59,7 +66,9 @@ def inspect_gguf(path: str | os.PathLike) -> dict:
         ``{file, size_bytes, architecture, n_layer, n_embd, n_tensors, quantization:
         {file_type, tensor_types}, first}``; ``first`` is None for a plain GGUF, else the
         first.* values, ``router`` (dtypes and ``ne`` per role, per-layer b2, p_bias =
-        sigmoid(b2) and W1 Frobenius norm) and ``valid``: True or the validation error.
+        sigmoid(b2) and W1 Frobenius norm), ``thin`` (None, or the thinned FFNs' layers, widths,
+        source, and bytes against the full FFNs of those layers) and ``valid``: True or the
+        validation error.
     """
     reader = read_header(path)
     arch = architecture(reader)
@@ -104,6 +113,7 @@ def _inspect_first(reader: Reader, where: str) -> dict | None:
         # strict JSON has no NaN / inf: an invalid file's non-finite value is shown as text
         info[short] = str(value) if isinstance(value, float) and not math.isfinite(value) else value
     info["router"] = _router_summary(tensors)
+    info["thin"] = _thin_summary(reader, fields)
     try:
         routers_from_reader(reader, where)
         info["valid"] = True
@@ -144,6 +154,24 @@ def _router_summary(tensors: list[Any]) -> dict:
     }
 
 
+def _thin_summary(reader: Reader, fields: dict[str, Any]) -> dict | None:
+    """The thinned FFNs as far as they are readable: layers, widths, source, thin and full bytes."""
+    thin = [t for t in reader.tensors if THIN_NAME_MARKER in t.name]
+    if KEY_THIN_LAYERS not in fields and not thin:
+        return None
+    values = {}
+    for key in (KEY_THIN_LAYERS, KEY_THIN_WIDTHS, KEY_THIN_SOURCE):
+        try:
+            values[key] = fields[key].contents() if key in fields else None
+        except (UnicodeDecodeError, IndexError, ValueError):
+            values[key] = None
+    sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
+    layers = sorted({parsed[0] for t in thin if (parsed := parse_thin_name(t.name))})
+    return {"layers": values[KEY_THIN_LAYERS], "widths": values[KEY_THIN_WIDTHS], "source": values[KEY_THIN_SOURCE],
+            "thin_bytes": sum(int(t.n_bytes) for t in thin),
+            "full_bytes": sum(sizes.get(base_ffn_name(role, i), 0) for i in layers for role in THIN_TENSORS)}
+
+
 def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
@@ -169,6 +197,7 @@ def format_inspect(info: dict) -> str:
         f"prefill {first['prefill']}",
         f"trained on    {first['train_source']}",
         *_points_lines(first),
+        *_thin_lines(first.get("thin")),
         "router        " + ", ".join(f"{role} {dtype} {router['shapes'][role]}"
                                      for role, dtype in router["dtypes"].items()),
         "  layer        b2   p_bias    |W1|",
@@ -187,6 +216,18 @@ def _points_lines(first: dict) -> list[str]:
     default = first.get("points_default")
     marks = [" (default)" if str(s).partition("=")[0] == default else "" for s in specs]
     return [f"{'points' if i == 0 else '':<14}{s}{m}" for i, (s, m) in enumerate(zip(specs, marks))]
+
+
+def _thin_lines(thin: dict | None) -> list[str]:
+    """The thinned FFNs in two lines; none when the file has none."""
+    if not thin:
+        return []
+    widths = thin["widths"] or []
+    width = f"width {widths[0]}" if widths and len(set(widths)) == 1 else f"widths {widths}"
+    share = f" ({100 * thin['thin_bytes'] / thin['full_bytes']:.1f}%)" if thin["full_bytes"] else ""
+    return [f"thin FFNs     layers {thin['layers']}, {width}",
+            f"              {thin['thin_bytes'] / 1e6:.1f} MB thin of {thin['full_bytes'] / 1e6:.1f} MB full FFN{share}; "
+            f"{thin['source'] or 'no source'}"]
 
 
 def _num(x: object, width: int = 0) -> str:
