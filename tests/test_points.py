@@ -54,10 +54,28 @@ def _first_file(path: Path, points: list[str] | None = None, default: str | None
     ("quality=skip:4", Point("quality", skip=(4,))),
     ("balanced=skip:4,9,10", Point("balanced", skip=(4, 9, 10))),
     ("healed=skip:4,9;heal:qwen.skip-4-9.heal.gguf", Point("healed", skip=(4, 9), heal="qwen.skip-4-9.heal.gguf")),
+    ("fast=threshold:0.5;thin:0,1,2", Point("fast", threshold=0.5, thin=(0, 1, 2))),
+    ("lean=thin:" + ",".join(map(str, range(24))), Point("lean", thin=tuple(range(24)))),
+    ("mid=skip:4;thin:0,1,2,3,5", Point("mid", skip=(4,), thin=(0, 1, 2, 3, 5))),
 ])
 def test_spec_parses_and_writes_back_the_same_string(spec, point):
     assert parse_spec(spec, "f") == point and point.spec() == spec
     assert fmt.load_points({"points": {point.name: point.as_json()}}, 24, [0, 23]).items == (point,)
+    assert fmt.load_points(Points((point,)), 24, [0, 23], thin_layers=range(24)).items == (point,)
+
+
+def test_thin_masks_and_kinds():
+    lean, mid, fast = Point("lean", thin=(0, 2)), Point("mid", skip=(1,), thin=(2,)), Point("f", threshold=0.5)
+    assert (lean.kind, mid.kind, fast.kind, Point("f", threshold=0.5, thin=(1,)).kind) == (
+        "thin", "skip", "threshold", "threshold")
+    assert lean.mask(3) == [True, True, True] and lean.thin_mask(3) == [True, False, True]  # mask mode, nothing skipped
+    assert mid.mask(3) == [True, False, True] and mid.thin_mask(3) == [False, False, True]
+    assert fast.mask(3) is None and fast.thin_mask(3) is None
+    assert lean.as_json() == {"thin": [0, 2]} and mid.as_json() == {"skip": [1], "thin": [2]}
+    with pytest.raises(FormatError, match=r"^points: point 'x': a point is a threshold, a skip set or thin layers$"):
+        fmt.load_points(Points((Point("x"),)), 3, [0])
+    with pytest.raises(FormatError, match=r"^points: point 'x': a point is a threshold or a skip set, not both$"):
+        fmt.load_points(Points((Point("x", threshold=0.5, skip=(1,)),)), 3, [0])
 
 
 def test_thresholds_are_written_without_exponent():
@@ -95,6 +113,17 @@ BAD_SPECS = {  # entry of a 3-layer file, protected layers 0 and 2 -> message af
     "skip out of range": ("q=skip:1,3", r"point 'q=skip:1,3': layer 3 outside 0\.\.2$"),
     "skip protected": ("q=skip:0,1", r"skips protected layers \[0\] \(first\.router\.protected_layers always run\)$"),
     "heal on a threshold": ("q=threshold:0.5;heal:h.gguf", r"only a skip point takes ';heal:FILE\.gguf'$"),
+    "heal on a thin point": ("q=thin:1;heal:h.gguf", r"only a skip point takes ';heal:FILE\.gguf'$"),
+    "heal with thin": ("q=skip:1;thin:2;heal:h.gguf", r"unexpected 'heal:h\.gguf': .* for a skip point without thin"),
+    "heal before thin": ("q=skip:1;heal:h.gguf;thin:2", r"unexpected 'thin:2'"),
+    "thin twice": ("q=thin:1;thin:2", r"unexpected 'thin:2'"),
+    "thin nothing": ("q=thin:", r"entry 'q=thin:': thin '' is not a comma-separated list of layer numbers"),
+    "thin space": ("q=skip:1;thin:1, 2", r"thin '1, 2' is not a comma-separated list"),
+    "thin descending": ("q=thin:1,0", r"point 'q=thin:1,0': thin layers \[1, 0\] must be ascending and distinct$"),
+    "thin out of range": ("q=thin:3", r"point 'q=thin:3': thin layer 3 outside 0\.\.2$"),
+    "thin and skip overlap": ("q=skip:1;thin:1", r"point 'q=skip:1;thin:1': layers \[1\] are both skipped and thinned$"),
+    "thin without thin FFNs": ("q=thin:1", r"point 'q=thin:1': thin layers \[1\] carry no thinned FFN "
+                                           r"\(first\.thin\.layers absent\)$"),
     "unknown suffix": ("q=skip:1;foo:h.gguf", r"unexpected 'foo:h\.gguf': the main part may be followed by ';thin:"),
     "heal with a directory": ("q=skip:1;heal:../h.gguf", r"heal '\.\./h\.gguf' is not a file name ending in \.gguf"),
     "heal not gguf": ("q=skip:1;heal:h.bin", r"heal 'h\.bin' is not a file name ending in \.gguf"),
@@ -162,6 +191,11 @@ BAD_JSON = {  # the JSON object -> message after "<file>: "
     "skip unsorted": ({"points": {"q": {"skip": [9, 4]}}}, r"point 'q=skip:9,4': layers \[9, 4\] must be ascending"),
     "skip empty": ({"points": {"q": {"skip": []}}}, r"point 'q=skip:': skips no layer \(that is mode full\)$"),
     "heal not a string": ({"points": {"q": {"skip": [4], "heal": 3}}}, r"point 'q': heal 3 is not a file name$"),
+    "thin with heal": ({"points": {"q": {"skip": [4], "thin": [5], "heal": "h.gguf"}}}, r"point 'q': expected"),
+    "thin not a list": ({"points": {"q": {"thin": 1}}}, r"point 'q': thin 1 is not a list of layer numbers$"),
+    "thin empty": ({"points": {"q": {"thin": []}}}, r"point 'q=thin:': thins no layer; leave thin out instead$"),
+    "thin overlaps skip": ({"points": {"q": {"skip": [4], "thin": [4, 5]}}},
+                           r"point 'q=skip:4;thin:4,5': layers \[4\] are both skipped and thinned$"),
     "bad name": ({"points": {"Fast": {"threshold": 0.5}}}, r"point 'Fast=threshold:0\.5': name 'Fast' must match"),
     "default names no point": ({"default": "x", "points": {"q": {"skip": [4]}}},
                                r"first\.points\.default is 'x', not one of the points \(q\)$"),
