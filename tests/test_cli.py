@@ -134,4 +134,6 @@ def test_version_reports_the_patched_runtime() -> None:
     code, out, err = run("version", "--json")
     assert code == 0, err
     info = json.loads(out)
-    assert info["format_version"] == 1 and info["up_to_date"] is True, info
+    from first_gguf.constants import FIRST_VERSION
+
+    assert info["format_version"] == FIRST_VERSION and info["up_to_date"] is True, info
