@@ -293,9 +293,7 @@ def _point(llm, arg: str) -> str:
     if not arg:
         if not len(points):
             return "this file has no named operating points"
-        return "\n".join(f"{'*' if p.name == llm.point else ' '} {p.name}: "
-                         f"{'threshold ' + str(p.threshold) if p.threshold is not None else 'skip ' + str(list(p.skip))}"
-                         f"{' healed' if p.heal else ''}" for p in points)
+        return "\n".join(f"{'*' if p.name == llm.point else ' '} {p.name}: {p.describe()}" for p in points)
     try:
         llm.configure(point=arg)
     except FirstError as exc:

@@ -75,6 +75,7 @@ class Strategy:
     seed: int | None = None
     heal: bool = False          # the decode runs a healing adapter
     point: str | None = None    # a named operating point of the file
+    thin: tuple[int, ...] = ()  # layers decoded with their thin FFN (a point's)
 
     @property
     def family(self) -> str:
@@ -201,8 +202,8 @@ def _point_strategy(name: str, points: dict) -> Strategy:
     p = points.get(name)
     if p is None:
         raise FirstError(f"no operating point {name!r}; the model has {', '.join(points) or 'none'}")
-    return Strategy(f"point:{name}", "point", "first" if p.skip is None else "mask", p.skip or (),
-                    threshold=p.threshold, heal=p.heal is not None, point=name)
+    return Strategy(f"point:{name}", "point", "first" if p.threshold is not None else "mask", p.skip or (),
+                    threshold=p.threshold, heal=p.heal is not None, point=name, thin=p.thin or ())
 
 
 _NAME = re.compile(r"(?:(full)|(first|modal)(?:@([0-9.e+-]+))?|(static-kl|static|early-exit|pruned|heal)-(\d+)"

@@ -59,6 +59,13 @@ class Point:
             return POINT_THRESHOLD
         return POINT_SKIP if self.skip is not None else POINT_THIN
 
+    def describe(self) -> str:
+        """For people: "threshold 0.5", "skip [4, 9] healed", "skip [4], thin [0, 1, 2]"."""
+        parts = [f"threshold {self.threshold}"] if self.threshold is not None else []
+        parts += [f"skip {list(self.skip)}"] if self.skip else []
+        parts += [f"thin {list(self.thin)}"] if self.thin else []
+        return ", ".join(parts) + (" healed" if self.heal else "")
+
     def spec(self) -> str:
         """The ``first.points`` entry (canonical: ``parse_spec(p.spec()) == p``)."""
         parts = []
