@@ -52,7 +52,8 @@ def worker(spec: dict) -> dict:
     if spec["engine"] == "first":
         from .runtime import FirstModel
 
-        llm = FirstModel(spec["path"], mode=spec["mode"], mask=spec.get("mask"), heal=spec.get("heal"), **kw)
+        llm = FirstModel(spec["path"], mode=spec["mode"], mask=spec.get("mask"), heal=spec.get("heal"),
+                         thin=spec.get("thin"), **kw)
     else:
         llm = PlainModel(spec["path"], **kw)
     prompt = _prompt_tokens(llm, spec["prompt_tokens"])
@@ -103,7 +104,9 @@ def run_bench(model: Path, skip_count: int = 6, repeats: int = 5, ctx: Sequence[
               strategies: list[str] | None = None, heal: Path | None = None, fresh_files: bool = True,
               mmap: bool = True) -> dict:
     """Measure full, first, mask, pruned (and stock) side by side, in every cell (context x threads);
-    with ``heal`` (a healing adapter) also its skip set unhealed (``heal_mask``) and healed (``healed``).
+    with ``heal`` (a healing adapter) also its skip set unhealed (``heal_mask``) and healed (``healed``);
+    a FiRST-GGUF with thinned FFNs adds ``thin`` (every layer runs, each thinned layer decodes thin)
+    and ``thinned`` (a plain GGUF with those FFNs physically thinned, prompt included).
 
     Args:
         model: the GGUF (a FiRST-GGUF adds the ``first`` strategy).
@@ -126,11 +129,13 @@ def run_bench(model: Path, skip_count: int = 6, repeats: int = 5, ctx: Sequence[
         decode_ratio, decode_ratio_spread, prefill_..., peak_rss_mb, peak_rss_spread, skipped_layers, runs}}}]}``;
         ``setup["files"]`` gives each file's mean physically contiguous page run before and after (Linux, root).
     """
-    from .format import inspect_gguf
+    from .format import inspect_gguf, read_thin
 
     ctxs = _positive(ctx, "context length")
     thread_counts = _positive(threads or [os.cpu_count() or 1], "thread count")
     info = inspect_gguf(model)
+    thin = read_thin(model) if info["first"] else None
+    info["thin"] = list(thin.layers) if thin else []
     n_layer = info["n_layer"]
     skip = middle_layers(n_layer, skip_count)
     cells = [(c, t) for c in ctxs for t in thread_counts]
@@ -162,7 +167,8 @@ def run_bench(model: Path, skip_count: int = 6, repeats: int = 5, ctx: Sequence[
 
 # paired decode ratios the targets are stated in (docs/SPEED.md): in-graph skipping against the
 # pruned file, and the patched library (with and without routers in the file) against stock
-PAIRS = (("mask", "pruned"), ("full", "stock"), ("patched_plain", "stock"), ("pruned_patched", "pruned"))
+PAIRS = (("mask", "pruned"), ("thin", "thinned"), ("full", "stock"), ("patched_plain", "stock"),
+         ("pruned_patched", "pruned"))
 
 
 def _pairs(cell: dict[str, list[dict]]) -> dict[str, dict]:
@@ -187,6 +193,8 @@ def _bench_files(model: Path, info: dict, skip: list[int], tmp: Path, plain: boo
     from .format import prune_gguf
 
     written = {"pruned": prune_gguf(model, skip, tmp / "pruned.written.gguf")}
+    if info["thin"]:  # its thinned FFNs in place of the full ones: the speed limit of `thin`
+        written["thinned"] = prune_gguf(model, [], tmp / "thinned.written.gguf", thin=True)
     if plain and info["first"]:  # the stock library cannot load router tensors: strip them (a zero-layer prune)
         written["plain"] = prune_gguf(model, [], tmp / "plain.written.gguf")
     if fresh:
@@ -212,6 +220,10 @@ def _strategy_specs(files: dict[str, Path], info: dict, skip: list[int], stock: 
         specs.append(dict(name="first", engine="first", path=str(model), mode="first"))
     specs.append(dict(name="mask", engine="first", path=str(model), mode="mask",
                       mask=[i not in skip for i in range(n_layer)]))
+    if info["thin"]:
+        specs.append(dict(name="thin", engine="first", path=str(model), mode="mask", mask=[True] * n_layer,
+                          thin=info["thin"]))
+        specs.append(dict(name="thinned", engine="plain", path=str(files["thinned"])))
     if heal is not None:
         from .format import read_heal
 

@@ -2,10 +2,11 @@
 
 ``first_gguf/data/`` holds, per zoo model, the trained routers (``<name>.routers.safetensors``),
 the named operating points (``<name>.points.json``, docs/FORMAT.md section 2), the damage
-labels (``<name>.damage.jsonl``) and the healing adapters the points name. ``first_gguf_path``
-turns a zoo model into a FiRST-GGUF: the base with its committed routers, else the untrained
-recipe routers (which keep every layer), and its points when there are any; assembled once
-into the cache.
+labels (``<name>.damage.jsonl``), the healing adapters the points name and the neurons of its
+thinned FFNs (``<name>.thin.npz``: ``layer_<i>`` the kept neurons of layer i, ``source`` how they
+were chosen; docs/FORMAT.md section 7). ``first_gguf_path`` turns a zoo model into a FiRST-GGUF:
+the base with its committed routers, else the untrained recipe routers (which keep every layer),
+its thinned FFNs and its points when there are any; assembled once into the cache.
 """
 
 from __future__ import annotations
@@ -44,6 +45,18 @@ def shipped_labels_path(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def shipped_thin(name: str) -> tuple[dict[int, list[int]], str] | None:
+    """The kept neurons per layer of zoo model ``name``'s thinned FFNs and their source, if committed."""
+    import numpy as np
+
+    path = DATA / f"{name}.thin.npz"
+    if not path.is_file():
+        return None
+    with np.load(path) as z:
+        layers = sorted(int(k.split("_")[1]) for k in z.files if k.startswith("layer_"))
+        return {i: [int(j) for j in z[f"layer_{i}"]] for i in layers}, str(z["source"])
+
+
 def shipped_routers(name: str) -> RouterSet | None:
     """Trained routers committed with the package for zoo model ``name``, if any."""
     from .format import load_router_file
@@ -66,18 +79,32 @@ def first_gguf_path(name: str, seed: int = 0) -> Path:
     if routers is None:
         info = fmt.inspect_gguf(base)
         routers = fmt.make_identity_routers(info["n_layer"], info["n_embd"], seed=seed)
+    thin = shipped_thin(name)
     points_file = shipped_points_path(name)
-    points = fmt.load_points(points_file, routers.n_layer, routers.protected_layers) if points_file else fmt.Points()
+    points = fmt.load_points(points_file, routers.n_layer, routers.protected_layers,
+                             thin_layers=sorted(thin[0]) if thin else None) if points_file else fmt.Points()
     w1 = fmt.stored_w1_dtype(shipped) if shipped else "f32"
     out = cache_dir() / "demo" / f"{name}.first.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
     _place_heals(points, out.parent)
     if (out.is_file() and out.stat().st_mtime >= base.stat().st_mtime and _same_routers(out, routers)
-            and fmt.gguf_w1_dtype(out) == w1 and fmt.read_points(out) == points):
+            and fmt.gguf_w1_dtype(out) == w1 and fmt.read_points(out) == points and _same_thin(out, thin)):
         _log(f"reusing {out}")
         return out
     _log(f"attaching the routers{' and operating points' if len(points) else ''} of {name} to {base.name}")
-    return fmt.attach_routers(base, routers, out, force=True, w1_dtype=w1, points=points)
+    if thin is None:
+        return fmt.attach_routers(base, routers, out, force=True, w1_dtype=w1, points=points)
+    # routers, then the thinned FFNs, then the points (which may name thin layers)
+    step = fmt.attach_routers(base, routers, out.with_name(out.name + ".routers"), force=True, w1_dtype=w1)
+    try:
+        _log(f"adding the thinned FFNs of {len(thin[0])} layers")
+        thinned = fmt.write_thin(step, thin[0], out.with_name(out.name + ".thin"), source=thin[1], force=True)
+    finally:
+        step.unlink()
+    try:
+        return fmt.stamp_points(thinned, points, out, force=True)
+    finally:
+        thinned.unlink()
 
 
 def _place_heals(points, directory: Path) -> None:
@@ -108,6 +135,15 @@ def resolve_model(model: str | Path | None) -> Path:
     if name not in MODELS:
         raise FirstError(f"{name}: no such file, and not a zoo model ({', '.join(MODELS)})")
     return first_gguf_path(name)
+
+
+def _same_thin(path: Path, thin: tuple[dict[int, list[int]], str] | None) -> bool:
+    from .format import read_thin
+
+    have = read_thin(path)
+    if thin is None or have is None:
+        return thin is None and have is None
+    return have.source == thin[1] and {i: list(have.neurons_of(i)) for i in have.layers} == thin[0]
 
 
 def _same_routers(path: Path, routers: RouterSet) -> bool:

@@ -8,20 +8,16 @@ and bad input. Real converter, real library, no mocks.
 
 from __future__ import annotations
 
-import types
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
 import torch
 
 import tiny_ckpt
 from first_gguf.convert import convert_hf
-from first_gguf.errors import FirstError
-from first_gguf.format import make_identity_routers, read_header, stamp_points, write_thin
-from first_gguf.format.reader import model_dims
-from first_gguf.format.writer import copied_fields, gguf_writer, write_tensors
+from first_gguf.errors import FirstError, FormatError
+from first_gguf.format import make_identity_routers, prune_gguf, stamp_points, write_thin
 from first_gguf.router import decode_hard, prefill
 from llama_worker import compare
 
@@ -121,39 +117,20 @@ def test_full_and_first_modes(tiny):
     assert rep_first.skipped == () and rep_first.thin == THIN and np.array_equal(first, masked)
 
 
-def _plain_thinned(thin_path: Path, neurons: dict, out: Path) -> Path:
-    """A plain GGUF whose FFNs are the thin ones (every layer the same width): what the reduced
-    graph with a masked prefill must compute, run by llama.cpp as an ordinary model."""
-    reader = read_header(thin_path)
-    arch, n_layer, _ = model_dims(reader, str(thin_path))
-    width = {len(v) for v in neurons.values()}.pop()
-    by_name = {t.name: t for t in reader.tensors}
-    kept = []
-    for t in reader.tensors:
-        if ".first_" in t.name:
-            continue
-        part = t.name.split(".")[2] if t.name.startswith("blk.") else ""
-        src = by_name[t.name.replace(f".{part}.", f".first_{part}.")] if part in ("ffn_gate", "ffn_up", "ffn_down") else t
-        kept.append((t.name, types.SimpleNamespace(data=src.data, tensor_type=src.tensor_type)))
-    with gguf_writer(reader, arch, out) as w:
-        for f in copied_fields(reader):
-            if f.name == f"{arch}.{gguf.Keys.LLM.FEED_FORWARD_LENGTH.split('.', 1)[1]}":
-                w.add_uint32(f.name, width)
-            else:
-                w.copy_field(reader, f)
-        write_tensors(w, reader, kept)
-    return out
-
-
 def test_masked_prefill_with_every_layer_thin_equals_a_physically_thinned_gguf(tiny, tmp_path):
-    _, _, thin, neurons, prompt, cont = tiny
+    _, plain, thin, neurons, prompt, cont = tiny
     n_layer = len(neurons)
-    plain = _plain_thinned(thin, neurons, tmp_path / "thinned.gguf")
-    want, _ = _runtime(plain, prompt, cont, mode="full")
+    physical = prune_gguf(thin, [], tmp_path / "thinned.gguf", thin=True)
+    want, _ = _runtime(physical, prompt, cont, mode="full")
     got, rep = _runtime(thin, prompt, cont, mode="mask", mask=[True] * n_layer, prefill="masked",
                         thin=range(n_layer))
     assert rep.thin == tuple(range(n_layer))
     assert compare("masked prefill, every layer thin vs thinned GGUF", got, want)[0] == 0.0
+    # thin layers beside full ones: two FFN widths, which llama.cpp's loaders cannot take
+    some = write_thin(plain, {i: neurons[i] for i in THIN}, tmp_path / "some.thin.gguf")
+    with pytest.raises(FormatError, match="widths would differ once thinned"):
+        prune_gguf(some, [], tmp_path / "mixed.gguf", thin=True)
+    assert not (tmp_path / "mixed.gguf").exists()
 
 
 def test_graph_reuse_never_serves_another_thin_set(tiny):

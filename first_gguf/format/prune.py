@@ -4,7 +4,10 @@ reference that ``mask`` mode with ``prefill=masked`` must match (docs/FORMAT.md 
 Like ``llama-quantize --prune-layers``: the kept blocks are renumbered 0..k-1, the block
 count and any per-layer array key are cut to them, every other key and tensor is copied
 byte for byte. Router tensors, thinned FFNs and ``first.*`` keys are dropped (the result is a
-plain GGUF).
+plain GGUF). With ``thin``, a FiRST-GGUF's thinned FFNs (docs/FORMAT.md section 7) replace the
+full ones of their layers and ``feed_forward_length`` follows: the reference for ``mask`` mode
+with thin layers and ``prefill=masked``. Every kept layer must then have the same FFN width
+(llama.cpp's loaders for qwen2, llama, qwen3 and gemma3 take one width for every layer).
 numpy + gguf only.
 """
 
@@ -25,10 +28,11 @@ from .reader import Reader, model_dims
 from .writer import CopyWriter, copied_fields, gguf_writer, write_tensors
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
+_FFN = ("ffn_gate", "ffn_up", "ffn_down")
 
 
 def prune_gguf(base_path: str | os.PathLike, skip: Iterable[int], out_path: str | os.PathLike,
-               force: bool = False) -> Path:
+               force: bool = False, thin: bool = False) -> Path:
     """Write ``base`` without the blocks in ``skip``.
 
     Args:
@@ -36,6 +40,7 @@ def prune_gguf(base_path: str | os.PathLike, skip: Iterable[int], out_path: str 
         skip: Layer indices to remove; at least one layer must stay.
         out_path: Where to write (never the base).
         force: Overwrite an existing output.
+        thin: Physically thin the FFNs of the layers with thinned FFNs (the file must have some).
 
     Returns:
         The output path.
@@ -50,22 +55,41 @@ def prune_gguf(base_path: str | os.PathLike, skip: Iterable[int], out_path: str 
     keep = [i for i in range(n_layer) if i not in skip]
     if not keep:
         raise FormatError(f"{base}: pruning every layer leaves no model")
+    widths = _thin_widths(reader, str(base), arch, n_layer) if thin else {}
+    if len({widths[i] for i in keep if i in widths}) > 1:
+        raise FormatError(f"{base}: the kept layers' FFN widths would differ once thinned "
+                          f"({sorted({widths[i] for i in keep})}); llama.cpp takes one width for every layer")
     with atomic_output(out) as tmp:
         with gguf_writer(reader, arch, tmp) as writer:
-            _copy_fields(writer, reader, arch, n_layer, keep)
-            write_tensors(writer, reader, _kept_tensors(reader, keep))
+            _copy_fields(writer, reader, arch, n_layer, keep, widths)
+            write_tensors(writer, reader, _kept_tensors(reader, keep, bool(widths)))
         _, got_layers, _ = model_dims(read_header(tmp), str(out))
         if got_layers != len(keep):
             raise FormatError(f"{out}: read-back check failed: {got_layers} layers, expected {len(keep)}")
     return out
 
 
-def _copy_fields(writer: CopyWriter, reader: Reader, arch: str, n_layer: int, keep: list[int]) -> None:
-    """Every key byte for byte, except the block count and per-layer arrays, cut to ``keep``."""
-    block_count = f"{arch}.block_count"
+def _thin_widths(reader: Reader, where: str, arch: str, n_layer: int) -> dict[int, int]:
+    """Per layer, its FFN width once thinned (the base's where it has no thinned FFN)."""
+    from .reader import first_parts_from_reader
+    from .thin import ffn_length
+
+    info = first_parts_from_reader(reader, where).thin
+    if info is None:
+        raise FormatError(f"{where}: has no thinned FFNs to thin with")
+    return {i: info.width(i) if i in info.layers else ffn_length(reader, arch, i, where) for i in range(n_layer)}
+
+
+def _copy_fields(writer: CopyWriter, reader: Reader, arch: str, n_layer: int, keep: list[int],
+                 widths: dict[int, int]) -> None:
+    """Every key byte for byte, except the block count and per-layer arrays, cut to ``keep``,
+    and with ``widths``, the FFN width."""
+    block_count, ffn = f"{arch}.block_count", f"{arch}.feed_forward_length"
     for field in copied_fields(reader):
         if field.name == block_count:
             writer.add_uint32(block_count, len(keep))
+        elif field.name == ffn and widths:
+            writer.add_uint32(ffn, widths[keep[0]])
         elif _per_layer_array(field, arch, n_layer):
             values = field.contents()
             writer.add_array(field.name, [values[i] for i in keep])
@@ -73,14 +97,18 @@ def _copy_fields(writer: CopyWriter, reader: Reader, arch: str, n_layer: int, ke
             writer.copy_field(reader, field)
 
 
-def _kept_tensors(reader: Reader, keep: list[int]) -> list[tuple[str, Any]]:
-    """(new name, tensor) of every tensor but the routers, thinned FFNs and removed blocks; blocks renumbered."""
+def _kept_tensors(reader: Reader, keep: list[int], thin: bool = False) -> list[tuple[str, Any]]:
+    """(new name, tensor) of every tensor but the routers, thinned FFNs and removed blocks; blocks
+    renumbered; with ``thin``, a layer's thinned FFN in place of its full one."""
     renumber = {old: new for new, old in enumerate(keep)}
+    by_name = {t.name: t for t in reader.tensors}
     kept = []
     for t in reader.tensors:
         m = _BLOCK.match(t.name)
         if ROUTER_NAME_MARKER in t.name or THIN_NAME_MARKER in t.name or (m and int(m.group(1)) not in renumber):
             continue
+        if thin and m and m.group(2).split(".")[0] in _FFN:
+            t = by_name.get(t.name.replace(f".{m.group(2)}", f".first_{m.group(2)}"), t)
         kept.append((f"blk.{renumber[int(m.group(1))]}.{m.group(2)}" if m else t.name, t))
     return kept
 
