@@ -119,3 +119,19 @@ def test_sigterm_removes_the_runs_file_copies(tiny_first: Path) -> None:
     finally:
         proc.kill()
     assert set(tiny_first.parent.iterdir()) == before
+
+
+def test_thin_and_thinned_strategies(tiny_first: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    from first_gguf.format import read_thin, write_thin
+
+    n_ff = 128  # the tiny qwen2's intermediate size (checked by write_thin against the file)
+    thin = write_thin(tiny_first, {i: np.arange(0, n_ff, 2) for i in range(4)}, tmp_path / "thin.first.gguf")
+    res = run_bench(thin, skip_count=1, repeats=1, ctx=[8], decode_tokens=3, threads=[1], stock=False)
+    (cell,) = res["cells"]
+    assert set(cell["strategies"]) == STRATEGIES | {"thin", "thinned"}
+    assert set(res["setup"]["files"]) == {"model", "pruned", "thinned"}
+    assert set(cell["pairs"]) == {"mask/pruned", "thin/thinned"}
+    assert cell["strategies"]["thin"]["skipped_layers"] == [] and read_thin(thin).layers == (0, 1, 2, 3)
+    assert "thin/thinned" in format_bench(res)
