@@ -317,7 +317,8 @@ def test_default_point_and_the_point_command():
         t.expect(r"24 layers, mode mask, point quality")
         listing = t.ask("/point")
         assert re.search(r"\* quality: skip \[4\]", listing) and "balanced: skip [4, 9]" in listing
-        assert "no operating point 'nonsense'; it has quality, balanced; unchanged" in t.ask("/point nonsense")
+        assert "lean: thin [0, 1, 2" in listing
+        assert "no operating point 'nonsense'; it has quality, balanced, lean; unchanged" in t.ask("/point nonsense")
         assert "(point balanced" in t.ask("/point balanced")
         answer = t.ask("Say hi.")
         assert "[mask: skipped 2/24 layers (point balanced)" in answer, answer

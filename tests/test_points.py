@@ -367,9 +367,11 @@ def test_the_shipped_points_file_is_valid_for_its_model():
     from first_gguf import models, shipped
 
     path = shipped.shipped_points_path(models.DEFAULT_MODEL)
-    points = fmt.load_points(path, 24, [0, 23])
+    thin, _ = shipped.shipped_thin(models.DEFAULT_MODEL)
+    assert sorted(thin) == list(range(24)) and {len(v) for v in thin.values()} == {4096}
+    points = fmt.load_points(path, 24, [0, 23], thin_layers=sorted(thin))
     assert points.as_json() == {"default": "quality", "points": {
-        "quality": {"skip": [4]}, "balanced": {"skip": [4, 9]}}}
+        "quality": {"skip": [4]}, "balanced": {"skip": [4, 9]}, "lean": {"thin": list(range(24))}}}
 
 
 # --- the runtime on a tiny runnable FiRST-GGUF ---------------------------------------------------
@@ -649,7 +651,8 @@ def test_eval_runs_every_point_and_resumes(tiny, tmp_path):
 @pytest.mark.slow
 def test_default_model_carries_the_shipped_points(tmp_path, monkeypatch):
     """first_gguf_path on the real default model (in a private cache, the shared one untouched)
-    carries the shipped points; its default, quality, skips exactly layer 4 in decode."""
+    carries the shipped points and thinned FFNs; its default, quality, skips exactly layer 4 in
+    decode, and lean decodes every layer thin."""
     from first_gguf import models, shipped
     from first_gguf.runtime.greedy import greedy
 
@@ -661,16 +664,22 @@ def test_default_model_carries_the_shipped_points(tmp_path, monkeypatch):
     monkeypatch.setenv("FIRST_GGUF_CACHE", str(cache))
     path = shipped.first_gguf_path(models.DEFAULT_MODEL)
     assert path.parent == cache / "demo"
-    want = fmt.load_points(shipped.shipped_points_path(models.DEFAULT_MODEL), 24, [0, 23])
+    thin, source = shipped.shipped_thin(models.DEFAULT_MODEL)
+    want = fmt.load_points(shipped.shipped_points_path(models.DEFAULT_MODEL), 24, [0, 23], thin_layers=sorted(thin))
     assert fmt.read_points(path) == want and want.default == "quality"
+    have = fmt.read_thin(path)
+    assert have.source == source and all(list(have.neurons_of(i)) == thin[i] for i in range(24))
     from first_gguf.runtime import FirstModel
 
     llm = FirstModel(path, n_ctx=256, n_threads=1)
     try:
-        assert llm.point == "quality" and llm.points.names == ["quality", "balanced"]
+        assert llm.point == "quality" and llm.points.names == ["quality", "balanced", "lean"]
         g = greedy(llm, llm.tokenize(b"def fibonacci(n):"), 4)
         assert g.report.point == "quality" and g.report.skipped == (4,) and g.report.mode == "mask"
         llm.configure(point="balanced")
         assert greedy(llm, llm.tokenize(b"def fibonacci(n):"), 2).report.skipped == (4, 9)
+        llm.configure(point="lean")
+        report = greedy(llm, llm.tokenize(b"def fibonacci(n):"), 2).report
+        assert report.skipped == () and report.thin == tuple(range(24)) and report.point == "lean"
     finally:
         llm.close()
