@@ -149,21 +149,22 @@ class FirstParts(NamedTuple):
     thin: ThinInfo | None
 
 
-def first_parts_from_reader(reader: Reader, where: str) -> FirstParts:
-    """Validate an open GGUF's FiRST part (messages name ``where``); return all of it."""
+def first_parts_from_reader(reader: Reader, where: str, deep: bool = True) -> FirstParts:
+    """Validate an open GGUF's FiRST part (messages name ``where``); return all of it. ``deep=False``
+    leaves out the byte comparison of thinned FFN rows with the base's (``thin.thin_from_reader``)."""
     arch, n_layer, n_embd = model_dims(reader, where)
     meta = _first_metadata(reader, where)
     check_metadata(where, meta, n_layer)
     stored = {t.name: _stored(t) for t in reader.tensors if ROUTER_NAME_MARKER in t.name}
     tensors = collect_layers(where, stored, n_layer, n_embd, meta[KEY_ROUTER_HIDDEN_SIZE], gguf_ne=True)
-    thin = thin_from_reader(reader, where, meta, arch, n_layer, n_embd)
+    thin = thin_from_reader(reader, where, meta, arch, n_layer, n_embd, deep)
     points = points_from_metadata(meta, where, n_layer, meta[KEY_PROTECTED_LAYERS], thin.layers if thin else ())
     return FirstParts(routers_from_metadata(meta, n_layer, n_embd, tensors, where), points, thin)
 
 
-def first_from_reader(reader: Reader, where: str) -> tuple[RouterSet, Points]:
+def first_from_reader(reader: Reader, where: str, deep: bool = True) -> tuple[RouterSet, Points]:
     """Validate an open GGUF's FiRST part (messages name ``where``); return its routers and points."""
-    parts = first_parts_from_reader(reader, where)
+    parts = first_parts_from_reader(reader, where, deep)
     return parts.routers, parts.points
 
 
@@ -192,13 +193,15 @@ def read_routers(path: str | os.PathLike) -> RouterSet:
 
 
 def read_points(path: str | os.PathLike) -> Points:
-    """The operating points of a FiRST-GGUF (empty when it has none). Reading always validates."""
-    return read_first(path)[1]
+    """The operating points of a FiRST-GGUF (empty when it has none). Reading always validates
+    (all but the byte comparison of thinned FFN rows: ``first_parts_from_reader``)."""
+    return read_first(path, deep=False)[1]
 
 
-def read_first(path: str | os.PathLike) -> tuple[RouterSet, Points]:
-    """The routers and operating points of a FiRST-GGUF, validated once."""
-    return first_from_reader(read_header(path), str(path))
+def read_first(path: str | os.PathLike, deep: bool = True) -> tuple[RouterSet, Points]:
+    """The routers and operating points of a FiRST-GGUF, validated once (``deep``: see
+    ``first_parts_from_reader``; the runtime's loader passes False)."""
+    return first_from_reader(read_header(path), str(path), deep)
 
 
 def read_first_parts(path: str | os.PathLike) -> FirstParts:

@@ -112,7 +112,8 @@ class FirstModel(KvSegments, Scoring, Healing, Llama):
 
         self._flib = _lib.load()  # a clear error on a stock llama-cpp-python, before loading
         path = Path(model_path)
-        self.routers, self.points = read_first(path) if is_first_gguf(path) else (None, Points())
+        # every rule but the byte comparison of thin rows, which would page in most FFN weights twice
+        self.routers, self.points = read_first(path, deep=False) if is_first_gguf(path) else (None, Points())
         if kwargs.get("n_seq_max", 1) != 1:
             raise FirstError("FiRST decisions are per sequence: use one context per sequence (n_seq_max=1)")
         kwargs.setdefault("verbose", False)
