@@ -322,6 +322,10 @@ def test_default_point_and_the_point_command():
         assert "(point balanced" in t.ask("/point balanced")
         answer = t.ask("Say hi.")
         assert "[mask: skipped 2/24 layers (point balanced)" in answer, answer
+        assert "(point lean" in t.ask("/point lean")
+        answer = t.ask("Say hi.")
+        assert "[mask: skipped 0/24 layers, 24 thin (point lean)" in answer, answer
+        assert "0 of 24 (none); 24 decoded with thinned FFNs" in t.ask("/stats")
         t.type("\x04")
         assert t.exit_code() == 0
     finally:
