@@ -20,10 +20,10 @@ from .inspection import format_inspect, inspect_gguf
 from .points import Point, Points, load_points
 from .prune import parse_layers, prune_gguf
 from .reader import (FirstParts, gguf_w1_dtype, is_first_gguf, open_gguf, read_first, read_first_parts, read_points,
-                     read_routers, validate_first_gguf)
+                     read_routers, read_thin, validate_first_gguf)
 from .router_file import checked_routers, load_router_file, save_router_file, stored_w1_dtype
 from .routers import RouterSet, make_identity_routers
-from .thin import ThinInfo, read_thin, top_neurons
+from .thin import ThinInfo, top_neurons
 from .thin_write import write_thin, write_thin_from_scores
 
 __all__ = [

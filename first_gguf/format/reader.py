@@ -216,3 +216,8 @@ def gguf_w1_dtype(path: str | os.PathLike) -> str:
     name = router_tensor_name(ROUTER_F16_ROLES[0], 0)
     kind = next((t.tensor_type for t in gguf.GGUFReader(path).tensors if t.name == name), None)
     return "f16" if kind == gguf.GGMLQuantizationType.F16 else "f32"
+
+
+def read_thin(path: str | os.PathLike) -> ThinInfo | None:
+    """The thinned FFNs a FiRST-GGUF declares (None: none); the whole file is validated."""
+    return read_first_parts(path).thin

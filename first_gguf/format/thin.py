@@ -10,7 +10,6 @@ numpy + gguf only, never torch.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -249,13 +248,6 @@ def thin_bytes(reader: Any, info: ThinInfo) -> tuple[int, int]:
     thin = sum(sizes.get(thin_tensor_name(r, i), 0) for i in info.layers for r in THIN_TENSORS)
     full = sum(sizes.get(base_ffn_name(r, i), 0) for i in info.layers for r in THIN_TENSORS)
     return thin, full
-
-
-def read_thin(path: str | os.PathLike) -> ThinInfo | None:
-    """The thinned FFNs a FiRST-GGUF declares (None: none); the whole file is validated."""
-    from .reader import read_first_parts
-
-    return read_first_parts(path).thin
 
 
 def top_neurons(scores: np.ndarray, width: int) -> np.ndarray:
