@@ -5,7 +5,7 @@ as it is, but ``first.version`` (2) and any old ``first.thin.*`` keys and thin t
 are replaced. Per thinned layer, ``ffn_gate`` / ``ffn_up`` rows (one neuron each) are copied
 as their stored bytes; ``ffn_down`` is dequantized (gguf-py), its neuron columns selected and
 quantized again to its own type by ggml's quantizer (``ggml_quantize_chunk`` of the library
-llama-cpp-python ships; F32 / F16 / BF16 exactly with numpy). Written to a temporary file
+llama-cpp-python ships; F32 / F16 exactly with numpy). Written to a temporary file
 beside the output, read back and checked, renamed. numpy + gguf (+ ctypes) only, never torch.
 """
 
