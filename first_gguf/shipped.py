@@ -87,8 +87,8 @@ def first_gguf_path(name: str, seed: int = 0) -> Path:
     out = cache_dir() / "demo" / f"{name}.first.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
     _place_heals(points, out.parent)
-    if (out.is_file() and out.stat().st_mtime >= base.stat().st_mtime and _same_routers(out, routers)
-            and fmt.gguf_w1_dtype(out) == w1 and fmt.read_points(out) == points and _same_thin(out, thin)):
+    if (out.is_file() and out.stat().st_mtime >= base.stat().st_mtime and _same_parts(out, routers, points, thin)
+            and fmt.gguf_w1_dtype(out) == w1):
         _log(f"reusing {out}")
         return out
     _log(f"attaching the routers{' and operating points' if len(points) else ''} of {name} to {base.name}")
@@ -137,24 +137,27 @@ def resolve_model(model: str | Path | None) -> Path:
     return first_gguf_path(name)
 
 
-def _same_thin(path: Path, thin: tuple[dict[int, list[int]], str] | None) -> bool:
-    from .format import read_thin
+def _same_parts(path: Path, routers: RouterSet, points, thin: tuple[dict[int, list[int]], str] | None) -> bool:
+    """Whether the FiRST-GGUF at ``path`` carries exactly these routers, points and thinned FFNs
+    (read once, without the byte comparison of thin rows: the file is our own output)."""
+    from .format import read_first_parts
 
-    have = read_thin(path)
+    try:
+        parts = read_first_parts(path, deep=False)
+    except FirstError:
+        return False
+    return _same_routers(parts.routers, routers) and parts.points == points and _same_thin(parts.thin, thin)
+
+
+def _same_thin(have, thin: tuple[dict[int, list[int]], str] | None) -> bool:
     if thin is None or have is None:
         return thin is None and have is None
     return have.source == thin[1] and {i: list(have.neurons_of(i)) for i in have.layers} == thin[0]
 
 
-def _same_routers(path: Path, routers: RouterSet) -> bool:
+def _same_routers(have: RouterSet, routers: RouterSet) -> bool:
     import numpy as np
 
-    from .format import validate_first_gguf
-
-    try:
-        have = validate_first_gguf(path)
-    except FirstError:
-        return False
     a, b = have.metadata(), routers.metadata()
     # the GGUF keeps floats (norm_eps, threshold) as float32: compare them at that precision
     same = a.keys() == b.keys() and all(

@@ -204,9 +204,10 @@ def read_first(path: str | os.PathLike, deep: bool = True) -> tuple[RouterSet, P
     return first_from_reader(read_header(path), str(path), deep)
 
 
-def read_first_parts(path: str | os.PathLike) -> FirstParts:
-    """The routers, operating points and thinned FFNs (None: none) of a FiRST-GGUF, validated once."""
-    return first_parts_from_reader(read_header(path), str(path))
+def read_first_parts(path: str | os.PathLike, deep: bool = True) -> FirstParts:
+    """The routers, operating points and thinned FFNs (None: none) of a FiRST-GGUF, validated once
+    (``deep``: see ``first_parts_from_reader``)."""
+    return first_parts_from_reader(read_header(path), str(path), deep)
 
 
 def gguf_w1_dtype(path: str | os.PathLike) -> str:
@@ -214,7 +215,7 @@ def gguf_w1_dtype(path: str | os.PathLike) -> str:
     from ..constants import ROUTER_F16_ROLES, router_tensor_name
 
     name = router_tensor_name(ROUTER_F16_ROLES[0], 0)
-    kind = next((t.tensor_type for t in gguf.GGUFReader(path).tensors if t.name == name), None)
+    kind = next((t.tensor_type for t in read_header(path).tensors if t.name == name), None)
     return "f16" if kind == gguf.GGMLQuantizationType.F16 else "f32"
 
 
