@@ -240,9 +240,10 @@ class FirstModel(KvSegments, Scoring, Healing, Llama):
         thin = tuple(sorted({int(i) for i in thin}))
         if bad := [i for i in thin if not 0 <= i < self.n_layer]:
             raise FirstError(f"thin layers {bad} out of range for a {self.n_layer}-layer model")
-        if missing := [i for i in thin if i not in self.thin_layers]:
+        have = self.thin_layers
+        if missing := [i for i in thin if i not in have]:
             raise FirstError(f"{self.model_path}: layers {missing} have no thin FFN in this file"
-                             + (f" (it has {list(self.thin_layers)})" if self.thin_layers else " (it has none)"))
+                             + (f" (it has {list(have)})" if have else " (it has none)"))
         buf = (ctypes.c_uint8 * self.n_layer)(*[i in thin for i in range(self.n_layer)])
         self._check(self._flib.set_thin(self.ctx, buf, self.n_layer), "set_thin")
         self.thin = thin
