@@ -8,13 +8,15 @@ nothing heavy so that any part of the package can use it.
 from __future__ import annotations
 
 # Versions of the FiRST-GGUF format (`first.version`): this package reads every one of
-# FIRST_VERSIONS. A writer writes FIRST_VERSION_THIN exactly when the file carries thinned FFNs
-# (the first.thin.* keys and tensors), else FIRST_VERSION_PLAIN, so a file without them stays
-# byte-identical to what version 1 wrote.
+# FIRST_VERSIONS. A writer writes FIRST_VERSION_VOCAB exactly when the file carries a short
+# output vocabulary (the first.vocab.* keys and tensor), else FIRST_VERSION_THIN when it carries
+# thinned FFNs (the first.thin.* keys and tensors), else FIRST_VERSION_PLAIN, so a file without
+# them stays byte-identical to what version 1 wrote.
 FIRST_VERSION_PLAIN = 1
 FIRST_VERSION_THIN = 2
-FIRST_VERSION = FIRST_VERSION_THIN  # the newest
-FIRST_VERSIONS = (FIRST_VERSION_PLAIN, FIRST_VERSION_THIN)
+FIRST_VERSION_VOCAB = 3
+FIRST_VERSION = FIRST_VERSION_VOCAB  # the newest
+FIRST_VERSIONS = (FIRST_VERSION_PLAIN, FIRST_VERSION_THIN, FIRST_VERSION_VOCAB)
 
 # --- GGUF keys ---------------------------------------------------------------------------
 KEY_VERSION = "first.version"                       # u32
@@ -31,6 +33,8 @@ KEY_THIN_LAYERS = "first.thin.layers"                # array[i32], version 2: la
 KEY_THIN_WIDTHS = "first.thin.widths"                # array[u32], version 2: kept neurons per listed layer
 KEY_THIN_NEURONS = "first.thin.neurons"              # array[i32], version 2: kept neuron indices, layer after layer
 KEY_THIN_SOURCE = "first.thin.source"                # string, optional: how the neurons were chosen
+KEY_VOCAB_TOKENS = "first.vocab.tokens"              # array[i32], version 3: the short vocabulary, ascending
+KEY_VOCAB_SOURCE = "first.vocab.source"              # string, optional: how the tokens were chosen
 
 FIRST_KEY_PREFIX = "first."
 
@@ -51,6 +55,11 @@ POINT_KEYS = (KEY_POINTS, KEY_POINTS_DEFAULT)
 THIN_KEY_PREFIX = "first.thin."
 THIN_REQUIRED_KEYS = (KEY_THIN_LAYERS, KEY_THIN_WIDTHS, KEY_THIN_NEURONS)
 THIN_KEYS = THIN_REQUIRED_KEYS + (KEY_THIN_SOURCE,)
+# Keys of a file with a short output vocabulary (first.version 3): the tokens, the source optional.
+VOCAB_KEY_PREFIX = "first.vocab."
+VOCAB_KEYS = (KEY_VOCAB_TOKENS, KEY_VOCAB_SOURCE)
+# Its tensor: the listed tokens' rows of the output matrix, GGUF ne [n_embd, n_tokens].
+VOCAB_TENSOR = "first_output.weight"
 
 # Allowed values of the string keys (first.version 1 has one each).
 AGGREGATION_MEAN = "mean"
@@ -61,11 +70,14 @@ PREFILL_VALUES = (PREFILL_FULL,)
 # Operating points (docs/FORMAT.md section 2): each entry of first.points is
 # "<name>=threshold:<T>", "<name>=skip:<i>,<j>,..." or "<name>=thin:<i>,<j>,...", the first two
 # optionally followed by ";thin:<i>,<j>,..." (layers decoded with their thinned FFN), a skip
-# point without thin by ";heal:<file>" (a healing adapter beside the GGUF).
+# point without thin by ";heal:<file>" (a healing adapter beside the GGUF); any point but a healed
+# one may end in ";vocab" (decode with the short output vocabulary), and "<name>=vocab" alone is
+# mask mode skipping nothing with the short vocabulary.
 POINT_THRESHOLD = "threshold"
 POINT_SKIP = "skip"
 POINT_THIN = "thin"
 POINT_HEAL = "heal"
+POINT_VOCAB = "vocab"
 
 # --- Defaults ----------------------------------------------------------------------------
 DEFAULT_HIDDEN_SIZE = 64

@@ -32,6 +32,7 @@ llama_context_p = ctypes.c_void_p
 llama_model_p = ctypes.c_void_p
 _u8p, _f32p, _f64p = ctypes.POINTER(ctypes.c_uint8), ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_double)
 _i32, _i64, _u32, _f32 = ctypes.c_int32, ctypes.c_int64, ctypes.c_uint32, ctypes.c_float
+_i32p = ctypes.POINTER(ctypes.c_int32)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -177,6 +178,21 @@ class FirstLib:
     # int32_t llama_first_get_thin(const struct llama_context * ctx, uint8_t * thin, int32_t n);
     @_c_function("llama_first_get_thin", [llama_context_p, _u8p, _i32], _i32)
     def get_thin(self, ctx: llama_context_p | int, thin: CtypesArray[ctypes.c_uint8], n: int) -> int: ...
+
+    # --- short output vocabulary (format version 3) ---------------------------------------------
+
+    # int32_t llama_first_model_vocab_size(const struct llama_model * model);
+    @_c_function("llama_first_model_vocab_size", [llama_model_p], _i32)
+    def model_vocab_size(self, model: llama_model_p | int) -> int: ...
+
+    # int32_t llama_first_set_vocab(struct llama_context * ctx, int32_t on, const int32_t * extra, int32_t n_extra);
+    @_c_function("llama_first_set_vocab", [llama_context_p, _i32, _i32p, _i32], _i32)
+    def set_vocab(self, ctx: llama_context_p | int, on: int, extra: CtypesArray[ctypes.c_int32] | None,
+                  n_extra: int) -> int: ...
+
+    # int32_t llama_first_get_vocab(const struct llama_context * ctx);
+    @_c_function("llama_first_get_vocab", [llama_context_p], _i32)
+    def get_vocab(self, ctx: llama_context_p | int) -> int: ...
 
     # --- layer-input capture (optional: only evaluation and tests read it) ----------------------
 
