@@ -60,6 +60,17 @@ VOCAB_KEY_PREFIX = "first.vocab."
 VOCAB_KEYS = (KEY_VOCAB_TOKENS, KEY_VOCAB_SOURCE)
 # Its tensor: the listed tokens' rows of the output matrix, GGUF ne [n_embd, n_tokens].
 VOCAB_TENSOR = "first_output.weight"
+# The output matrix it is cut from: output.weight, or the embeddings when the output is tied.
+OUTPUT_TENSOR = "output.weight"
+TOKEN_EMBD_TENSOR = "token_embd.weight"
+# Every token of another type than normal belongs to the short vocabulary (llama.cpp's types).
+KEY_TOKEN_TYPE = "tokenizer.ggml.token_type"
+TOKEN_TYPE_NORMAL = 1
+
+
+def first_version_for(thin: bool, vocab: bool) -> int:
+    """The ``first.version`` a writer writes for a file with (or without) thinned FFNs and a short vocabulary."""
+    return FIRST_VERSION_VOCAB if vocab else FIRST_VERSION_THIN if thin else FIRST_VERSION_PLAIN
 
 # Allowed values of the string keys (first.version 1 has one each).
 AGGREGATION_MEAN = "mean"

@@ -72,7 +72,8 @@ def test_thin_masks_and_kinds():
     assert mid.mask(3) == [True, False, True] and mid.thin_mask(3) == [False, False, True]
     assert fast.mask(3) is None and fast.thin_mask(3) is None
     assert lean.as_json() == {"thin": [0, 2]} and mid.as_json() == {"skip": [1], "thin": [2]}
-    with pytest.raises(FormatError, match=r"^points: point 'x': a point is a threshold, a skip set or thin layers$"):
+    with pytest.raises(FormatError, match=r"^points: point 'x': a point is a threshold, a skip set, thin layers or "
+                                          r"the short vocabulary$"):
         fmt.load_points(Points((Point("x"),)), 3, [0])
     with pytest.raises(FormatError, match=r"^points: point 'x': a point is a threshold or a skip set, not both$"):
         fmt.load_points(Points((Point("x", threshold=0.5, skip=(1,)),)), 3, [0])

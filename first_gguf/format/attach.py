@@ -26,7 +26,8 @@ from ..constants import FIRST_KEY_PREFIX, FIRST_VERSION_THIN, KEY_VERSION, POINT
 from ..errors import FormatError
 from ..paths import atomic_output, check_output_path
 from .header import read_header
-from .points import Points, load_points
+from .points import Points
+from .points_json import load_points
 from .reader import KEY_TYPES, Reader, field_type, first_from_reader, first_parts_from_reader, int_key, model_dims
 from .router_file import checked_routers
 from .routers import RouterSet, check_w1_dtype, router_arrays
@@ -178,10 +179,10 @@ def stamp_points(path: str | os.PathLike, points: PointsArg, out_path: str | os.
     src, out = Path(path), Path(out_path)
     check_output_path(out, force, inputs=(src,))
     reader = read_header(src)
-    routers, _, thin = first_parts_from_reader(reader, str(src))
+    routers, _, thin, vocab = first_parts_from_reader(reader, str(src))
     arch, n_layer, _ = model_dims(reader, str(src))
     points = (Points() if points is None else
-              load_points(points, n_layer, routers.protected_layers, thin.layers if thin else ()))
+              load_points(points, n_layer, routers.protected_layers, thin.layers if thin else (), vocab is not None))
     kept = [f for f in reader.fields.values() if not f.name.startswith("GGUF.")
             and f.name != gguf.Keys.General.ARCHITECTURE and f.name not in POINT_KEYS]
     with atomic_output(out) as tmp:

@@ -3,25 +3,25 @@
 A point names one way to run the file: a router threshold (``first`` mode at T) or a fixed
 decode skip set (``mask`` mode, the prompt at full depth), the latter optionally healed by an
 adapter file that lives beside the GGUF; either, or neither (``mask`` mode skipping nothing),
-may decode some layers with their thinned FFN (first.version 2, section 7). The GGUF stores each point as one string of
-``first.points`` and the default's name in ``first.points.default``; a JSON file
-(``first-gguf attach --points``, ``first-gguf points --set``) says the same as an object.
+may decode some layers with their thinned FFN (first.version 2, section 7), and any but a healed
+one with the short output vocabulary (first.version 3, section 8; ``vocab`` alone is ``mask`` mode
+skipping nothing). The GGUF stores each point as one string of ``first.points`` and the
+default's name in ``first.points.default``; a JSON file (``first-gguf attach --points``,
+``first-gguf points --set``; read by ``points_json.load_points``) says the same as an object.
 Every path checks the same rules here, and messages name the file and the entry.
 Imports only the standard library, ``constants`` and ``errors``.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from ..constants import (KEY_POINTS, KEY_POINTS_DEFAULT, KEY_THIN_LAYERS, POINT_HEAL, POINT_KEYS, POINT_SKIP,
-                         POINT_THIN, POINT_THRESHOLD)
+from ..constants import (KEY_POINTS, KEY_POINTS_DEFAULT, KEY_THIN_LAYERS, KEY_VOCAB_TOKENS, POINT_HEAL, POINT_KEYS,
+                         POINT_SKIP, POINT_THIN, POINT_THRESHOLD, POINT_VOCAB)
 from ..errors import FormatError
 
 NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
@@ -29,13 +29,14 @@ _THRESHOLD = re.compile(r"[01](\.[0-9]+)?")
 _LAYERS = re.compile(r"(0|[1-9][0-9]*)(,(0|[1-9][0-9]*))*")
 _HEAL_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*\.gguf")
 GRAMMAR = ("NAME=threshold:T or NAME=skip:I,J,... or NAME=thin:I,J,... (the first two optionally followed by "
-           ";thin:I,J,..., a skip without thin by ;heal:FILE.gguf)")
+           ";thin:I,J,..., a skip without thin by ;heal:FILE.gguf), any but a healed one ending in ;vocab, "
+           "or NAME=vocab")
 
 
 @dataclass(frozen=True)
 class Point:
-    """One operating point: at most one of ``threshold`` and ``skip``, and ``thin`` when neither;
-    ``heal`` only with ``skip`` and never with ``thin``.
+    """One operating point: at most one of ``threshold`` and ``skip``, and ``thin`` or ``vocab`` when
+    neither; ``heal`` only with ``skip`` and never with ``thin`` or ``vocab``.
 
     Attributes:
         name: [a-z0-9][a-z0-9-]*, at most 32 characters.
@@ -44,6 +45,8 @@ class Point:
         thin: layers decoded with their thinned FFN (ascending, distinct, in the file's
             first.thin.layers, none skipped); alone: ``mask`` mode skipping nothing.
         heal: file name of a healing adapter for ``skip``, in the GGUF's directory.
+        vocab: decode with the file's short output vocabulary (first.vocab.tokens); alone:
+            ``mask`` mode skipping nothing.
     """
 
     name: str
@@ -51,19 +54,24 @@ class Point:
     skip: tuple[int, ...] | None = None
     heal: str | None = None
     thin: tuple[int, ...] | None = None
+    vocab: bool = False
 
     @property
     def kind(self) -> str:
-        """``threshold`` (first mode), ``skip`` (mask mode) or ``thin`` (mask mode, nothing skipped)."""
+        """``threshold`` (first mode), ``skip`` (mask mode), or ``thin`` / ``vocab`` (mask mode, nothing
+        skipped: thin layers, else only the short vocabulary)."""
         if self.threshold is not None:
             return POINT_THRESHOLD
-        return POINT_SKIP if self.skip is not None else POINT_THIN
+        if self.skip is not None:
+            return POINT_SKIP
+        return POINT_THIN if self.thin is not None else POINT_VOCAB
 
     def describe(self) -> str:
-        """For people: "threshold 0.5", "skip [4, 9] healed", "skip [4], thin [0, 1, 2]"."""
+        """For people: "threshold 0.5", "skip [4, 9] healed", "skip [4], thin [0, 1, 2], short vocabulary"."""
         parts = [f"threshold {self.threshold}"] if self.threshold is not None else []
         parts += [f"skip {list(self.skip)}"] if self.skip else []
         parts += [f"thin {list(self.thin)}"] if self.thin else []
+        parts += ["short vocabulary"] if self.vocab else []
         return ", ".join(parts) + (" healed" if self.heal else "")
 
     def spec(self) -> str:
@@ -77,11 +85,13 @@ class Point:
             parts.append(f"{POINT_THIN}:{_layers_text(self.thin)}")
         if self.heal:
             parts.append(f"{POINT_HEAL}:{self.heal}")
+        if self.vocab:
+            parts.append(POINT_VOCAB)
         return f"{self.name}={';'.join(parts)}"
 
     def mask(self, n_layer: int) -> list[bool] | None:
-        """Run mask of a mask-mode point (True = the layer runs; a thin-only point runs every
-        layer); None for a threshold point."""
+        """Run mask of a mask-mode point (True = the layer runs; a thin-only or vocab-only point
+        runs every layer); None for a threshold point."""
         if self.threshold is not None:
             return None
         return [i not in (self.skip or ()) for i in range(n_layer)]
@@ -98,7 +108,8 @@ class Point:
             out[POINT_SKIP] = list(self.skip)
         if self.thin is not None:
             out[POINT_THIN] = list(self.thin)
-        return out | ({POINT_HEAL: self.heal} if self.heal else {})
+        out |= {POINT_HEAL: self.heal} if self.heal else {}
+        return out | ({POINT_VOCAB: True} if self.vocab else {})
 
 
 @dataclass(frozen=True)
@@ -154,7 +165,13 @@ def parse_spec(spec: str, where: str) -> Point:
     name, eq, body = spec.partition("=")
     if not eq:
         raise FormatError(f"{at}: expected {GRAMMAR}")
-    first, *rest = body.split(";")
+    parts = body.split(";")
+    vocab = len(parts) > 0 and parts[-1] == POINT_VOCAB  # ";vocab" last, or "vocab" alone
+    if vocab:
+        parts.pop()
+        if not parts:
+            return Point(name, vocab=True)
+    first, *rest = parts
     kind, colon, arg = first.partition(":")
     if not colon or kind not in (POINT_THRESHOLD, POINT_SKIP, POINT_THIN):
         raise FormatError(f"{at}: expected {GRAMMAR}")
@@ -167,7 +184,8 @@ def parse_spec(spec: str, where: str) -> Point:
         allowed = order[order.index(last) + 1:] if last in order else order
         if not colon or tag not in allowed or (tag == POINT_HEAL and POINT_THIN in values):
             raise FormatError(f"{at}: unexpected {part!r}: the main part may be followed by ';{POINT_THIN}:I,J,...'"
-                              f" (not after thin:) or, for a skip point without thin, ';{POINT_HEAL}:FILE.gguf'")
+                              f" (not after thin:) or, for a skip point without thin, ';{POINT_HEAL}:FILE.gguf', "
+                              f"then ';{POINT_VOCAB}' last")
         values[tag] = value
     threshold = None
     if POINT_THRESHOLD in values:
@@ -182,11 +200,11 @@ def parse_spec(spec: str, where: str) -> Point:
                                   f"(e.g. 4,9)")
             layers[tag] = tuple(int(i) for i in values[tag].split(","))
     return Point(name, threshold=threshold, skip=layers.get(POINT_SKIP), heal=values.get(POINT_HEAL),
-                 thin=layers.get(POINT_THIN))
+                 thin=layers.get(POINT_THIN), vocab=vocab)
 
 
 def check_points(points: Points, where: str, n_layer: int, protected: Sequence[int],
-                 thin_layers: Sequence[int] | None = None) -> None:
+                 thin_layers: Sequence[int] | None = None, has_vocab: bool | None = None) -> None:
     """The rules of docs/FORMAT.md section 2 for operating points; FormatError names ``where`` and the point.
 
     Names match [a-z0-9][a-z0-9-]* (at most 32) and are unique; a point has a threshold or a
@@ -194,14 +212,17 @@ def check_points(points: Points, where: str, n_layer: int, protected: Sequence[i
     ascending, distinct, in 0..n_layer-1, leaves a layer running and skips no protected layer; a
     heal file is a plain ``*.gguf`` name on a skip point without thin; thin layers are
     non-empty, ascending, distinct, in range, none skipped, and (``thin_layers`` given: the
-    file's first.thin.layers) each carries a thinned FFN; the default names a point.
+    file's first.thin.layers) each carries a thinned FFN; a vocab point is not healed and
+    (``has_vocab`` given: whether the file carries first.vocab.tokens) needs a short vocabulary;
+    the default names a point.
     """
     seen: set[str] = set()
     for p in points:
         if p.threshold is not None and p.skip is not None:
             raise FormatError(f"{where}: point {p.name!r}: a point is a threshold or a skip set, not both")
-        if p.threshold is None and p.skip is None and p.thin is None:
-            raise FormatError(f"{where}: point {p.name!r}: a point is a threshold, a skip set or thin layers")
+        if p.threshold is None and p.skip is None and p.thin is None and not p.vocab:
+            raise FormatError(f"{where}: point {p.name!r}: a point is a threshold, a skip set, thin layers or "
+                              f"the short vocabulary")
         at = f"{where}: point {p.spec()!r}"
         if not NAME.fullmatch(p.name):
             raise FormatError(f"{at}: name {p.name!r} must match [a-z0-9][a-z0-9-]* (at most 32 characters)")
@@ -216,6 +237,8 @@ def check_points(points: Points, where: str, n_layer: int, protected: Sequence[i
             raise FormatError(f"{at}: only a skip point takes a healing adapter")
         if p.thin is not None:
             _check_thin(at, p, n_layer, thin_layers)
+        if p.vocab:
+            _check_vocab(at, p, has_vocab)
     if points.default is not None and points.default not in seen:
         raise FormatError(f"{where}: {KEY_POINTS_DEFAULT} is {points.default!r}, not one of the points "
                           f"({', '.join(points.names) or 'none'})")
@@ -255,11 +278,20 @@ def _check_thin(at: str, p: Point, n_layer: int, thin_layers: Sequence[int] | No
                           f"{list(thin_layers) or 'absent'})")
 
 
+def _check_vocab(at: str, p: Point, has_vocab: bool | None) -> None:
+    if p.heal is not None:
+        raise FormatError(f"{at}: a healed point takes no short vocabulary")
+    if has_vocab is False:
+        raise FormatError(f"{at}: decodes with the short vocabulary but the file has none "
+                          f"({KEY_VOCAB_TOKENS} absent)")
+
+
 def points_from_metadata(meta: dict[str, object], where: str, n_layer: int, protected: Sequence[int],
-                         thin_layers: Sequence[int] = ()) -> Points:
+                         thin_layers: Sequence[int] = (), has_vocab: bool = False) -> Points:
     """The checked points of a FiRST-GGUF's first.* values (types already checked); none when absent.
 
-    ``thin_layers``: the file's first.thin.layers (empty: it has none).
+    ``thin_layers``: the file's first.thin.layers (empty: it has none); ``has_vocab``: whether it
+    carries a short vocabulary (first.vocab.tokens).
     """
     specs, default = meta.get(KEY_POINTS), meta.get(KEY_POINTS_DEFAULT)
     if specs is None:
@@ -269,79 +301,8 @@ def points_from_metadata(meta: dict[str, object], where: str, n_layer: int, prot
     if not specs:
         raise FormatError(f"{where}: {KEY_POINTS} is empty; leave the key out instead")
     points = Points(tuple(parse_spec(s, where) for s in specs), default)
-    check_points(points, where, n_layer, protected, thin_layers)
+    check_points(points, where, n_layer, protected, thin_layers, has_vocab)
     return points
-
-
-def load_points(source: Points | dict | str | os.PathLike, n_layer: int, protected: Sequence[int],
-                thin_layers: Sequence[int] | None = None) -> Points:
-    """Checked points from a Points, a JSON object, or a JSON file.
-
-    The JSON form: ``{"default": "balanced", "points": {"quality": {"skip": [4]},
-    "fast": {"threshold": 0.5}, "healed": {"skip": [4, 9], "heal": "h.gguf"},
-    "lean": {"thin": [0, 1, 2]}, "fast-thin": {"threshold": 0.5, "thin": [1, 2]}}}``
-    ("default" optional; the points in file order).
-
-    ``thin_layers``: the first.thin.layers of the file the points are for (empty: it has none);
-    None: thin layers are checked for range only.
-    """
-    if isinstance(source, Points):
-        check_points(source, "points", n_layer, protected, thin_layers)
-        return source
-    where = "points"
-    if not isinstance(source, dict):
-        where = str(source)
-        try:
-            source = json.loads(Path(source).read_text())
-        except FileNotFoundError:
-            raise FormatError(f"{where}: no such file") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise FormatError(f"{where}: not a JSON file ({exc})") from None
-    points = _from_json(source, where)
-    check_points(points, where, n_layer, protected, thin_layers)
-    return points
-
-
-def _from_json(data: object, where: str) -> Points:
-    if not isinstance(data, dict) or not isinstance(data.get("points"), dict) or set(data) - {"default", "points"}:
-        raise FormatError(f'{where}: expected {{"default": NAME, "points": {{NAME: {{"skip": [..]}} or '
-                          f'{{"threshold": T}}, ...}}}}')
-    default = data.get("default")
-    if default is not None and not isinstance(default, str):
-        raise FormatError(f"{where}: default is {default!r}, expected a point's name")
-    return Points(tuple(_point_from_json(name, body, where) for name, body in data["points"].items()), default)
-
-
-_JSON_KEYS = ({POINT_THRESHOLD}, {POINT_SKIP}, {POINT_SKIP, POINT_HEAL}, {POINT_THIN}, {POINT_THRESHOLD, POINT_THIN},
-              {POINT_SKIP, POINT_THIN})
-
-
-def _point_from_json(name: str, body: object, where: str) -> Point:
-    at = f"{where}: point {name!r}"
-    keys = set(body) if isinstance(body, dict) else None
-    if keys not in _JSON_KEYS:
-        raise FormatError(f'{at}: expected {{"threshold": T}} or {{"skip": [I, J, ...]}} (optionally with '
-                          f'"heal": FILE.gguf), either optionally with "thin": [I, J, ...], or {{"thin": [I, J, ...]}}, '
-                          f'got {body!r}')
-    threshold = None
-    if POINT_THRESHOLD in body:
-        t = body[POINT_THRESHOLD]
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
-            raise FormatError(f"{at}: threshold {t!r} is not a number")
-        threshold = float(t)
-    layers = {}
-    for tag in (POINT_SKIP, POINT_THIN):
-        if tag not in body:
-            layers[tag] = None
-            continue
-        value = body[tag]
-        if not isinstance(value, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in value):
-            raise FormatError(f"{at}: {tag} {value!r} is not a list of layer numbers")
-        layers[tag] = tuple(value)
-    heal = body.get(POINT_HEAL)
-    if heal is not None and not isinstance(heal, str):
-        raise FormatError(f"{at}: heal {heal!r} is not a file name")
-    return Point(name, threshold=threshold, skip=layers[POINT_SKIP], heal=heal, thin=layers[POINT_THIN])
 
 
 def size_without_points(path: str | os.PathLike) -> int:

@@ -35,6 +35,7 @@ from ..constants import (
     POINT_KEYS,
     ROUTER_NAME_MARKER,
     THIN_KEYS,
+    VOCAB_KEYS,
 )
 from ..errors import FormatError
 from .header import GGUFHeader, read_header
@@ -42,6 +43,7 @@ from .points import Points, points_from_metadata
 from .routers import RouterSet, routers_from_metadata
 from .rules import KNOWN_KEYS, StoredTensor, check_keys_present, check_metadata, check_version, collect_layers
 from .thin import THIN_KEY_TYPES, ThinInfo, thin_from_reader
+from .vocab import VOCAB_KEY_TYPES, VocabInfo, vocab_from_reader
 
 # GGUF type of each first.* key (docs/FORMAT.md section 2): (type, array item type).
 KEY_TYPES: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {
@@ -56,6 +58,7 @@ KEY_TYPES: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {
     KEY_POINTS: (GGUFValueType.ARRAY, GGUFValueType.STRING),
     KEY_POINTS_DEFAULT: (GGUFValueType.STRING, None),
     **THIN_KEY_TYPES,
+    **VOCAB_KEY_TYPES,
 }
 Reader = gguf.GGUFReader | GGUFHeader
 _INT_TYPES = (GGUFValueType.UINT8, GGUFValueType.UINT16, GGUFValueType.UINT32, GGUFValueType.UINT64,
@@ -123,7 +126,7 @@ def _first_metadata(reader: Reader, where: str) -> dict[str, object]:
     version = fields.get(KEY_VERSION)
     if version is not None and field_type(version) == KEY_TYPES[KEY_VERSION]:
         check_version(where, version.contents())
-    check_keys_present(where, list(fields), KNOWN_KEYS + POINT_KEYS + THIN_KEYS)
+    check_keys_present(where, list(fields), KNOWN_KEYS + POINT_KEYS + THIN_KEYS + VOCAB_KEYS)
     meta = {}
     for key, field in fields.items():
         got, want = field_type(field), KEY_TYPES[key]
@@ -142,24 +145,29 @@ def _stored(tensor: Any) -> StoredTensor:
 
 
 class FirstParts(NamedTuple):
-    """Everything a valid FiRST-GGUF declares: routers, operating points, thinned FFNs (or None)."""
+    """Everything a valid FiRST-GGUF declares: routers, operating points, thinned FFNs and short
+    output vocabulary (each None when absent)."""
 
     routers: RouterSet
     points: Points
     thin: ThinInfo | None
+    vocab: VocabInfo | None = None
 
 
 def first_parts_from_reader(reader: Reader, where: str, deep: bool = True) -> FirstParts:
     """Validate an open GGUF's FiRST part (messages name ``where``); return all of it. ``deep=False``
-    leaves out the byte comparison of thinned FFN rows with the base's (``thin.thin_from_reader``)."""
+    leaves out the byte comparisons of thinned FFN rows and short-vocabulary rows with the base's
+    (``thin.thin_from_reader``, ``vocab.vocab_from_reader``)."""
     arch, n_layer, n_embd = model_dims(reader, where)
     meta = _first_metadata(reader, where)
     check_metadata(where, meta, n_layer)
     stored = {t.name: _stored(t) for t in reader.tensors if ROUTER_NAME_MARKER in t.name}
     tensors = collect_layers(where, stored, n_layer, n_embd, meta[KEY_ROUTER_HIDDEN_SIZE], gguf_ne=True)
     thin = thin_from_reader(reader, where, meta, arch, n_layer, n_embd, deep)
-    points = points_from_metadata(meta, where, n_layer, meta[KEY_PROTECTED_LAYERS], thin.layers if thin else ())
-    return FirstParts(routers_from_metadata(meta, n_layer, n_embd, tensors, where), points, thin)
+    vocab = vocab_from_reader(reader, where, meta, deep)
+    points = points_from_metadata(meta, where, n_layer, meta[KEY_PROTECTED_LAYERS], thin.layers if thin else (),
+                                  has_vocab=vocab is not None)
+    return FirstParts(routers_from_metadata(meta, n_layer, n_embd, tensors, where), points, thin, vocab)
 
 
 def first_from_reader(reader: Reader, where: str, deep: bool = True) -> tuple[RouterSet, Points]:
@@ -194,7 +202,7 @@ def read_routers(path: str | os.PathLike) -> RouterSet:
 
 def read_points(path: str | os.PathLike) -> Points:
     """The operating points of a FiRST-GGUF (empty when it has none). Reading always validates
-    (all but the byte comparison of thinned FFN rows: ``first_parts_from_reader``)."""
+    (all but the byte comparisons of copied rows: ``first_parts_from_reader``)."""
     return read_first(path, deep=False)[1]
 
 
@@ -205,7 +213,7 @@ def read_first(path: str | os.PathLike, deep: bool = True) -> tuple[RouterSet, P
 
 
 def read_first_parts(path: str | os.PathLike, deep: bool = True) -> FirstParts:
-    """The routers, operating points and thinned FFNs (None: none) of a FiRST-GGUF, validated once
+    """The routers, operating points, thinned FFNs and short vocabulary (None: none) of a FiRST-GGUF, validated once
     (``deep``: see ``first_parts_from_reader``)."""
     return first_parts_from_reader(read_header(path), str(path), deep)
 
@@ -222,3 +230,8 @@ def gguf_w1_dtype(path: str | os.PathLike) -> str:
 def read_thin(path: str | os.PathLike) -> ThinInfo | None:
     """The thinned FFNs a FiRST-GGUF declares (None: none); the whole file is validated."""
     return read_first_parts(path).thin
+
+
+def read_vocab(path: str | os.PathLike) -> VocabInfo | None:
+    """The short output vocabulary a FiRST-GGUF declares (None: none); the whole file is validated."""
+    return read_first_parts(path).vocab

@@ -72,8 +72,9 @@ def numpy_dtype_name(dtype: np.dtype) -> str:
 def check_version(where: str, version: object) -> None:
     """Checked before anything else, so a file of a newer version says so rather than fail on a new key."""
     if version not in FIRST_VERSIONS:
+        *older, newest = map(str, FIRST_VERSIONS)
         raise FormatError(f"{where}: unknown {KEY_VERSION} {version} (this first-gguf reads "
-                          f"{' and '.join(map(str, FIRST_VERSIONS))})")
+                          f"{', '.join(older)} and {newest})")
 
 
 def check_keys_present(where: str, keys: set[str] | list[str], known: tuple[str, ...] = KNOWN_KEYS) -> None:

@@ -1,0 +1,246 @@
+"""Short output vocabulary (first.version 3, docs/FORMAT.md section 8): every rule the reader applies
+on tiny GGUFs written by tests/ggufs.py, the points grammar, the writer, attach / stamp / prune /
+inspect with a short vocabulary (and with thinned FFNs beside it), the ``first-gguf vocab`` command,
+and the token counting with the default model's tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from gguf import GGUFValueType as T
+
+import ggufs
+from first_gguf import constants as C
+from first_gguf import format as fmt
+from first_gguf.cli import cli
+from first_gguf.errors import FirstError, FormatError
+from first_gguf.format.header import read_header
+from first_gguf.format.points import Point, Points, parse_spec
+
+N_VOCAB, E = ggufs.N_VOCAB, ggufs.N_EMBD
+# docs/FORMAT.md section 2: the first.vocab.* GGUF types
+VOCAB_TYPES = {C.KEY_VOCAB_TOKENS: (T.ARRAY, T.INT32), C.KEY_VOCAB_SOURCE: (T.STRING, None)}
+CONTROL = [0, 30]  # tokens of a type other than normal in these files
+TOKENS = [0, 3, 4, 9, 17, 30]
+
+
+def _base_kv() -> ggufs.KV:
+    kv = ggufs.base_kv()
+    types = [1] * N_VOCAB
+    for i in CONTROL:
+        types[i] = 3
+    return kv | {C.KEY_TOKEN_TYPE: (types, T.ARRAY, T.INT32)}
+
+
+def _vocab_kv_and_tensors(tokens: list[int] = TOKENS, tied: bool = False) -> tuple[ggufs.KV, ggufs.Tensors]:
+    """A valid file with a short vocabulary (its rows cut here with numpy); ``tied``: no output.weight."""
+    kv = _base_kv() | ggufs.first_kv()
+    kv[C.KEY_VERSION] = (3, T.UINT32, None)
+    kv |= {C.KEY_VOCAB_TOKENS: (tokens, *VOCAB_TYPES[C.KEY_VOCAB_TOKENS]),
+           C.KEY_VOCAB_SOURCE: ("tests", *VOCAB_TYPES[C.KEY_VOCAB_SOURCE])}
+    tensors = ggufs.base_tensors() | ggufs.router_tensors(ggufs.random_router_arrays())
+    if tied:
+        del tensors["output.weight"]
+    arr, raw = tensors["output.weight" if not tied else "token_embd.weight"]
+    tensors[C.VOCAB_TENSOR] = (np.ascontiguousarray(arr[tokens]), raw)
+    return kv, tensors
+
+
+def _set(key, value, vtype=None, sub=None):
+    def mutate(kv, tensors):
+        kv[key] = (value, *(VOCAB_TYPES.get(key, (T.UINT32, None)) if vtype is None else (vtype, sub)))
+    return mutate
+
+
+def _drop(name):
+    return lambda kv, tensors: (kv.pop(name, None), tensors.pop(name, None))
+
+
+def _tensor(fn, raw=None):
+    return lambda kv, t: t.__setitem__(C.VOCAB_TENSOR, (fn(t[C.VOCAB_TENSOR][0]), raw or t[C.VOCAB_TENSOR][1]))
+
+
+def _both(*fns):
+    return lambda kv, tensors: [fn(kv, tensors) for fn in fns]
+
+
+# --- the rules ---------------------------------------------------------------------------------
+
+BAD_VOCAB = {  # mutation -> message after "<file>: "
+    "version 2": (_set(C.KEY_VERSION, 2), r"first\.vocab\.tokens in a first\.version 2 file \(a short output "
+                                          r"vocabulary needs first\.version 3\)$"),
+    "version 1": (_set(C.KEY_VERSION, 1), r"first\.vocab\.tokens in a first\.version 1 file"),
+    "source only, version 2": (_both(_drop(C.KEY_VOCAB_TOKENS), _drop(C.VOCAB_TENSOR), _set(C.KEY_VERSION, 2)),
+                               r"first\.vocab\.source in a first\.version 2 file"),
+    "source without tokens": (_both(_drop(C.KEY_VOCAB_TOKENS), _drop(C.VOCAB_TENSOR)),
+                              r"first\.vocab\.source without first\.vocab\.tokens$"),
+    "tensor without key": (_both(_drop(C.KEY_VOCAB_TOKENS), _drop(C.KEY_VOCAB_SOURCE)),
+                           r"tensor first_output\.weight without first\.vocab\.tokens$"),
+    "key without tensor": (_drop(C.VOCAB_TENSOR), r"first\.vocab\.tokens without the tensor first_output\.weight$"),
+    "empty": (_set(C.KEY_VOCAB_TOKENS, []), r"first\.vocab\.tokens is empty; leave the first\.vocab\.\* keys out"),
+    "descending": (_set(C.KEY_VOCAB_TOKENS, [0, 4, 3, 9, 17, 30]),
+                   r"first\.vocab\.tokens must be ascending and distinct \(4 then 3 at 1, 2\)$"),
+    "twice": (_set(C.KEY_VOCAB_TOKENS, [0, 3, 3, 9, 17, 30]), r"first\.vocab\.tokens must be ascending and distinct"),
+    "out of range": (_set(C.KEY_VOCAB_TOKENS, [0, 3, 4, 9, 30, 32]),
+                     r"first\.vocab\.tokens has token 32, outside 0\.\.31$"),
+    "negative": (_set(C.KEY_VOCAB_TOKENS, [-1, 0, 4, 9, 17, 30]), r"first\.vocab\.tokens has token -1, outside"),
+    "every token": (_both(_set(C.KEY_VOCAB_TOKENS, list(range(N_VOCAB))),
+                          _tensor(lambda a: np.concatenate([a, a, a, a, a, a])[:N_VOCAB])),
+                    r"first\.vocab\.tokens lists all 32 tokens; a short vocabulary has fewer$"),
+    "a control token missing": (_set(C.KEY_VOCAB_TOKENS, [0, 3, 4, 9, 17, 29]),
+                                r"first\.vocab\.tokens lacks 1 tokens of a type other than normal "
+                                r"\(tokenizer\.ggml\.token_type != 1\): 30$"),
+    "tokens i32 wanted": (_set(C.KEY_VOCAB_TOKENS, TOKENS, T.ARRAY, T.UINT32),
+                          r"first\.vocab\.tokens has type ARRAY\[UINT32\], expected ARRAY\[INT32\]$"),
+    "source a number": (_set(C.KEY_VOCAB_SOURCE, 1, T.UINT32), r"first\.vocab\.source has type UINT32, expected "
+                                                               r"STRING$"),
+    "unknown vocab key": (_set("first.vocab.size", 6, T.UINT32), r"unknown key first\.vocab\.size "),
+    "too few rows": (_tensor(lambda a: a[:-1]), r"first_output\.weight has shape \(64, 5\), expected \(64, 6\) "
+                                                r"\(n_embd of output\.weight, 6 tokens\)$"),
+    "wrong type": (lambda kv, t: t.__setitem__(C.VOCAB_TENSOR, (np.ones((6, E), np.float16), None)),
+                   r"first_output\.weight has type F16, expected Q4_0 \(the type of output\.weight\)$"),
+    "rows differ": (_tensor(lambda a: np.roll(a, 1, axis=0)),
+                    r"first_output\.weight is not the rows first\.vocab\.tokens of output\.weight$"),
+    "no output matrix": (_both(_drop("output.weight"), _drop("token_embd.weight")),
+                         r"no output\.weight or token_embd\.weight; a short vocabulary needs the output matrix$"),
+}
+
+
+def test_the_hand_built_vocab_file_is_valid(tmp_path):
+    path = ggufs.write_gguf(tmp_path / "m.gguf", *_vocab_kv_and_tensors())
+    vocab = fmt.read_vocab(path)
+    assert vocab == fmt.VocabInfo(tuple(TOKENS), "tests") and vocab.size == 6
+    parts = fmt.read_first_parts(path)
+    assert parts.vocab == vocab and parts.thin is None
+    assert vocab.metadata() == {C.KEY_VOCAB_TOKENS: TOKENS, C.KEY_VOCAB_SOURCE: "tests"}
+
+
+def test_a_tied_output_takes_the_embedding_rows(tmp_path):
+    path = ggufs.write_gguf(tmp_path / "m.gguf", *_vocab_kv_and_tensors(tied=True))
+    assert fmt.read_vocab(path).tokens == tuple(TOKENS)
+    kv, tensors = _vocab_kv_and_tensors(tied=True)
+    tensors[C.VOCAB_TENSOR] = (np.ascontiguousarray(tensors[C.VOCAB_TENSOR][0][::-1]), None)
+    path = ggufs.write_gguf(tmp_path / "b.gguf", kv, tensors)
+    with pytest.raises(FormatError, match=r"first_output\.weight is not the rows first\.vocab\.tokens of "
+                                          r"token_embd\.weight$"):
+        fmt.validate_first_gguf(path)
+
+
+@pytest.mark.parametrize("case", list(BAD_VOCAB))
+def test_validation_rejects(tmp_path, case):
+    mutate, message = BAD_VOCAB[case]
+    kv, tensors = _vocab_kv_and_tensors()
+    mutate(kv, tensors)
+    from first_gguf.format.writer import CopyWriter
+
+    with pytest.MonkeyPatch.context() as mp:  # gguf-py's writer refuses empty arrays; the copy writer writes them
+        mp.setattr(ggufs.gguf, "GGUFWriter", CopyWriter)
+        path = ggufs.write_gguf(tmp_path / "m.gguf", kv, tensors)
+    with pytest.raises(FormatError, match=rf"^{re.escape(str(path))}: {message}"):
+        fmt.validate_first_gguf(path)
+    assert fmt.inspect_gguf(path)["first"]["valid"].startswith(str(path))
+
+
+def test_the_row_comparison_is_left_out_when_shallow(tmp_path):
+    kv, tensors = _vocab_kv_and_tensors()
+    BAD_VOCAB["rows differ"][0](kv, tensors)
+    path = ggufs.write_gguf(tmp_path / "m.gguf", kv, tensors)
+    assert fmt.read_first_parts(path, deep=False).vocab.tokens == tuple(TOKENS)
+    assert fmt.read_points(path) == Points()
+    with pytest.raises(FormatError, match="is not the rows"):
+        fmt.read_first_parts(path)
+
+
+def test_a_version_3_file_needs_no_vocab(tmp_path):
+    kv = ggufs.base_kv() | ggufs.first_kv()
+    kv[C.KEY_VERSION] = (3, T.UINT32, None)
+    path = ggufs.write_gguf(tmp_path / "m.gguf", kv, ggufs.base_tensors() | ggufs.router_tensors(
+        ggufs.random_router_arrays()))
+    parts = fmt.read_first_parts(path)
+    assert parts.vocab is None and parts.thin is None and fmt.read_vocab(path) is None
+
+
+# --- the points --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec, point", [
+    ("short=vocab", Point("short", vocab=True)),
+    ("quick=skip:4;vocab", Point("quick", skip=(4,), vocab=True)),
+    ("fast=threshold:0.5;vocab", Point("fast", threshold=0.5, vocab=True)),
+    ("lean=thin:0,1;vocab", Point("lean", thin=(0, 1), vocab=True)),
+    ("mid=skip:4;thin:0,1;vocab", Point("mid", skip=(4,), thin=(0, 1), vocab=True)),
+    ("ft=threshold:0.35;thin:2;vocab", Point("ft", threshold=0.35, thin=(2,), vocab=True)),
+])
+def test_vocab_specs_parse_and_write_back(spec, point):
+    assert parse_spec(spec, "f") == point and point.spec() == spec
+    assert point.as_json()["vocab"] is True
+    assert fmt.load_points({"points": {point.name: point.as_json()}}, 24, [0, 23], has_vocab=True).items == (point,)
+    assert fmt.load_points(Points((point,)), 24, [0, 23], thin_layers=range(24), has_vocab=True).items == (point,)
+
+
+def test_vocab_point_kinds_masks_and_descriptions():
+    short, quick = Point("short", vocab=True), Point("quick", skip=(1,), vocab=True)
+    assert (short.kind, quick.kind, Point("t", thin=(1,), vocab=True).kind) == ("vocab", "skip", "thin")
+    assert short.mask(3) == [True, True, True] and short.thin_mask(3) is None  # mask mode, nothing skipped
+    assert quick.mask(3) == [True, False, True]
+    assert short.describe() == "short vocabulary" and quick.describe() == "skip [1], short vocabulary"
+    assert Point("x", skip=(1,)).vocab is False and "vocab" not in Point("x", skip=(1,)).as_json()
+    spec_json = {"default": "short", "points": {"short": {"vocab": True}, "quick": {"skip": [1], "vocab": True}}}
+    assert fmt.load_points(spec_json, 3, [0], has_vocab=True).as_json() == spec_json
+
+
+BAD_SPECS = {
+    "vocab twice": ("x=vocab;vocab", r"expected NAME=threshold:T"),
+    "vocab first": ("x=vocab;skip:1", r"expected NAME=threshold:T"),
+    "vocab before thin": ("x=skip:1;vocab;thin:2", r"unexpected 'vocab': .* then ';vocab' last$"),
+    "vocab with a value": ("x=skip:1;vocab:1", r"unexpected 'vocab:1'"),
+    "healed": ("x=skip:1;heal:h.gguf;vocab", r"point 'x=skip:1;heal:h\.gguf;vocab': a healed point takes no "
+                                              r"short vocabulary$"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SPECS))
+def test_bad_vocab_specs(case):
+    spec, message = BAD_SPECS[case]
+    with pytest.raises(FormatError, match=message):
+        points = Points((parse_spec(spec, "f"),))
+        fmt.load_points(points, 3, [0], has_vocab=True)
+
+
+BAD_JSON = {
+    "vocab false": ({"points": {"q": {"skip": [1], "vocab": False}}}, r"point 'q': vocab False must be true"),
+    "vocab a string": ({"points": {"q": {"vocab": "yes"}}}, r"point 'q': vocab 'yes' must be true"),
+    "vocab with heal": ({"points": {"q": {"skip": [1], "heal": "h.gguf", "vocab": True}}},
+                        r"point 'q=skip:1;heal:h\.gguf;vocab': a healed point takes no short vocabulary$"),
+    "vocab with an unknown key": ({"points": {"q": {"vocab": True, "fast": 1}}}, r"point 'q': expected"),
+    "empty point": ({"points": {"q": {}}}, r"point 'q': expected"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_JSON))
+def test_bad_vocab_json(case):
+    data, message = BAD_JSON[case]
+    with pytest.raises(FormatError, match=rf"^points: {message}"):
+        fmt.load_points(data, 3, [0], has_vocab=True)
+
+
+def test_a_vocab_point_needs_a_vocabulary_in_the_file(tmp_path):
+    with pytest.raises(FormatError, match=r"^points: point 'q=skip:1;vocab': decodes with the short vocabulary but "
+                                          r"the file has none \(first\.vocab\.tokens absent\)$"):
+        fmt.load_points({"points": {"q": {"skip": [1], "vocab": True}}}, 3, [0], has_vocab=False)
+    assert len(fmt.load_points({"points": {"q": {"vocab": True}}}, 3, [0])) == 1  # None: not checked
+    kv = ggufs.base_kv() | ggufs.first_kv() | {C.KEY_POINTS: (["q=vocab"], T.ARRAY, T.STRING)}
+    path = ggufs.write_gguf(tmp_path / "m.gguf", kv, ggufs.base_tensors() | ggufs.router_tensors(
+        ggufs.random_router_arrays()))
+    with pytest.raises(FormatError, match=rf"^{re.escape(str(path))}: point 'q=vocab': decodes with the short "
+                                          r"vocabulary but the file has none"):
+        fmt.read_points(path)
+    kv, tensors = _vocab_kv_and_tensors()
+    kv[C.KEY_POINTS] = (["q=vocab", "r=skip:1;vocab"], T.ARRAY, T.STRING)
+    path = ggufs.write_gguf(tmp_path / "v.gguf", kv, tensors)
+    assert [p.spec() for p in fmt.read_points(path)] == ["q=vocab", "r=skip:1;vocab"]
