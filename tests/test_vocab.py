@@ -244,3 +244,173 @@ def test_a_vocab_point_needs_a_vocabulary_in_the_file(tmp_path):
     kv[C.KEY_POINTS] = (["q=vocab", "r=skip:1;vocab"], T.ARRAY, T.STRING)
     path = ggufs.write_gguf(tmp_path / "v.gguf", kv, tensors)
     assert [p.spec() for p in fmt.read_points(path)] == ["q=vocab", "r=skip:1;vocab"]
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+N_FF, N_LAYER = 128, ggufs.N_LAYER
+
+
+def _ffn_tensors(seed: int = 2) -> ggufs.Tensors:
+    """A gated F32 FFN per layer (thinned FFNs beside the short vocabulary)."""
+    rng = np.random.default_rng(seed)
+    return {f"blk.{i}.ffn_{r}.weight": (rng.standard_normal((E, N_FF) if r == "down" else (N_FF, E)).astype(np.float32),
+                                        None) for i in range(N_LAYER) for r in ("gate", "up", "down")}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A tiny FiRST-GGUF (control tokens 0 and 30, Q4_0 output matrix, gated FFNs), attached by the code under test."""
+    work = tmp_path_factory.mktemp("vocab")
+    kv = _base_kv() | {f"{ggufs.ARCH}.feed_forward_length": (N_FF, T.UINT32, None)}
+    plain = ggufs.write_gguf(work / "plain.gguf", kv, ggufs.base_tensors() | _ffn_tensors())
+    return fmt.attach_routers(plain, fmt.make_identity_routers(N_LAYER, E, hidden_size=ggufs.HIDDEN),
+                              work / "tiny.first.gguf")
+
+
+@pytest.fixture(scope="module")
+def vocab_file(tiny, tmp_path_factory) -> Path:
+    return fmt.write_vocab(tiny, [9, 3, 5, 3], tmp_path_factory.mktemp("vocab-file") / "v.gguf", source="tests")
+
+
+def _tensors(path: Path) -> dict:
+    return {t.name: t for t in read_header(path).tensors}
+
+
+def _kv_raw(path: Path, without: tuple[str, ...] = ()) -> list:
+    import gguf
+
+    r = gguf.GGUFReader(path)
+    return [(f.name, ggufs.kv_raw(f)) for f in r.fields.values() if not f.name.startswith("GGUF.")
+            and f.name not in without]
+
+
+def _version(path: Path) -> int:
+    return read_header(path).fields[C.KEY_VERSION].contents()
+
+
+def _part_bytes(path: Path, marker: str) -> list:
+    return [(n, t.tensor_type, t.data.tobytes()) for n, t in _tensors(path).items() if marker in n]
+
+
+def test_write_lists_the_tokens_and_copies_everything_else(tiny, vocab_file):
+    before = ggufs.sha256(tiny)
+    vocab = fmt.read_vocab(vocab_file)
+    assert ggufs.sha256(tiny) == before
+    assert vocab == fmt.VocabInfo((0, 3, 5, 9, 30), "tests")  # sorted, once each, the control tokens added
+    assert _version(vocab_file) == 3 and _version(tiny) == 1
+    h = read_header(vocab_file)
+    assert list(h.fields)[-2:] == [C.KEY_VOCAB_TOKENS, C.KEY_VOCAB_SOURCE]
+    assert h.tensors[-1].name == C.VOCAB_TENSOR and h.tensors[-1].tensor_type.name == "Q4_0"
+    assert tuple(h.tensors[-1].shape) == (E, 5)
+    out = _tensors(tiny)["output.weight"]
+    assert h.tensors[-1].data.tobytes() == np.asarray(out.data)[[0, 3, 5, 9, 30]].tobytes()
+    assert _kv_raw(vocab_file, C.VOCAB_KEYS + (C.KEY_VERSION,)) == _kv_raw(tiny, (C.KEY_VERSION,))
+    kept = [(n, t.tensor_type, t.data.tobytes()) for n, t in _tensors(vocab_file).items() if n != C.VOCAB_TENSOR]
+    assert kept == [(n, t.tensor_type, t.data.tobytes()) for n, t in _tensors(tiny).items()]
+
+
+def test_write_from_counts_takes_the_most_frequent(tiny, tmp_path):
+    counts = np.zeros(N_VOCAB, dtype=np.int64)
+    counts[[7, 2, 12, 4]] = [5, 9, 5, 5]  # a tie at 5: the lower ids win
+    out = fmt.write_vocab_from_counts(tiny, counts, 3, tmp_path / "c.gguf", source="counted")
+    assert fmt.read_vocab(out) == fmt.VocabInfo((0, 2, 4, 7, 30), "counted")
+    from first_gguf.format.vocab_write import top_tokens
+
+    assert list(top_tokens(counts, 5)) == [0, 2, 4, 7, 12]
+
+
+def test_a_second_write_replaces_the_vocabulary(tiny, vocab_file, tmp_path):
+    again = fmt.write_vocab(vocab_file, [1, 2], tmp_path / "a.gguf", source="b")
+    direct = fmt.write_vocab(tiny, [2, 1], tmp_path / "d.gguf", source="b")
+    assert ggufs.sha256(again) == ggufs.sha256(direct)
+    assert fmt.read_vocab(again).tokens == (0, 1, 2, 30)
+
+
+def test_write_refuses_bad_requests_before_writing(tiny, tmp_path):
+    counts = np.ones(N_VOCAB, dtype=np.int64)
+    with pytest.raises(FirstError, match="would overwrite the input"):
+        fmt.write_vocab(tiny, [1], tiny)
+    (tmp_path / "exists.gguf").write_bytes(b"x")
+    with pytest.raises(FirstError, match="exists; pass --force"):
+        fmt.write_vocab(tiny, [1], tmp_path / "exists.gguf")
+    with pytest.raises(FirstError, match=r"token 32 outside 0\.\.31$"):
+        fmt.write_vocab(tiny, [1, 32], tmp_path / "x.gguf")
+    with pytest.raises(FirstError, match=r"first\.vocab\.tokens lists all 32 tokens; a short vocabulary has fewer"):
+        fmt.write_vocab(tiny, range(1, 32), tmp_path / "x.gguf")
+    with pytest.raises(FirstError, match=r"tokens must be integer ids"):
+        fmt.write_vocab(tiny, [1.5], tmp_path / "x.gguf")
+    with pytest.raises(FirstError, match=r"token counts of shape \[31\] \(int64\) do not fit"):
+        fmt.write_vocab_from_counts(tiny, counts[:-1], 4, tmp_path / "x.gguf")
+    with pytest.raises(FirstError, match=r"a short vocabulary of 32 tokens must have 1\.\.31$"):
+        fmt.write_vocab_from_counts(tiny, counts, 32, tmp_path / "x.gguf")
+    with pytest.raises(FormatError, match=r"plain\.gguf: not a FiRST-GGUF"):
+        fmt.write_vocab(tiny.parent / "plain.gguf", [1], tmp_path / "x.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.gguf"]
+    assert fmt.write_vocab(tiny, [1], tmp_path / "exists.gguf", force=True) == tmp_path / "exists.gguf"
+
+
+def test_thin_and_vocab_together(tiny, vocab_file, tmp_path):
+    scores = np.random.default_rng(5).random((N_LAYER, N_FF))
+    both = fmt.write_thin_from_scores(vocab_file, scores, 32, tmp_path / "b.gguf", layers=[0, 2], source="t")
+    parts = fmt.read_first_parts(both)
+    assert _version(both) == 3 and parts.vocab == fmt.read_vocab(vocab_file) and parts.thin.layers == (0, 2)
+    assert _part_bytes(both, C.VOCAB_TENSOR) == _part_bytes(vocab_file, C.VOCAB_TENSOR)
+    thin_only = fmt.write_thin_from_scores(tiny, scores, 32, tmp_path / "t.gguf", layers=[0, 2], source="t")
+    assert _version(thin_only) == 2
+    other = fmt.write_vocab(thin_only, [4], tmp_path / "o.gguf")  # the vocabulary written after the thin FFNs
+    assert _version(other) == 3 and fmt.read_first_parts(other).thin == parts.thin
+    assert _part_bytes(other, C.THIN_NAME_MARKER) == _part_bytes(thin_only, C.THIN_NAME_MARKER)
+    rethin = fmt.write_thin_from_scores(both, scores, 64, tmp_path / "r.gguf", layers=[1], source="r")
+    assert _version(rethin) == 3 and fmt.read_vocab(rethin) == parts.vocab
+    revocab = fmt.write_vocab(both, [4], tmp_path / "v.gguf")
+    assert _version(revocab) == 3 and fmt.read_first_parts(revocab).thin == parts.thin
+    assert _part_bytes(revocab, C.THIN_NAME_MARKER) == _part_bytes(both, C.THIN_NAME_MARKER)
+
+
+VOCAB_POINTS = {"default": "short", "points": {"short": {"vocab": True}, "quick": {"skip": [1], "vocab": True},
+                                              "plain": {"skip": [1]}}}
+
+
+def test_stamp_points_keeps_the_vocabulary(vocab_file, tiny, tmp_path):
+    stamped = fmt.stamp_points(vocab_file, VOCAB_POINTS, tmp_path / "s.gguf")
+    parts = fmt.read_first_parts(stamped)
+    assert parts.points.as_json() == VOCAB_POINTS and parts.vocab == fmt.read_vocab(vocab_file)
+    assert _version(stamped) == 3 and _part_bytes(stamped, C.VOCAB_TENSOR) == _part_bytes(vocab_file, C.VOCAB_TENSOR)
+    cleared = fmt.stamp_points(stamped, None, tmp_path / "c.gguf")
+    assert ggufs.sha256(cleared) == ggufs.sha256(vocab_file)
+    with pytest.raises(FormatError, match=r"^points: point 'short=vocab': decodes with the short vocabulary but "
+                                          r"the file has none"):
+        fmt.stamp_points(tiny, VOCAB_POINTS, tmp_path / "x.gguf")
+
+
+def test_reattaching_routers_keeps_the_vocabulary(vocab_file, tiny, tmp_path):
+    routers = fmt.make_identity_routers(N_LAYER, E, hidden_size=16, seed=3)
+    out = fmt.attach_routers(vocab_file, routers, tmp_path / "a.gguf", points=VOCAB_POINTS)
+    parts = fmt.read_first_parts(out)
+    assert parts.routers.hidden_size == 16 and parts.vocab == fmt.read_vocab(vocab_file)
+    assert parts.points.as_json() == VOCAB_POINTS and _version(out) == 3
+    assert _part_bytes(out, C.VOCAB_TENSOR) == _part_bytes(vocab_file, C.VOCAB_TENSOR)
+    both = fmt.write_thin(vocab_file, {1: list(range(0, 128, 2))}, tmp_path / "b.gguf")
+    again = fmt.attach_routers(both, routers, tmp_path / "c.gguf")
+    assert _version(again) == 3 and fmt.read_first_parts(again)[2:] == fmt.read_first_parts(both)[2:]
+    with pytest.raises(FormatError, match=r"decodes with the short vocabulary but the file has none"):
+        fmt.attach_routers(tiny, routers, tmp_path / "x.gguf", points=VOCAB_POINTS)
+
+
+def test_prune_drops_the_vocabulary(vocab_file, tmp_path):
+    out = fmt.prune_gguf(vocab_file, [1], tmp_path / "p.gguf")
+    assert C.VOCAB_TENSOR not in _tensors(out) and not fmt.is_first_gguf(out)
+    assert "output.weight" in _tensors(out)
+
+
+def test_inspect_shows_the_vocabulary(vocab_file, tiny):
+    info = json.loads(json.dumps(fmt.inspect_gguf(vocab_file)))
+    vocab = info["first"]["vocab"]
+    sizes = {t.name: t.n_bytes for t in read_header(vocab_file).tensors}
+    assert vocab == {"size": 5, "n_vocab": 32, "source": "tests", "output": "output.weight",
+                     "vocab_bytes": sizes[C.VOCAB_TENSOR], "output_bytes": sizes["output.weight"]}
+    text = fmt.format_inspect(info)
+    assert "vocabulary    5 tokens of 32" in text and "MB output.weight (15.6%); tests" in text
+    assert fmt.inspect_gguf(tiny)["first"]["vocab"] is None and "vocabulary" not in fmt.format_inspect(
+        fmt.inspect_gguf(tiny))

@@ -7,7 +7,7 @@ reader applies), ``routers`` (``RouterSet``, the untrained recipe), ``router_fil
 (``first-gguf inspect``), ``points`` (named operating points) and ``points_json`` (their JSON form),
 ``thin`` (thinned FFNs, read and checked), ``vocab`` (the short output vocabulary, read and
 checked), ``writer`` (byte-exact GGUF rewrite), ``attach`` (also ``stamp_points``), ``thin_write``
-(``write_thin``) and ``prune``.
+(``write_thin``), ``vocab_write`` (``write_vocab``) and ``prune``.
 The strings of the format are ``first_gguf.constants``; the generic output helpers (refuse
 to overwrite, write then rename) are ``first_gguf.paths``.
 """
@@ -28,6 +28,7 @@ from .routers import RouterSet, make_identity_routers
 from .thin import ThinInfo, top_neurons
 from .thin_write import write_thin, write_thin_from_scores
 from .vocab import VocabInfo
+from .vocab_write import write_vocab, write_vocab_from_counts
 
 __all__ = [
     "RouterSet", "make_identity_routers",
@@ -37,5 +38,5 @@ __all__ = [
     "read_routers", "validate_first_gguf", "is_first_gguf", "gguf_w1_dtype", "inspect_gguf", "format_inspect",
     "open_gguf", "read_header", "GGUFHeader", "HealInfo", "read_heal", "stamp_heal",
     "FirstParts", "read_first_parts", "ThinInfo", "read_thin", "top_neurons", "write_thin", "write_thin_from_scores",
-    "VocabInfo", "read_vocab",
+    "VocabInfo", "read_vocab", "write_vocab", "write_vocab_from_counts",
 ]

@@ -22,7 +22,8 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from ..constants import FIRST_KEY_PREFIX, FIRST_VERSION_THIN, KEY_VERSION, POINT_KEYS, ROUTER_NAME_MARKER, THIN_KEY_PREFIX
+from ..constants import (FIRST_KEY_PREFIX, FIRST_VERSION, KEY_VERSION, POINT_KEYS, ROUTER_NAME_MARKER, THIN_KEY_PREFIX,
+                         VOCAB_KEY_PREFIX, first_version_for)
 from ..errors import FormatError
 from ..paths import atomic_output, check_output_path
 from .header import read_header
@@ -33,6 +34,7 @@ from .router_file import checked_routers
 from .routers import RouterSet, check_w1_dtype, router_arrays
 from .rules import parse_router_name
 from .thin import ThinInfo, thin_from_reader
+from .vocab import VocabInfo, vocab_from_reader
 from .writer import base_tensors, copied_fields, gguf_writer, write_tensors
 
 PointsArg = Points | dict | str | os.PathLike | None
@@ -43,7 +45,7 @@ logger = logging.getLogger(__name__)
 def write_gguf(reader: Reader, arch: str, metadata: dict[str, object],
                new: list[tuple[str, np.ndarray]], path: Path, raw_fields: list = ()) -> None:
     """Base KVs and tensors (bytes and types as they are), then the first.* keys, ``raw_fields``
-    of ``reader`` byte for byte (the thinned FFNs' keys), and the routers.
+    of ``reader`` byte for byte (the thinned FFNs' and short vocabulary's keys), and the routers.
 
     No check of any kind: ``attach_checked`` checks before and reads back after.
     """
@@ -57,14 +59,15 @@ def write_gguf(reader: Reader, arch: str, metadata: dict[str, object],
         write_tensors(writer, reader, [(t.name, t) for t in base_tensors(reader)], new)
 
 
-def base_thin(reader: Reader, where: str) -> tuple[list, ThinInfo | None]:
-    """(first.thin.* fields, checked ThinInfo) of a base that carries thinned FFNs, else ([], None).
+def base_parts(reader: Reader, where: str) -> tuple[list, ThinInfo | None, VocabInfo | None]:
+    """(first.thin.* and first.vocab.* fields in file order, checked ThinInfo, checked VocabInfo) of a
+    base; ([], None, None) for a base without thinned FFNs and short vocabulary.
 
-    Only the thin part is checked (its keys' types, tensors and their agreement): a base's old
+    Only these parts are checked (their keys' types, tensors and their agreement): a base's old
     routers are replaced, whatever they were.
     """
-    fields = [f for f in reader.fields.values() if f.name.startswith(THIN_KEY_PREFIX)]
-    meta: dict[str, object] = {KEY_VERSION: FIRST_VERSION_THIN}
+    fields = [f for f in reader.fields.values() if f.name.startswith((THIN_KEY_PREFIX, VOCAB_KEY_PREFIX))]
+    meta: dict[str, object] = {KEY_VERSION: FIRST_VERSION}  # the parts are kept, so the base's version is not
     for field in fields:
         want = KEY_TYPES.get(field.name)
         if want is None:
@@ -74,7 +77,7 @@ def base_thin(reader: Reader, where: str) -> tuple[list, ThinInfo | None]:
                               f"{want[0].name}" + (f"[{want[1].name}]" if want[1] else ""))
         meta[field.name] = field.contents()
     arch, n_layer, n_embd = model_dims(reader, where)
-    return fields, thin_from_reader(reader, where, meta, arch, n_layer, n_embd)
+    return fields, thin_from_reader(reader, where, meta, arch, n_layer, n_embd), vocab_from_reader(reader, where, meta)
 
 
 def _verify_written(path: Path, base: Reader, new: list[tuple[str, np.ndarray]], points: Points,
@@ -111,7 +114,8 @@ def attach_routers(base_path: str | os.PathLike, routers: RouterSet | str | os.P
     for the base, output path allowed); the file is written to a temporary name next to the
     output, read back and checked, then renamed. A base that is already a FiRST-GGUF has
     its routers and first.* keys replaced; its thinned FFNs (first.thin.* keys and tensors,
-    docs/FORMAT.md section 7) are kept as they are.
+    docs/FORMAT.md section 7) and short output vocabulary (first.vocab.* keys and tensor,
+    section 8) are kept as they are.
 
     Args:
         base_path: The base GGUF (any quantization).
@@ -147,17 +151,19 @@ def attach_checked(base_path: str | os.PathLike, routers: RouterSet, out_path: s
         if mine != theirs:
             amount = f"{mine} layers" if what == "layers" else f"n_embd {mine}"
             raise FormatError(f"{routers.source}: routers are for {amount} but {base} has {theirs}")
-    thin_fields, thin = base_thin(reader, str(base))
+    kept_fields, thin, vocab = base_parts(reader, str(base))
     thin_layers = thin.layers if thin else ()
-    points = Points() if points is None else load_points(points, n_layer, routers.protected_layers, thin_layers)
+    points = (Points() if points is None else
+              load_points(points, n_layer, routers.protected_layers, thin_layers, vocab is not None))
     new = router_arrays(routers, w1_dtype)
     old = [t.name for t in reader.tensors if ROUTER_NAME_MARKER in t.name]
     if old or any(name.startswith(FIRST_KEY_PREFIX) for name in reader.fields):
+        kept = " and ".join(what for what, part in (("thinned FFNs", thin), ("short vocabulary", vocab)) if part)
         logger.warning("%s is already a FiRST-GGUF: replacing its %d router tensors and first.* keys%s",
-                       base, len(old), " (its thinned FFNs are kept)" if thin else "")
+                       base, len(old), f" (keeping its {kept})" if kept else "")
     with atomic_output(out) as tmp:
-        metadata = routers.metadata() | points.metadata() | ({KEY_VERSION: FIRST_VERSION_THIN} if thin else {})
-        write_gguf(reader, arch, metadata, new, tmp, thin_fields)
+        version = {KEY_VERSION: first_version_for(thin=thin is not None, vocab=vocab is not None)}
+        write_gguf(reader, arch, routers.metadata() | points.metadata() | version, new, tmp, kept_fields)
         _verify_written(tmp, reader, new, points, str(out))
     return out
 
@@ -167,7 +173,7 @@ def stamp_points(path: str | os.PathLike, points: PointsArg, out_path: str | os.
     """Copy the FiRST-GGUF ``path`` to ``out_path`` with other operating points; the input is never modified.
 
     Every key/value and tensor but the old ``first.points*`` keys is copied byte for byte, in
-    order (the thinned FFNs too); the new keys follow (none for no points). The copy is read
+    order (the thinned FFNs and short vocabulary too, and first.version); the new keys follow (none for no points). The copy is read
     back and checked.
 
     Args:

@@ -30,12 +30,17 @@ from ..constants import (
     KEY_THIN_WIDTHS,
     KEY_TRAIN_SOURCE,
     KEY_VERSION,
+    KEY_VOCAB_SOURCE,
+    KEY_VOCAB_TOKENS,
+    OUTPUT_TENSOR,
     ROUTER_IN_WEIGHT,
     ROUTER_NAME_MARKER,
     ROUTER_OUT_BIAS,
     ROUTER_TENSORS,
     THIN_NAME_MARKER,
     THIN_TENSORS,
+    TOKEN_EMBD_TENSOR,
+    VOCAB_TENSOR,
     base_ffn_name,
 )
 from ..errors import FormatError
@@ -67,8 +72,9 @@ def inspect_gguf(path: str | os.PathLike) -> dict:
         {file_type, tensor_types}, first}``; ``first`` is None for a plain GGUF, else the
         first.* values, ``router`` (dtypes and ``ne`` per role, per-layer b2, p_bias =
         sigmoid(b2) and W1 Frobenius norm), ``thin`` (None, or the thinned FFNs' layers, widths,
-        source, and bytes against the full FFNs of those layers) and ``valid``: True or the
-        validation error.
+        source, and bytes against the full FFNs of those layers), ``vocab`` (None, or the short
+        vocabulary's size, n_vocab, source, and bytes against the output matrix's) and ``valid``:
+        True or the validation error.
     """
     reader = read_header(path)
     arch = architecture(reader)
@@ -114,6 +120,7 @@ def _inspect_first(reader: Reader, where: str) -> dict | None:
         info[short] = str(value) if isinstance(value, float) and not math.isfinite(value) else value
     info["router"] = _router_summary(tensors)
     info["thin"] = _thin_summary(reader, fields)
+    info["vocab"] = _vocab_summary(reader, fields)
     try:
         routers_from_reader(reader, where)
         info["valid"] = True
@@ -172,6 +179,26 @@ def _thin_summary(reader: Reader, fields: dict[str, Any]) -> dict | None:
             "full_bytes": sum(sizes.get(base_ffn_name(role, i), 0) for i in layers for role in THIN_TENSORS)}
 
 
+def _vocab_summary(reader: Reader, fields: dict[str, Any]) -> dict | None:
+    """The short vocabulary as far as it is readable: size, n_vocab, source, its bytes and the output matrix's."""
+    sizes = {t.name: t for t in reader.tensors if t.name in (VOCAB_TENSOR, OUTPUT_TENSOR, TOKEN_EMBD_TENSOR)}
+    if KEY_VOCAB_TOKENS not in fields and VOCAB_TENSOR not in sizes:
+        return None
+    values = {}
+    for key in (KEY_VOCAB_TOKENS, KEY_VOCAB_SOURCE):
+        try:
+            values[key] = fields[key].contents() if key in fields else None
+        except (UnicodeDecodeError, IndexError, ValueError):
+            values[key] = None
+    tokens, source = values[KEY_VOCAB_TOKENS], values[KEY_VOCAB_SOURCE]
+    out = sizes.get(OUTPUT_TENSOR, sizes.get(TOKEN_EMBD_TENSOR))
+    return {"size": len(tokens) if isinstance(tokens, list) else None,
+            "n_vocab": int(out.shape[1]) if out is not None and len(out.shape) == 2 else None,
+            "source": source, "output": None if out is None else out.name,
+            "vocab_bytes": int(sizes[VOCAB_TENSOR].n_bytes) if VOCAB_TENSOR in sizes else 0,
+            "output_bytes": 0 if out is None else int(out.n_bytes)}
+
+
 def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
@@ -198,6 +225,7 @@ def format_inspect(info: dict) -> str:
         f"trained on    {first['train_source']}",
         *_points_lines(first),
         *_thin_lines(first.get("thin")),
+        *_vocab_lines(first.get("vocab")),
         "router        " + ", ".join(f"{role} {dtype} {router['shapes'][role]}"
                                      for role, dtype in router["dtypes"].items()),
         "  layer        b2   p_bias    |W1|",
@@ -228,6 +256,16 @@ def _thin_lines(thin: dict | None) -> list[str]:
     return [f"thin FFNs     layers {thin['layers']}, {width}",
             f"              {thin['thin_bytes'] / 1e6:.1f} MB thin of {thin['full_bytes'] / 1e6:.1f} MB full FFN{share}; "
             f"{thin['source'] or 'no source'}"]
+
+
+def _vocab_lines(vocab: dict | None) -> list[str]:
+    """The short vocabulary in two lines; none when the file has none."""
+    if not vocab:
+        return []
+    share = f" ({100 * vocab['vocab_bytes'] / vocab['output_bytes']:.1f}%)" if vocab["output_bytes"] else ""
+    return [f"vocabulary    {vocab['size']} tokens of {vocab['n_vocab']}",
+            f"              {vocab['vocab_bytes'] / 1e6:.1f} MB short of {vocab['output_bytes'] / 1e6:.1f} MB "
+            f"{vocab['output']}{share}; {vocab['source'] or 'no source'}"]
 
 
 def _num(x: object, width: int = 0) -> str:

@@ -1,8 +1,8 @@
 """Write thinned FFNs into a FiRST-GGUF (``docs/FORMAT.md`` section 7): ``first-gguf thin``'s writer.
 
 The FiRST-GGUF is rewritten byte for byte (``writer``), never in place: every key and tensor
-as it is, but ``first.version`` (2) and any old ``first.thin.*`` keys and thin tensors, which
-are replaced. Per thinned layer, ``ffn_gate`` / ``ffn_up`` rows (one neuron each) are copied
+as it is (a short output vocabulary too), but ``first.version`` (2, or 3 with a short vocabulary)
+and any old ``first.thin.*`` keys and thin tensors, which are replaced. Per thinned layer, ``ffn_gate`` / ``ffn_up`` rows (one neuron each) are copied
 as their stored bytes; ``ffn_down`` is dequantized (gguf-py), its neuron columns selected and
 quantized again to its own type by ggml's quantizer (``ggml_quantize_chunk`` of the library
 llama-cpp-python ships; F32 / F16 exactly with numpy). Written to a temporary file
@@ -23,12 +23,12 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..constants import (
-    FIRST_VERSION_THIN,
     KEY_VERSION,
     THIN_DOWN,
     THIN_KEY_PREFIX,
     THIN_NAME_MARKER,
     THIN_TENSORS,
+    first_version_for,
     thin_tensor_name,
 )
 from ..errors import FirstError, FormatError
@@ -130,7 +130,8 @@ def write_thin(path: str | os.PathLike, neurons: Mapping[int, Sequence[int]], ou
     """Write the FiRST-GGUF ``path`` with thinned FFNs for the layers of ``neurons``; the input is never modified.
 
     Args:
-        path: A valid FiRST-GGUF (any quantization); thinned FFNs it already carries are replaced.
+        path: A valid FiRST-GGUF (any quantization); thinned FFNs it already carries are replaced, a
+            short output vocabulary is kept.
         neurons: Layer -> the kept neuron indices, ascending; a width a multiple of the block of
             that layer's ``ffn_down`` type.
         out_path: Where to write; never the input.
@@ -143,14 +144,14 @@ def write_thin(path: str | os.PathLike, neurons: Mapping[int, Sequence[int]], ou
     src, out = Path(path), Path(out_path)
     check_output_path(out, force, inputs=(src,))
     reader = read_header(src)
-    first_parts_from_reader(reader, str(src))
+    vocab = first_parts_from_reader(reader, str(src)).vocab
     arch, _, _ = model_dims(reader, str(src))
     kept = check_neurons(reader, str(src), neurons)
     info = ThinInfo(tuple(kept), tuple(len(v) for v in kept.values()),
                     tuple(tuple(int(i) for i in v) for v in kept.values()), source)
     new = thin_tensors(reader, str(src), kept)
     with atomic_output(out) as tmp:
-        _write(reader, arch, info, new, tmp)
+        _write(reader, arch, info, new, first_version_for(thin=True, vocab=vocab is not None), tmp)
         _verify(tmp, reader, info, new, str(out))
     return out
 
@@ -172,13 +173,13 @@ def write_thin_from_scores(path: str | os.PathLike, scores: np.ndarray, width: i
     return write_thin(path, {i: top_neurons(scores[i], width) for i in chosen}, out_path, source=source, force=force)
 
 
-def _write(reader: Reader, arch: str, info: ThinInfo, new: list[tuple[str, Any]], path: Path) -> None:
-    """Every key in order (first.version set to 2, old thin keys dropped), then the thin keys;
+def _write(reader: Reader, arch: str, info: ThinInfo, new: list[tuple[str, Any]], version: int, path: Path) -> None:
+    """Every key in order (first.version set to ``version``, old thin keys dropped), then the thin keys;
     every tensor but old thin ones, then the new."""
     with gguf_writer(reader, arch, path) as writer:
         for field in _kept_fields(reader):
             if field.name == KEY_VERSION:
-                writer.add_uint32(KEY_VERSION, FIRST_VERSION_THIN)
+                writer.add_uint32(KEY_VERSION, version)
             else:
                 writer.copy_field(reader, field)
         for key, value in info.metadata().items():
