@@ -352,9 +352,9 @@ def serve(model: str | None, host: str, port: int, alias: str | None, n_ctx: int
                threshold=threshold, gpu_layers=gpu_layers, api_key=api_key, point=point)
 
 
-from .cli_train import damage, fit_routers, heal, thin, train  # noqa: E402  (registered below)
+from .cli_train import damage, fit_routers, heal, thin, train, vocab  # noqa: E402  (registered below)
 
-for _command in (train, damage, fit_routers, heal, thin):
+for _command in (train, damage, fit_routers, heal, thin, vocab):
     cli.add_command(_command)
 
 

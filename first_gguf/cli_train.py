@@ -1,4 +1,4 @@
-"""Training commands of ``first-gguf``: train, damage, fit-routers, heal, thin (registered by ``cli``)."""
+"""Training commands of ``first-gguf``: train, damage, fit-routers, heal, thin, vocab (registered by ``cli``)."""
 
 from __future__ import annotations
 
@@ -166,6 +166,32 @@ def thin(model: str, output: Path, width: int, layers: str, examples: int, threa
     chosen = None if layers == "all" else parse_layers(layers)
     click.echo(thin_model(resolve_model(model), output, width, layers=chosen, examples=examples, threads=threads,
                           scores=scores, force=force))
+
+
+@click.command()
+@click.argument("model")
+@click.option("-o", "--output", type=PathArg, required=True,
+              help="FiRST-GGUF to write, with a short output vocabulary.")
+@click.option("--size", required=True, type=int, help="Most frequent tokens kept (every non-normal token is added).")
+@click.option("--text", type=click.Path(path_type=Path), multiple=True,
+              help="Directory or file of text to count (repeatable; default: the standard library, site-packages "
+              "and /usr/share/doc).")
+@click.option("--limit-mb", default=120.0, show_default=True, help="Megabytes of text counted at most.")
+@click.option("--counts", type=PathArg, default=None,
+              help="Token counts (npz, key counts): read if it exists (no counting), else written.")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
+def vocab(model: str, output: Path, size: int, text: tuple[Path, ...], limit_mb: float, counts: Path | None,
+          force: bool) -> None:
+    """Add a decode-only short output vocabulary to MODEL (a FiRST-GGUF or zoo name): docs/FORMAT.md section 8.
+
+    The model's tokenizer counts the tokens of local text (never HumanEval) and the SIZE most
+    frequent are kept; the full output matrix stays, so the prompt and `full` are unchanged.
+    """
+    from .shipped import resolve_model
+    from .train.vocab import vocab_model
+
+    click.echo(vocab_model(resolve_model(model), output, size, text=list(text) or None,
+                           limit_bytes=int(limit_mb * 1e6), counts=counts, force=force))
 
 
 def _families(value: str | None) -> tuple[str, ...] | None:

@@ -414,3 +414,108 @@ def test_inspect_shows_the_vocabulary(vocab_file, tiny):
     assert "vocabulary    5 tokens of 32" in text and "MB output.weight (15.6%); tests" in text
     assert fmt.inspect_gguf(tiny)["first"]["vocab"] is None and "vocabulary" not in fmt.format_inspect(
         fmt.inspect_gguf(tiny))
+
+
+# --- the command -------------------------------------------------------------------------------
+
+def _run(*args) -> tuple[int, str, str]:
+    res = CliRunner().invoke(cli, [str(a) for a in args])
+    return res.exit_code, res.stdout, res.stderr
+
+
+def test_cli_vocab_from_a_counts_file(tiny, tmp_path):
+    from first_gguf.train.vocab import save_counts
+
+    counts = np.arange(N_VOCAB, dtype=np.int64) % 7  # 6, 13, 20 and 27 count most: 6
+    save_counts(tmp_path / "c.npz", counts, "hand-made text")
+    code, out, err = _run("vocab", tiny, "-o", tmp_path / "v.gguf", "--size", 4, "--counts", tmp_path / "c.npz")
+    assert code == 0, err
+    assert Path(out.strip()) == tmp_path / "v.gguf" and "counts from" in err
+    assert fmt.read_vocab(tmp_path / "v.gguf") == fmt.VocabInfo((0, 6, 13, 20, 27, 30),
+                                                               "tokens of hand-made text, top 4 + 2 non-normal")
+    code, out, err = _run("vocab", tiny, "-o", tmp_path / "v.gguf", "--size", 4, "--counts", tmp_path / "c.npz")
+    assert code == 1 and "exists; pass --force" in err
+    code, out, err = _run("vocab", tiny, "-o", tmp_path / "w.gguf", "--size", 32, "--counts", tmp_path / "c.npz")
+    assert code == 1 and "a short vocabulary of 32 tokens must have 1..31" in err
+    code, out, err = _run("vocab", "--help")
+    assert code == 0 and "--size" in out and "--limit-mb" in out
+
+
+def test_cli_vocab_counts_once_per_counts_file(tiny, tmp_path, monkeypatch):
+    import first_gguf.train.vocab as tv
+
+    calls = []
+
+    def fake_count(model, roots, limit_bytes, exts=tv.DEFAULT_EXTS):
+        calls.append((Path(model), roots, limit_bytes))
+        return np.arange(N_VOCAB, dtype=np.int64), 3_000_000
+
+    monkeypatch.setattr(tv, "count_text", fake_count)
+    args = ("--size", 3, "--text", tmp_path, "--limit-mb", 3, "--counts", tmp_path / "c.npz")
+    code, out, err = _run("vocab", tiny, "-o", tmp_path / "a.gguf", *args)
+    assert code == 0, err
+    assert calls == [(tiny, [tmp_path], 3_000_000)]
+    source = f"tokens of 3 MB of local text ({tmp_path}), top 3 + 1 non-normal"
+    assert fmt.read_vocab(tmp_path / "a.gguf") == fmt.VocabInfo((0, 29, 30, 31), source)
+    code, out, err = _run("vocab", tiny, "-o", tmp_path / "b.gguf", *args)
+    assert code == 0 and len(calls) == 1 and "counts from" in err
+    assert fmt.read_vocab(tmp_path / "b.gguf") == fmt.read_vocab(tmp_path / "a.gguf")
+    code, out, err = _run("vocab", tiny, "-o", tmp_path / "c.gguf", "--size", 3)
+    assert code == 0 and calls[-1][1] is None  # no --text: the default roots
+
+
+# --- counting (the default model's tokenizer, vocab only) --------------------------------------
+
+DEFAULT_GGUF = Path.home() / ".cache/first-gguf/models/qwen2.5-coder-0.5b-instruct.gguf"
+TEXT = "def add(a, b):\n    return a + b  # sum\n"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    if not DEFAULT_GGUF.is_file():
+        pytest.skip(f"{DEFAULT_GGUF} not fetched")
+    from llama_cpp import Llama
+
+    return Llama(str(DEFAULT_GGUF), vocab_only=True, verbose=False)
+
+
+def test_count_tokens_of_a_text_tree(tokenizer, tmp_path):
+    from first_gguf.train.vocab import count_tokens, text_files
+
+    for rel in ("a.py", "b/c.md", "b/d/e.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(TEXT)
+    (tmp_path / "b" / "bad.txt").write_bytes(TEXT.encode() + b"\xff\xfe")  # bad UTF-8 bytes are dropped
+    for skipped in ("human_eval/x.py", "b/human-eval.py", "HumanEval/y.py", "z.gz", "w.bin"):
+        (tmp_path / skipped).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / skipped).write_text("never counted")
+    (tmp_path / "big.py").write_text("x = 1\n" * 400_000)  # over 2 MB: skipped
+    ids = tokenizer.tokenize(TEXT.encode(), add_bos=False, special=False)
+    assert ids == [750, 912, 2877, 11, 293, 982, 262, 470, 264, 488, 293, 220, 671, 2629, 198]  # " b" twice
+    counts = count_tokens(DEFAULT_GGUF, [tmp_path])
+    assert counts[293] == 8 and counts[750] == 4 and counts.sum() == 4 * 15
+    assert counts.dtype == np.int64 and counts.shape == (tokenizer.n_vocab(),)
+    assert np.array_equal(counts, 4 * np.bincount(ids, minlength=tokenizer.n_vocab()))
+    files = text_files([tmp_path])
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in files) == ["a.py", "b/bad.txt", "b/c.md", "b/d/e.txt",
+                                                                          "big.py"]
+    assert files == text_files([tmp_path, tmp_path / "a.py"])  # each file once, the same shuffle
+    same = tmp_path / "same"
+    for name in ("1.py", "2.py", "3.py"):
+        (same / name).parent.mkdir(exist_ok=True)
+        (same / name).write_text(TEXT)
+    two = count_tokens(DEFAULT_GGUF, [same], limit_bytes=len(TEXT) + 1)  # stops after the file that passes it
+    assert np.array_equal(two, 2 * np.bincount(ids, minlength=tokenizer.n_vocab()))
+    with pytest.raises(FirstError, match=r"no such text file or directory: .*nowhere"):
+        count_tokens(DEFAULT_GGUF, [tmp_path / "nowhere"])
+
+
+def test_the_default_roots():
+    import sysconfig
+
+    from first_gguf.train.vocab import default_roots
+
+    roots = default_roots()
+    assert roots["stdlib"] == Path(sysconfig.get_paths()["stdlib"])
+    assert roots["site-packages"] == Path(sysconfig.get_paths()["purelib"])
+    assert ("docs" in roots) == Path("/usr/share/doc").is_dir()

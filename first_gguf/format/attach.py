@@ -173,8 +173,8 @@ def stamp_points(path: str | os.PathLike, points: PointsArg, out_path: str | os.
     """Copy the FiRST-GGUF ``path`` to ``out_path`` with other operating points; the input is never modified.
 
     Every key/value and tensor but the old ``first.points*`` keys is copied byte for byte, in
-    order (the thinned FFNs and short vocabulary too, and first.version); the new keys follow (none for no points). The copy is read
-    back and checked.
+    order (first.version, the thinned FFNs and short vocabulary too); the new keys follow (none
+    for no points). The copy is read back and checked.
 
     Args:
         path: A valid FiRST-GGUF.
