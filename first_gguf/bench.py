@@ -53,7 +53,7 @@ def worker(spec: dict) -> dict:
         from .runtime import FirstModel
 
         llm = FirstModel(spec["path"], mode=spec["mode"], mask=spec.get("mask"), heal=spec.get("heal"),
-                         thin=spec.get("thin"), **kw)
+                         thin=spec.get("thin"), vocab=spec.get("vocab"), **kw)
     else:
         llm = PlainModel(spec["path"], **kw)
     prompt = _prompt_tokens(llm, spec["prompt_tokens"])
@@ -106,7 +106,9 @@ def run_bench(model: Path, skip_count: int = 6, repeats: int = 5, ctx: Sequence[
     """Measure full, first, mask, pruned (and stock) side by side, in every cell (context x threads);
     with ``heal`` (a healing adapter) also its skip set unhealed (``heal_mask``) and healed (``healed``);
     a FiRST-GGUF with thinned FFNs adds ``thin`` (every layer runs, each thinned layer decodes thin)
-    and ``thinned`` (a plain GGUF with those FFNs physically thinned, prompt included).
+    and ``thinned`` (a plain GGUF with those FFNs physically thinned, prompt included); one with a
+    short output vocabulary adds ``vocab`` (every layer runs, the decode computes the listed and
+    the prompt's tokens' logits only).
 
     Args:
         model: the GGUF (a FiRST-GGUF adds the ``first`` strategy).
@@ -129,13 +131,14 @@ def run_bench(model: Path, skip_count: int = 6, repeats: int = 5, ctx: Sequence[
         decode_ratio, decode_ratio_spread, prefill_..., peak_rss_mb, peak_rss_spread, skipped_layers, runs}}}]}``;
         ``setup["files"]`` gives each file's mean physically contiguous page run before and after (Linux, root).
     """
-    from .format import inspect_gguf, read_thin
+    from .format import inspect_gguf, read_thin, read_vocab
 
     ctxs = _positive(ctx, "context length")
     thread_counts = _positive(threads or [os.cpu_count() or 1], "thread count")
     info = inspect_gguf(model)
     thin = read_thin(model) if info["first"] else None
     info["thin"] = list(thin.layers) if thin else []
+    info["vocab"] = bool(info["first"] and read_vocab(model))
     n_layer = info["n_layer"]
     skip = middle_layers(n_layer, skip_count)
     cells = [(c, t) for c in ctxs for t in thread_counts]
@@ -224,6 +227,9 @@ def _strategy_specs(files: dict[str, Path], info: dict, skip: list[int], stock: 
         specs.append(dict(name="thin", engine="first", path=str(model), mode="mask", mask=[True] * n_layer,
                           thin=info["thin"]))
         specs.append(dict(name="thinned", engine="plain", path=str(files["thinned"])))
+    if info["vocab"]:
+        specs.append(dict(name="vocab", engine="first", path=str(model), mode="mask", mask=[True] * n_layer,
+                          vocab=True))
     if heal is not None:
         from .format import read_heal
 

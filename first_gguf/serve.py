@@ -5,7 +5,8 @@ streaming and its lock, which serves one request at a time (a stream holds it un
 chunk). What this module adds:
 
 - the model is a ``ServedModel``, a ``FirstModel`` whose completions carry a ``first`` object
-  (mode, threshold, skipped layers, p_i per layer, the prompt positions routed over and
+  (mode, point, threshold, skipped layers, p_i per layer, the layers decoded with thinned FFNs,
+  whether the short output vocabulary decoded, the prompt positions routed over and
   evaluated, and t_start/t_end of the generation on the server's monotonic clock):
   at the top level of a non-streamed response, in the last chunk of a stream (the one with
   a ``finish_reason``);
@@ -101,7 +102,7 @@ class ServedModel(FirstModel):
         rep = self.last_prefill
         return {"mode": rep.mode, "point": rep.point, "threshold": rep.threshold, "n_layer": len(rep.mask),
                 "skipped": list(rep.skipped), "probs": list(rep.probs) if rep.probs is not None else None,
-                "n_tokens": rep.n_tokens, "n_evaluated": rep.n_evaluated,
+                "thin": list(rep.thin), "vocab": rep.vocab is not None, "n_tokens": rep.n_tokens, "n_evaluated": rep.n_evaluated,
                 "t_start": self._t_start, "t_end": time.monotonic()}
 
 

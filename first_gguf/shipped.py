@@ -4,9 +4,11 @@
 the named operating points (``<name>.points.json``, docs/FORMAT.md section 2), the damage
 labels (``<name>.damage.jsonl``), the healing adapters the points name and the neurons of its
 thinned FFNs (``<name>.thin.npz``: ``layer_<i>`` the kept neurons of layer i, ``source`` how they
-were chosen; docs/FORMAT.md section 7). ``first_gguf_path`` turns a zoo model into a FiRST-GGUF:
-the base with its committed routers, else the untrained recipe routers (which keep every layer),
-its thinned FFNs and its points when there are any; assembled once into the cache.
+were chosen; docs/FORMAT.md section 7) and its short output vocabulary (``<name>.vocab.npz``:
+``tokens`` the listed token ids, ``source`` how they were chosen; section 8). ``first_gguf_path``
+turns a zoo model into a FiRST-GGUF: the base with its committed routers, else the untrained
+recipe routers (which keep every layer), its thinned FFNs, short vocabulary and points when
+there are any; assembled once into the cache.
 """
 
 from __future__ import annotations
@@ -57,6 +59,17 @@ def shipped_thin(name: str) -> tuple[dict[int, list[int]], str] | None:
         return {i: [int(j) for j in z[f"layer_{i}"]] for i in layers}, str(z["source"])
 
 
+def shipped_vocab(name: str) -> tuple[list[int], str] | None:
+    """The short output vocabulary of zoo model ``name`` (token ids) and its source, if committed."""
+    import numpy as np
+
+    path = DATA / f"{name}.vocab.npz"
+    if not path.is_file():
+        return None
+    with np.load(path) as z:
+        return [int(t) for t in z["tokens"]], str(z["source"])
+
+
 def shipped_routers(name: str) -> RouterSet | None:
     """Trained routers committed with the package for zoo model ``name``, if any."""
     from .format import load_router_file
@@ -79,32 +92,42 @@ def first_gguf_path(name: str, seed: int = 0) -> Path:
     if routers is None:
         info = fmt.inspect_gguf(base)
         routers = fmt.make_identity_routers(info["n_layer"], info["n_embd"], seed=seed)
-    thin = shipped_thin(name)
+    thin, vocab = shipped_thin(name), shipped_vocab(name)
     points_file = shipped_points_path(name)
     points = fmt.load_points(points_file, routers.n_layer, routers.protected_layers,
-                             thin_layers=sorted(thin[0]) if thin else None) if points_file else fmt.Points()
+                             thin_layers=sorted(thin[0]) if thin else None,
+                             has_vocab=vocab is not None) if points_file else fmt.Points()
     w1 = fmt.stored_w1_dtype(shipped) if shipped else "f32"
     out = cache_dir() / "demo" / f"{name}.first.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
     _place_heals(points, out.parent)
-    if (out.is_file() and out.stat().st_mtime >= base.stat().st_mtime and _same_parts(out, routers, points, thin)
-            and fmt.gguf_w1_dtype(out) == w1):
+    if (out.is_file() and out.stat().st_mtime >= base.stat().st_mtime
+            and _same_parts(out, routers, points, thin, vocab) and fmt.gguf_w1_dtype(out) == w1):
         _log(f"reusing {out}")
         return out
     _log(f"attaching the routers{' and operating points' if len(points) else ''} of {name} to {base.name}")
-    if thin is None:
+    if thin is None and vocab is None:
         return fmt.attach_routers(base, routers, out, force=True, w1_dtype=w1, points=points)
-    # routers, then the thinned FFNs, then the points (which may name thin layers)
-    step = fmt.attach_routers(base, routers, out.with_name(out.name + ".routers"), force=True, w1_dtype=w1)
+    # routers, then the thinned FFNs and the short vocabulary, then the points (which may name them)
+    steps = []
+    if thin is not None:
+        steps.append((f"the thinned FFNs of {len(thin[0])} layers",
+                      lambda src, dst: fmt.write_thin(src, thin[0], dst, source=thin[1], force=True)))
+    if vocab is not None:
+        steps.append((f"a short output vocabulary of {len(vocab[0])} tokens",
+                      lambda src, dst: fmt.write_vocab(src, vocab[0], dst, source=vocab[1], force=True)))
+    step = fmt.attach_routers(base, routers, out.with_name(out.name + ".step0"), force=True, w1_dtype=w1)
+    for k, (what, write) in enumerate(steps, 1):
+        _log(f"adding {what}")
+        try:
+            nxt = write(step, out.with_name(out.name + f".step{k}"))
+        finally:
+            step.unlink()
+        step = nxt
     try:
-        _log(f"adding the thinned FFNs of {len(thin[0])} layers")
-        thinned = fmt.write_thin(step, thin[0], out.with_name(out.name + ".thin"), source=thin[1], force=True)
+        return fmt.stamp_points(step, points, out, force=True)
     finally:
         step.unlink()
-    try:
-        return fmt.stamp_points(thinned, points, out, force=True)
-    finally:
-        thinned.unlink()
 
 
 def _place_heals(points, directory: Path) -> None:
@@ -137,22 +160,30 @@ def resolve_model(model: str | Path | None) -> Path:
     return first_gguf_path(name)
 
 
-def _same_parts(path: Path, routers: RouterSet, points, thin: tuple[dict[int, list[int]], str] | None) -> bool:
-    """Whether the FiRST-GGUF at ``path`` carries exactly these routers, points and thinned FFNs
-    (read once, without the byte comparison of thin rows: the file is our own output)."""
+def _same_parts(path: Path, routers: RouterSet, points, thin: tuple[dict[int, list[int]], str] | None,
+                vocab: tuple[list[int], str] | None) -> bool:
+    """Whether the FiRST-GGUF at ``path`` carries exactly these routers, points, thinned FFNs and
+    short vocabulary (read once, without the byte comparisons of copied rows: the file is our own output)."""
     from .format import read_first_parts
 
     try:
         parts = read_first_parts(path, deep=False)
     except FirstError:
         return False
-    return _same_routers(parts.routers, routers) and parts.points == points and _same_thin(parts.thin, thin)
+    return (_same_routers(parts.routers, routers) and parts.points == points and _same_thin(parts.thin, thin)
+            and _same_vocab(parts.vocab, vocab))
 
 
 def _same_thin(have, thin: tuple[dict[int, list[int]], str] | None) -> bool:
     if thin is None or have is None:
         return thin is None and have is None
     return have.source == thin[1] and {i: list(have.neurons_of(i)) for i in have.layers} == thin[0]
+
+
+def _same_vocab(have, vocab: tuple[list[int], str] | None) -> bool:
+    if vocab is None or have is None:
+        return vocab is None and have is None
+    return have.source == vocab[1] and list(have.tokens) == sorted(vocab[0])
 
 
 def _same_routers(have: RouterSet, routers: RouterSet) -> bool:

@@ -248,7 +248,7 @@ class Evaluation:
                 "static_order": order, "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
                 "date": time.strftime("%Y-%m-%d %H:%M"),
                 "strategies": {s.name: {"kind": s.kind, "skip": list(s.skip), "prefill": s.prefill,
-                                        "threshold": s.threshold, "thin": list(s.thin)} for s in self.strategies}}
+                                        "threshold": s.threshold, "thin": list(s.thin), "vocab": s.vocab} for s in self.strategies}}
 
     # static mask: block influence on training prompts
 

@@ -76,6 +76,7 @@ class Strategy:
     heal: bool = False          # the decode runs a healing adapter
     point: str | None = None    # a named operating point of the file
     thin: tuple[int, ...] = ()  # layers decoded with their thin FFN (a point's)
+    vocab: bool = False         # decoded with the short output vocabulary (a point's)
 
     @property
     def family(self) -> str:
@@ -91,7 +92,7 @@ class Strategy:
             llm.configure(point=self.point)
             return
         llm.configure(mode=self.mode, mask=self.mask(llm.n_layer), prefill=self.prefill,
-                      threshold=self.threshold, heal=self.heal, thin=())  # no thin FFN left from a point
+                      threshold=self.threshold, heal=self.heal, thin=(), vocab=False)  # nothing left from a point
         if self.mode == "first" and self.threshold is None:
             llm.reset_threshold()
 
@@ -203,7 +204,8 @@ def _point_strategy(name: str, points: dict) -> Strategy:
     if p is None:
         raise FirstError(f"no operating point {name!r}; the model has {', '.join(points) or 'none'}")
     return Strategy(f"point:{name}", "point", "first" if p.threshold is not None else "mask", p.skip or (),
-                    threshold=p.threshold, heal=p.heal is not None, point=name, thin=p.thin or ())
+                    threshold=p.threshold, heal=p.heal is not None, point=name, thin=p.thin or (),
+                    vocab=getattr(p, "vocab", False))
 
 
 _NAME = re.compile(r"(?:(full)|(first|modal)(?:@([0-9.e+-]+))?|(static-kl|static|early-exit|pruned|heal)-(\d+)"

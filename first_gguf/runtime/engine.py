@@ -53,6 +53,8 @@ class PrefillReport:
         healed: whether the decode that follows runs a healing adapter.
         point: the named operating point configured, None when configured otherwise.
         thin: layers the decode runs with their thin FFN (docs/FORMAT.md section 7).
+        vocab: the extra tokens (the context's, outside the list) when the decode that follows
+            runs with the short output vocabulary (docs/FORMAT.md section 8), else None.
     """
 
     mode: str
@@ -64,6 +66,7 @@ class PrefillReport:
     healed: bool = False
     point: str | None = None
     thin: tuple[int, ...] = ()
+    vocab: int | None = None
 
     @property
     def skipped(self) -> tuple[int, ...]:
@@ -94,6 +97,8 @@ class FirstModel(KvSegments, Scoring, Healing, Llama):
         threshold: overrides the file's router threshold, in [0, 1].
         thin: layers whose decode (in "first" and "mask" modes) uses the file's thin FFN in place
             of the full one (docs/FORMAT.md section 7); the prompt and "full" never do.
+        vocab: decode (in "first" and "mask" modes) with the file's short output vocabulary and
+            the context's own tokens (docs/FORMAT.md section 8); the prompt and "full" never do.
         heal: healing adapters (``first-gguf heal``, docs/FORMAT.md section 6), one path or
             several (one per skip set): llama.cpp's LoRA support applies an adapter while a
             decode mask that skips exactly its set runs, never to a prefill or to ``full``.
@@ -107,7 +112,7 @@ class FirstModel(KvSegments, Scoring, Healing, Llama):
     def __init__(self, model_path: str | Path, *, point: str | None = None, mode: str | None = None,
                  mask: Sequence[bool] | None = None, prefill: str | None = None, threshold: float | None = None,
                  heal: str | Path | Sequence[str | Path] | None = None, thin: Sequence[int] | None = None,
-                 **kwargs: Any) -> None:
+                 vocab: bool | None = None, **kwargs: Any) -> None:
         from ..format import Points, is_first_gguf, read_first
 
         self._flib = _lib.load()  # a clear error on a stock llama-cpp-python, before loading
@@ -130,11 +135,14 @@ class FirstModel(KvSegments, Scoring, Healing, Llama):
         self._adapters = self._load_heals(heal_paths)
         self.mode, self.mask, self.prefill_kind, self.threshold, self.point = "full", None, "full", None, None
         self.thin: tuple[int, ...] = ()
-        if point is None and mode is None and mask is None and prefill is None and threshold is None and thin is None:
+        self.vocab = False
+        settings = (mode, mask, prefill, threshold, thin, vocab)
+        if point is None and all(v is None for v in settings):
             point = self.points.default
         if point is None:
             mode = mode or ("first" if self.has_routers else "full")
-        self.configure(mode=mode, mask=mask, prefill=prefill, threshold=threshold, point=point, thin=thin)
+        self.configure(mode=mode, mask=mask, prefill=prefill, threshold=threshold, point=point, thin=thin,
+                       vocab=vocab)
 
     @property
     def has_routers(self) -> bool:
@@ -145,14 +153,20 @@ class FirstModel(KvSegments, Scoring, Healing, Llama):
         """Layers that carry a thin FFN in this file (format version 2)."""
         return tuple(i for i in range(self.n_layer) if self._flib.model_thin_width(self._model.model, i) > 0)
 
+    @property
+    def vocab_size(self) -> int:
+        """Tokens in this file's short output vocabulary (format version 3), 0 without one."""
+        return int(self._flib.model_vocab_size(self._model.model))
+
     # --- configuration ---------------------------------------------------------------
 
     def configure(self, mode: str | None = None, mask: Sequence[bool] | None = None,
                   prefill: str | None = None, threshold: float | None = None, heal: bool | None = None,
-                  point: str | None = None, thin: Sequence[int] | None = None) -> None:
+                  point: str | None = None, thin: Sequence[int] | None = None, vocab: bool | None = None) -> None:
         """Set the mode, mask, prefill kind, threshold and whether healing adapters apply
-        (``heal``; on by default when adapters are loaded) and the layers decoded with their
-        thin FFN (``thin``; ``()`` for none; None leaves them), or all of them by naming an
+        (``heal``; on by default when adapters are loaded), the layers decoded with their
+        thin FFN (``thin``; ``()`` for none; None leaves them) and whether the decode uses the
+        short output vocabulary (``vocab``; None leaves it), or all of them by naming an
         operating point of the file (``point``, alone); the next generation uses them.
 
         A threshold point is "first" mode at its threshold; a skip point is "mask" mode with
@@ -163,11 +177,12 @@ class FirstModel(KvSegments, Scoring, Healing, Llama):
             FirstError: unknown mode/prefill/point, a point given with any other setting, a
                 mask of the wrong length or skipping every layer, a threshold outside [0, 1],
                 "first" mode without routers, a point's adapter missing or for another set,
-                a thin layer without a thin FFN in the file.
+                a thin layer without a thin FFN in the file, ``vocab`` without a short
+                vocabulary in the file.
         """
         if point is not None:
             given = [k for k, v in (("mode", mode), ("mask", mask), ("prefill", prefill), ("threshold", threshold),
-                                    ("heal", heal), ("thin", thin)) if v is not None]
+                                    ("heal", heal), ("thin", thin), ("vocab", vocab)) if v is not None]
             if given:
                 raise FirstError(f"point {point!r} sets the mode, mask, prefill, threshold and healing itself; "
                                  f"give either the point or {', '.join(given)}")
@@ -176,6 +191,8 @@ class FirstModel(KvSegments, Scoring, Healing, Llama):
         self._configure(mode, mask, prefill, threshold, heal)
         if thin is not None:
             self._set_thin(thin)
+        if vocab is not None:
+            self._set_vocab(vocab)
         self.point = None
 
     def _configure_point(self, name: str) -> None:
@@ -191,6 +208,7 @@ class FirstModel(KvSegments, Scoring, Healing, Llama):
                 self._load_point_heal(p)
             self._configure("mask", p.mask(self.n_layer) or [True] * self.n_layer, "full", None, p.heal is not None)
         self._set_thin(p.thin or ())
+        self._set_vocab(getattr(p, "vocab", False))
         self.point = p.name
 
     def _configure(self, mode: str | None, mask: Sequence[bool] | None, prefill: str | None,
@@ -248,6 +266,19 @@ class FirstModel(KvSegments, Scoring, Healing, Llama):
         self._check(self._flib.set_thin(self.ctx, buf, self.n_layer), "set_thin")
         self.thin = thin
 
+    def _set_vocab(self, on: bool) -> None:
+        if on and not self.vocab_size:
+            raise FirstError(f"{self.model_path}: no short output vocabulary in this file (docs/FORMAT.md section 8)")
+        self._check(self._flib.set_vocab(self.ctx, int(bool(on)), None, 0), "set_vocab")
+        self.vocab = bool(on)
+
+    def _vocab_extra(self, tokens: Sequence[int]) -> None:
+        """The context's tokens (``tokens`` after the reused positions) join the short vocabulary."""
+        ids = np.unique(np.concatenate([np.asarray(self.input_ids[:self.n_tokens], dtype=np.int32),
+                                        np.asarray(tokens, dtype=np.int32)]))
+        ptr = ids.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        self._check(self._flib.set_vocab(self.ctx, 1, ptr, len(ids)), "set_vocab")
+
     def _set_mode(self, mode: str) -> None:
         self._check(self._flib.set_mode(self.ctx, MODES[mode]), "set_mode")
         self.mode = mode
@@ -293,6 +324,8 @@ class FirstModel(KvSegments, Scoring, Healing, Llama):
             self.n_tokens = keep
             self._truncate_segments(keep)
         self._use_heal(None)  # a prefill never runs the adapter
+        if self.vocab:  # before the prompt: a masked prefill is a reduced graph too
+            self._vocab_extra(tokens)
         self._check(self._flib.begin_prefill(self.ctx), "begin_prefill")
         if self.mode == "first":
             prior = [s for s in self._segments if s.sums is not None]
@@ -311,7 +344,7 @@ class FirstModel(KvSegments, Scoring, Healing, Llama):
         self._check(self._flib.end_prefill(self.ctx), "end_prefill")
         self._record(start, self.n_tokens, self._prefill_kv(), sums)
         report = self._report(self.n_tokens - start)
-        healable = self.mode != "full" and self.prefill_kind == "full" and not self.thin
+        healable = self.mode != "full" and self.prefill_kind == "full" and not self.thin and not self.vocab
         self.last_prefill = dataclasses.replace(report, healed=self._use_heal(report.mask if healable else None),
                                                 point=self.point)
 
@@ -327,7 +360,8 @@ class FirstModel(KvSegments, Scoring, Healing, Llama):
             n_tokens = int(self._flib.get_prefill_tokens(self.ctx))
         mask = tuple(bool(m) for m in buf)
         thin = tuple(i for i in self.thin if mask[i]) if self.mode != "full" else ()
-        return PrefillReport(self.mode, mask, probs, threshold, n_tokens, n_evaluated, thin=thin)
+        vocab = int(self._flib.get_vocab(self.ctx)) if self.vocab and self.mode != "full" else None
+        return PrefillReport(self.mode, mask, probs, threshold, n_tokens, n_evaluated, thin=thin, vocab=vocab)
 
     def __del__(self) -> None:
         if hasattr(self, "_stack"):  # __init__ may fail before Llama's own
