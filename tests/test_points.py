@@ -370,9 +370,13 @@ def test_the_shipped_points_file_is_valid_for_its_model():
     path = shipped.shipped_points_path(models.DEFAULT_MODEL)
     thin, _ = shipped.shipped_thin(models.DEFAULT_MODEL)
     assert sorted(thin) == list(range(24)) and {len(v) for v in thin.values()} == {4096}
-    points = fmt.load_points(path, 24, [0, 23], thin_layers=sorted(thin))
-    assert points.as_json() == {"default": "quality", "points": {
-        "quality": {"skip": [4]}, "balanced": {"skip": [4, 9]}, "lean": {"thin": list(range(24))}}}
+    points = fmt.load_points(path, 24, [0, 23], thin_layers=sorted(thin), has_vocab=True)
+    tokens, _ = shipped.shipped_vocab(models.DEFAULT_MODEL)
+    assert len(tokens) == 49445 and tokens == sorted(set(tokens))
+    assert points.as_json() == {"default": "quality-short", "points": {
+        "quality": {"skip": [4]}, "balanced": {"skip": [4, 9]}, "lean": {"thin": list(range(24))},
+        "short": {"vocab": True}, "quality-short": {"skip": [4], "vocab": True},
+        "lean-short": {"thin": list(range(24)), "vocab": True}}}
 
 
 # --- the runtime on a tiny runnable FiRST-GGUF ---------------------------------------------------
@@ -652,8 +656,9 @@ def test_eval_runs_every_point_and_resumes(tiny, tmp_path):
 @pytest.mark.slow
 def test_default_model_carries_the_shipped_points(tmp_path, monkeypatch):
     """first_gguf_path on the real default model (in a private cache, the shared one untouched)
-    carries the shipped points and thinned FFNs; its default, quality, skips exactly layer 4 in
-    decode, and lean decodes every layer thin."""
+    carries the shipped points, thinned FFNs and short vocabulary; its default, quality-short,
+    skips exactly layer 4 in decode with the short vocabulary, lean decodes every layer thin, and
+    short gives full's greedy tokens."""
     from first_gguf import models, shipped
     from first_gguf.runtime.greedy import greedy
 
@@ -666,21 +671,38 @@ def test_default_model_carries_the_shipped_points(tmp_path, monkeypatch):
     path = shipped.first_gguf_path(models.DEFAULT_MODEL)
     assert path.parent == cache / "demo"
     thin, source = shipped.shipped_thin(models.DEFAULT_MODEL)
-    want = fmt.load_points(shipped.shipped_points_path(models.DEFAULT_MODEL), 24, [0, 23], thin_layers=sorted(thin))
-    assert fmt.read_points(path) == want and want.default == "quality"
+    want = fmt.load_points(shipped.shipped_points_path(models.DEFAULT_MODEL), 24, [0, 23], thin_layers=sorted(thin),
+                           has_vocab=True)
+    assert fmt.read_points(path) == want and want.default == "quality-short"
     have = fmt.read_thin(path)
     assert have.source == source and all(list(have.neurons_of(i)) == thin[i] for i in range(24))
+    tokens, vocab_source = shipped.shipped_vocab(models.DEFAULT_MODEL)
+    assert fmt.read_vocab(path) == fmt.VocabInfo(tuple(tokens), vocab_source)
     from first_gguf.runtime import FirstModel
 
     llm = FirstModel(path, n_ctx=256, n_threads=1)
     try:
-        assert llm.point == "quality" and llm.points.names == ["quality", "balanced", "lean"]
+        assert llm.point == "quality-short" and llm.points.names == ["quality", "balanced", "lean", "short",
+                                                               "quality-short", "lean-short"]
         g = greedy(llm, llm.tokenize(b"def fibonacci(n):"), 4)
-        assert g.report.point == "quality" and g.report.skipped == (4,) and g.report.mode == "mask"
+        assert g.report.point == "quality-short" and g.report.skipped == (4,) and g.report.mode == "mask"
+        assert g.report.vocab is not None
         llm.configure(point="balanced")
         assert greedy(llm, llm.tokenize(b"def fibonacci(n):"), 2).report.skipped == (4, 9)
         llm.configure(point="lean")
         report = greedy(llm, llm.tokenize(b"def fibonacci(n):"), 2).report
         assert report.skipped == () and report.thin == tuple(range(24)) and report.point == "lean"
+        # the short vocabulary alone: full's greedy tokens (the listed logits are bit-identical: Q8_0
+        # rows) up to full's first token outside the list and the prompt, and only up to there
+        prompt = llm.tokenize(b"def is_palindrome(text: str) -> bool:\n")
+        llm.configure(point="short")
+        short = greedy(llm, prompt, 24)
+        llm.configure(mode="full")
+        full = greedy(llm, prompt, 24).tokens
+        allowed = set(tokens) | set(prompt)
+        k = next((i for i, t in enumerate(full) if t not in allowed), len(full))
+        assert short.report.vocab == len(set(prompt) - set(tokens)) and short.report.skipped == ()
+        assert k >= 8 and short.tokens[:k] == full[:k]
+        assert k == len(full) or short.tokens[k] != full[k]  # here full writes " palindrome", not listed
     finally:
         llm.close()
