@@ -34,9 +34,9 @@ from ..constants import (
 from ..errors import FirstError, FormatError
 from ..paths import atomic_output, check_output_path
 from .header import read_header
-from .reader import KEY_TYPES, Reader, first_parts_from_reader, model_dims
+from .reader import Reader, first_parts_from_reader, model_dims
 from .thin import ThinInfo, base_ffn, block_size, ffn_length, top_neurons
-from .writer import gguf_writer, write_tensors
+from .writer import write_replacing_part
 
 # Types numpy converts exactly (a selection of already-stored values); everything else goes
 # through ggml's own quantizer.
@@ -176,15 +176,7 @@ def write_thin_from_scores(path: str | os.PathLike, scores: np.ndarray, width: i
 def _write(reader: Reader, arch: str, info: ThinInfo, new: list[tuple[str, Any]], version: int, path: Path) -> None:
     """Every key in order (first.version set to ``version``, old thin keys dropped), then the thin keys;
     every tensor but old thin ones, then the new."""
-    with gguf_writer(reader, arch, path) as writer:
-        for field in _kept_fields(reader):
-            if field.name == KEY_VERSION:
-                writer.add_uint32(KEY_VERSION, version)
-            else:
-                writer.copy_field(reader, field)
-        for key, value in info.metadata().items():
-            writer.add_key_value(key, value, KEY_TYPES[key][0], sub_type=KEY_TYPES[key][1])
-        write_tensors(writer, reader, [(t.name, t) for t in _kept_tensors(reader)] + new)
+    write_replacing_part(reader, arch, path, version, _kept_fields(reader), _kept_tensors(reader), info.metadata(), new)
 
 
 def _kept_fields(reader: Reader) -> list[Any]:

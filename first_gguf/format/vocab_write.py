@@ -21,9 +21,9 @@ from ..constants import KEY_VERSION, VOCAB_KEY_PREFIX, VOCAB_TENSOR, first_versi
 from ..errors import FirstError, FormatError
 from ..paths import atomic_output, check_output_path
 from .header import read_header
-from .reader import KEY_TYPES, Reader, first_parts_from_reader, model_dims
+from .reader import Reader, first_parts_from_reader, model_dims
 from .vocab import VocabInfo, check_tokens, non_normal_tokens, output_matrix
-from .writer import gguf_writer, write_tensors
+from .writer import write_replacing_part
 
 
 def plan_tokens(reader: Reader, where: str, tokens: Iterable[int]) -> np.ndarray:
@@ -96,15 +96,8 @@ def write_vocab_from_counts(path: str | os.PathLike, counts: np.ndarray, size: i
 def _write(reader: Reader, arch: str, info: VocabInfo, rows: Any, version: int, path: Path) -> None:
     """Every key in order (first.version set, old vocab keys dropped), then the vocab keys; every
     tensor but an old first_output.weight, then the new one."""
-    with gguf_writer(reader, arch, path) as writer:
-        for field in _kept_fields(reader):
-            if field.name == KEY_VERSION:
-                writer.add_uint32(KEY_VERSION, version)
-            else:
-                writer.copy_field(reader, field)
-        for key, value in info.metadata().items():
-            writer.add_key_value(key, value, KEY_TYPES[key][0], sub_type=KEY_TYPES[key][1])
-        write_tensors(writer, reader, [(t.name, t) for t in _kept_tensors(reader)] + [(VOCAB_TENSOR, rows)])
+    write_replacing_part(reader, arch, path, version, _kept_fields(reader), _kept_tensors(reader), info.metadata(),
+                         [(VOCAB_TENSOR, rows)])
 
 
 def _kept_fields(reader: Reader) -> list[Any]:

@@ -15,8 +15,8 @@ import gguf
 import numpy as np
 from gguf import GGUFValueType
 
-from ..constants import FIRST_KEY_PREFIX, ROUTER_NAME_MARKER
-from .reader import Reader
+from ..constants import FIRST_KEY_PREFIX, KEY_VERSION, ROUTER_NAME_MARKER
+from .reader import KEY_TYPES, Reader
 
 
 class RawValue(bytes):
@@ -91,3 +91,19 @@ def write_tensors(writer: CopyWriter, reader: Reader, kept: list[tuple[str, Any]
         writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
     for _, arr in new:
         writer.write_tensor_data(arr)
+
+
+def write_replacing_part(reader: Reader, arch: str, path: Path, version: int, fields: list[Any], tensors: list[Any],
+                         keys: dict[str, object], new: list[tuple[str, Any]]) -> None:
+    """The thin and vocabulary writers' file: ``fields`` in order (``first.version`` set to ``version``),
+    then the part's ``keys``; ``tensors`` (of ``reader``), then the part's ``new`` tensors
+    (name, object with ``data`` and ``tensor_type``)."""
+    with gguf_writer(reader, arch, path) as writer:
+        for field in fields:
+            if field.name == KEY_VERSION:
+                writer.add_uint32(KEY_VERSION, version)
+            else:
+                writer.copy_field(reader, field)
+        for key, value in keys.items():
+            writer.add_key_value(key, value, KEY_TYPES[key][0], sub_type=KEY_TYPES[key][1])
+        write_tensors(writer, reader, [(t.name, t) for t in tensors] + new)
