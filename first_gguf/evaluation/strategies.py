@@ -205,7 +205,7 @@ def _point_strategy(name: str, points: dict) -> Strategy:
         raise FirstError(f"no operating point {name!r}; the model has {', '.join(points) or 'none'}")
     return Strategy(f"point:{name}", "point", "first" if p.threshold is not None else "mask", p.skip or (),
                     threshold=p.threshold, heal=p.heal is not None, point=name, thin=p.thin or (),
-                    vocab=getattr(p, "vocab", False))
+                    vocab=p.vocab)
 
 
 _NAME = re.compile(r"(?:(full)|(first|modal)(?:@([0-9.e+-]+))?|(static-kl|static|early-exit|pruned|heal)-(\d+)"

@@ -208,7 +208,7 @@ class FirstModel(KvSegments, Scoring, Healing, Llama):
                 self._load_point_heal(p)
             self._configure("mask", p.mask(self.n_layer) or [True] * self.n_layer, "full", None, p.heal is not None)
         self._set_thin(p.thin or ())
-        self._set_vocab(getattr(p, "vocab", False))
+        self._set_vocab(p.vocab)
         self.point = p.name
 
     def _configure(self, mode: str | None, mask: Sequence[bool] | None, prefill: str | None,
