@@ -3,8 +3,9 @@
 No compile and no Mac: the test reads the pinned sdist (patches/BASE) straight from its
 tarball. The ops are the ones our patches build on the graph context (the router MLP:
 rms_norm, mul, mul_mat, add, silu, sigmoid, sum; get_rows, which keeps the output rows
-when the last layer is skipped and gathers the context's extra tokens' rows of the (Q8_0)
-embeddings for the short output vocabulary; concat, which joins their logits to the list's). For each it checks ggml-metal's ``supports_op`` (the case is
+when the last layer is skipped and gathers the context's extra tokens' rows of the output
+matrix for the short output vocabulary (Q8_0 on the 0.5B, Q6_K on the 1.5B); concat, which
+joins their logits to the list's). For each it checks ggml-metal's ``supports_op`` (the case is
 there and does not return false outright), the op encoder's dispatch and the kernels. A
 version bump that loses one fails here; a patch that builds a new op fails until it is added
 to OPS below (after checking ggml-metal supports it).
@@ -33,7 +34,8 @@ OPS = {
     "ggml_silu": ("GGML_OP_UNARY", "GGML_UNARY_OP_SILU", ()),
     "ggml_sigmoid": ("GGML_OP_UNARY", "GGML_UNARY_OP_SIGMOID", ()),
     "ggml_sum": ("GGML_OP_SUM", None, ("kernel_op_sum_f32",)),
-    "ggml_get_rows": ("GGML_OP_GET_ROWS", None, ("kernel_get_rows_f32", "kernel_get_rows_q8_0")),
+    "ggml_get_rows": ("GGML_OP_GET_ROWS", None, ("kernel_get_rows_f32", "kernel_get_rows_q8_0",
+                                                 "kernel_get_rows_q6_K")),
     "ggml_concat": ("GGML_OP_CONCAT", None, ("kernel_concat_f32",)),
 }
 # called on the graph context but not ops: tensors the graph creates (inputs)

@@ -379,6 +379,27 @@ def test_the_shipped_points_file_is_valid_for_its_model():
         "lean-short": {"thin": list(range(24)), "vocab": True}}}
 
 
+def test_the_1_5b_ships_points_from_its_own_damage_labels_and_the_shared_vocabulary():
+    from first_gguf import shipped
+    from first_gguf.damage import damage_order, read_labels
+
+    name = "qwen2.5-coder-1.5b-instruct"
+    head, rows = read_labels(shipped.shipped_labels_path(name))
+    assert head["config"]["model"] == f"{name}.gguf" and len(rows) == 48
+    order = damage_order(rows, 28, [0, 27])
+    assert shipped.shipped_thin(name) is None
+    points = fmt.load_points(shipped.shipped_points_path(name), 28, [0, 27], has_vocab=True)
+    assert points.default == "quality-short"
+    by_name = {p.name: p for p in points.items}
+    # the fixed points skip the least damaging layers by the labels, in their order
+    assert by_name["quality"].skip == tuple(order[:1]) and by_name["balanced"].skip == tuple(sorted(order[:2]))
+    assert all(by_name[f"{n}-short"].vocab and by_name[f"{n}-short"].skip == by_name[n].skip
+               for n in ("quality", "balanced", "routed"))
+    assert by_name["routed-short"].threshold == by_name["routed"].threshold == 0.25
+    # the two Qwen2.5-Coder models share one tokenizer, hence one counted list
+    assert shipped.shipped_vocab(name) == shipped.shipped_vocab("qwen2.5-coder-0.5b-instruct")
+
+
 # --- the runtime on a tiny runnable FiRST-GGUF ---------------------------------------------------
 
 PROMPT_TEXT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
