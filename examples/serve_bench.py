@@ -1,12 +1,13 @@
-"""Load ``first-gguf serve`` with FiRST and with every layer (``full``), the same requests each.
+"""Load ``first-gguf serve`` with its default (FiRST) and with every layer (``full``), the same requests each.
 
     python examples/serve_bench.py [MODEL] [--requests 200] [--clients 8] [--max-tokens 6] [--threads 1]
 
 Starts a server on a free loopback port, then sends the load in rounds that alternate the
-mode per request (``first_mode`` in the body), so both modes see the same machine. Prints
-requests/s, the clients' latency p50/p90/p99 (queueing included: the server runs one request
-at a time), the server's own time per request and the layers skipped. Needs the `server` and
-`test` extras (the clients are the openai package).
+two: ``first`` requests say nothing (the server's default: the file's default operating
+point, else the routers), ``full`` requests ask ``first_mode: full``; so both see the same
+machine. Prints requests/s, the clients' latency p50/p90/p99 (queueing included: the server
+runs one request at a time), the server's own time per request and the layers skipped.
+Needs the `server` and `test` extras (the clients are the openai package).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import argparse
 
 from first_gguf.serve_load import LoadResult, format_load, run_load, server_process
+
+MODES = {"first": {}, "full": {"first_mode": "full"}}  # request bodies' FiRST fields per run
 
 
 def main() -> None:
@@ -32,7 +35,7 @@ def main() -> None:
         for r in range(args.rounds):
             for mode in (("first", "full") if r % 2 == 0 else ("full", "first")):
                 got = run_load(base, model_id, n_requests=args.requests // args.rounds, concurrency=args.clients,
-                               max_tokens=args.max_tokens, extra={"first_mode": mode})
+                               max_tokens=args.max_tokens, extra=MODES[mode])
                 results[mode] = results[mode].merge(got)
     print(f"{args.requests} requests per mode from {args.clients} clients, max_tokens {args.max_tokens}, "
           f"server threads {args.threads}, half streamed")
