@@ -23,7 +23,6 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..constants import (
-    KEY_VERSION,
     THIN_DOWN,
     THIN_KEY_PREFIX,
     THIN_NAME_MARKER,
@@ -36,7 +35,7 @@ from ..paths import atomic_output, check_output_path
 from .header import read_header
 from .reader import Reader, first_parts_from_reader, model_dims
 from .thin import ThinInfo, base_ffn, block_size, ffn_length, top_neurons
-from .writer import write_replacing_part
+from .writer import others_table, write_replacing_part
 
 # Types numpy converts exactly (a selection of already-stored values); everything else goes
 # through ggml's own quantizer.
@@ -176,16 +175,11 @@ def write_thin_from_scores(path: str | os.PathLike, scores: np.ndarray, width: i
 def _write(reader: Reader, arch: str, info: ThinInfo, new: list[tuple[str, Any]], version: int, path: Path) -> None:
     """Every key in order (first.version set to ``version``, old thin keys dropped), then the thin keys;
     every tensor but old thin ones, then the new."""
-    write_replacing_part(reader, arch, path, version, _kept_fields(reader), _kept_tensors(reader), info.metadata(), new)
+    write_replacing_part(reader, arch, path, version, THIN_KEY_PREFIX, _in_part, info.metadata(), new)
 
 
-def _kept_fields(reader: Reader) -> list[Any]:
-    return [f for f in reader.fields.values() if not f.name.startswith("GGUF.")
-            and f.name != "general.architecture" and not f.name.startswith(THIN_KEY_PREFIX)]
-
-
-def _kept_tensors(reader: Reader) -> list[Any]:
-    return [t for t in reader.tensors if THIN_NAME_MARKER not in t.name]
+def _in_part(name: str) -> bool:
+    return THIN_NAME_MARKER in name
 
 
 def _verify(path: Path, base: Reader, info: ThinInfo, new: list[tuple[str, Any]], where: str) -> None:
@@ -193,9 +187,7 @@ def _verify(path: Path, base: Reader, info: ThinInfo, new: list[tuple[str, Any]]
     out = read_header(path)
     if first_parts_from_reader(out, where).thin != info:
         raise FormatError(f"{where}: read-back check failed: the thinned FFNs differ from the plan")
-    table = lambda r: ([(f.name, f.types[0]) for f in _kept_fields(r) if f.name != KEY_VERSION],  # noqa: E731
-                       [(t.name, t.tensor_type, t.n_bytes) for t in _kept_tensors(r)])
-    if table(out) != table(base):
+    if others_table(out, THIN_KEY_PREFIX, _in_part) != others_table(base, THIN_KEY_PREFIX, _in_part):
         raise FormatError(f"{where}: read-back check failed: keys or tensors beside the thin part differ")
     got = {t.name: t for t in out.tensors}
     for name, t in new:

@@ -17,13 +17,13 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ..constants import KEY_VERSION, VOCAB_KEY_PREFIX, VOCAB_TENSOR, first_version_for
+from ..constants import VOCAB_KEY_PREFIX, VOCAB_TENSOR, first_version_for
 from ..errors import FirstError, FormatError
 from ..paths import atomic_output, check_output_path
 from .header import read_header
 from .reader import Reader, first_parts_from_reader, model_dims
 from .vocab import VocabInfo, check_tokens, non_normal_tokens, output_matrix
-from .writer import write_replacing_part
+from .writer import others_table, write_replacing_part
 
 
 def plan_tokens(reader: Reader, where: str, tokens: Iterable[int]) -> np.ndarray:
@@ -96,17 +96,12 @@ def write_vocab_from_counts(path: str | os.PathLike, counts: np.ndarray, size: i
 def _write(reader: Reader, arch: str, info: VocabInfo, rows: Any, version: int, path: Path) -> None:
     """Every key in order (first.version set, old vocab keys dropped), then the vocab keys; every
     tensor but an old first_output.weight, then the new one."""
-    write_replacing_part(reader, arch, path, version, _kept_fields(reader), _kept_tensors(reader), info.metadata(),
+    write_replacing_part(reader, arch, path, version, VOCAB_KEY_PREFIX, _in_part, info.metadata(),
                          [(VOCAB_TENSOR, rows)])
 
 
-def _kept_fields(reader: Reader) -> list[Any]:
-    return [f for f in reader.fields.values() if not f.name.startswith("GGUF.")
-            and f.name != "general.architecture" and not f.name.startswith(VOCAB_KEY_PREFIX)]
-
-
-def _kept_tensors(reader: Reader) -> list[Any]:
-    return [t for t in reader.tensors if t.name != VOCAB_TENSOR]
+def _in_part(name: str) -> bool:
+    return name == VOCAB_TENSOR
 
 
 def _verify(path: Path, base: Reader, info: VocabInfo, rows: Any, where: str) -> None:
@@ -115,9 +110,7 @@ def _verify(path: Path, base: Reader, info: VocabInfo, rows: Any, where: str) ->
     out = read_header(path)
     if first_parts_from_reader(out, where).vocab != info:
         raise FormatError(f"{where}: read-back check failed: the short vocabulary differs from the plan")
-    table = lambda r: ([(f.name, f.types[0]) for f in _kept_fields(r) if f.name != KEY_VERSION],  # noqa: E731
-                       [(t.name, t.tensor_type, t.n_bytes) for t in _kept_tensors(r)])
-    if table(out) != table(base):
+    if others_table(out, VOCAB_KEY_PREFIX, _in_part) != others_table(base, VOCAB_KEY_PREFIX, _in_part):
         raise FormatError(f"{where}: read-back check failed: keys or tensors beside the short vocabulary differ")
     got = next(t for t in out.tensors if t.name == VOCAB_TENSOR)
     if np.asarray(got.data).tobytes() != rows.data.tobytes():

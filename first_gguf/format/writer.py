@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import gguf
 import numpy as np
@@ -93,17 +93,31 @@ def write_tensors(writer: CopyWriter, reader: Reader, kept: list[tuple[str, Any]
         writer.write_tensor_data(arr)
 
 
-def write_replacing_part(reader: Reader, arch: str, path: Path, version: int, fields: list[Any], tensors: list[Any],
-                         keys: dict[str, object], new: list[tuple[str, Any]]) -> None:
-    """The thin and vocabulary writers' file: ``fields`` in order (``first.version`` set to ``version``),
-    then the part's ``keys``; ``tensors`` (of ``reader``), then the part's ``new`` tensors
+def kept_fields(reader: Reader, key_prefix: str) -> list[Any]:
+    """The key/values a rewrite copies: all but GGUF's own, the architecture and the replaced part's keys."""
+    return [f for f in reader.fields.values() if not f.name.startswith("GGUF.")
+            and f.name != "general.architecture" and not f.name.startswith(key_prefix)]
+
+
+def others_table(reader: Reader, key_prefix: str, in_part: Callable[[str], bool]) -> tuple[list, list]:
+    """(key, type) and (tensor, type, bytes) of everything beside the part (``first.version`` left
+    out): what a rewrite's read-back compares with its input."""
+    return ([(f.name, f.types[0]) for f in kept_fields(reader, key_prefix) if f.name != KEY_VERSION],
+            [(t.name, t.tensor_type, t.n_bytes) for t in reader.tensors if not in_part(t.name)])
+
+
+def write_replacing_part(reader: Reader, arch: str, path: Path, version: int, key_prefix: str,
+                         in_part: Callable[[str], bool], keys: dict[str, object], new: list[tuple[str, Any]]) -> None:
+    """The thin and vocabulary writers' file: the kept keys in order (``first.version`` set to
+    ``version``; the part's old keys, named by ``key_prefix``, dropped), then the part's ``keys``;
+    every tensor but the part's old ones (``in_part(name)``), then the part's ``new`` tensors
     (name, object with ``data`` and ``tensor_type``)."""
     with gguf_writer(reader, arch, path) as writer:
-        for field in fields:
+        for field in kept_fields(reader, key_prefix):
             if field.name == KEY_VERSION:
                 writer.add_uint32(KEY_VERSION, version)
             else:
                 writer.copy_field(reader, field)
         for key, value in keys.items():
             writer.add_key_value(key, value, KEY_TYPES[key][0], sub_type=KEY_TYPES[key][1])
-        write_tensors(writer, reader, [(t.name, t) for t in tensors] + new)
+        write_tensors(writer, reader, [(t.name, t) for t in reader.tensors if not in_part(t.name)] + new)
