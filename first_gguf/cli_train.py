@@ -144,28 +144,33 @@ def heal(model: str, skip: str, output: Path, run_dir: Path | None, examples: in
 @click.command()
 @click.argument("model")
 @click.option("-o", "--output", type=PathArg, required=True, help="FiRST-GGUF to write, with thinned FFNs.")
-@click.option("--width", required=True, type=int, help="Neurons each thinned FFN keeps (a multiple of ffn_down's "
-              "quantization block).")
+@click.option("--width", required=True, help="Neurons each thinned FFN keeps (a multiple of the thin ffn_down's "
+              "quantization block), or 'all' with --type: every neuron, requantized (no calibration).")
+@click.option("--type", "qtype", default=None, metavar="TYPE",
+              help="Requantize every thin tensor to this ggml type, e.g. Q4_0 (default: the base's types).")
 @click.option("--layers", default="all", show_default=True, help="Layers to thin, e.g. 0,1,2 or 4-20.")
 @click.option("--examples", default=120, show_default=True, help="Calibration examples (built-in families, train split).")
 @click.option("--threads", default=None, type=int, help="torch threads (default: all cores).")
 @click.option("--scores", type=PathArg, default=None,
               help="Neuron scores (npz, key contrib): read if it exists (no calibration), else written.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
-def thin(model: str, output: Path, width: int, layers: str, examples: int, threads: int | None,
+def thin(model: str, output: Path, width: str, qtype: str | None, layers: str, examples: int, threads: int | None,
          scores: Path | None, force: bool) -> None:
     """Add decode-only thinned FFNs to MODEL (a FiRST-GGUF or zoo name): docs/FORMAT.md section 7.
 
     Each listed layer keeps the WIDTH neurons that carry the most output on training prompts;
-    the full FFNs stay, so the prompt and `full` are unchanged.
+    the full FFNs stay, so the prompt and `full` are unchanged. With --type the thin copies
+    are requantized (e.g. `--width all --type Q4_0`: the whole FFN in a type the CPU decodes faster).
     """
     from .format import parse_layers
     from .shipped import resolve_model
     from .train.thin import thin_model
 
+    if width != "all" and not width.isdigit():
+        raise click.BadParameter(f"{width!r} is neither a neuron count nor 'all'", param_hint="--width")
     chosen = None if layers == "all" else parse_layers(layers)
-    click.echo(thin_model(resolve_model(model), output, width, layers=chosen, examples=examples, threads=threads,
-                          scores=scores, force=force))
+    click.echo(thin_model(resolve_model(model), output, None if width == "all" else int(width), layers=chosen,
+                          examples=examples, threads=threads, scores=scores, force=force, qtype=qtype))
 
 
 @click.command()

@@ -33,6 +33,7 @@ KEY_THIN_LAYERS = "first.thin.layers"                # array[i32], version 2: la
 KEY_THIN_WIDTHS = "first.thin.widths"                # array[u32], version 2: kept neurons per listed layer
 KEY_THIN_NEURONS = "first.thin.neurons"              # array[i32], version 2: kept neuron indices, layer after layer
 KEY_THIN_SOURCE = "first.thin.source"                # string, optional: how the neurons were chosen
+KEY_THIN_TYPE = "first.thin.type"                    # string, optional: ggml type of every thin tensor (requantized)
 KEY_VOCAB_TOKENS = "first.vocab.tokens"              # array[i32], version 3: the short vocabulary, ascending
 KEY_VOCAB_SOURCE = "first.vocab.source"              # string, optional: how the tokens were chosen
 
@@ -54,7 +55,7 @@ POINT_KEYS = (KEY_POINTS, KEY_POINTS_DEFAULT)
 # Keys of a file with thinned FFNs (first.version 2): the first three together, the source optional.
 THIN_KEY_PREFIX = "first.thin."
 THIN_REQUIRED_KEYS = (KEY_THIN_LAYERS, KEY_THIN_WIDTHS, KEY_THIN_NEURONS)
-THIN_KEYS = THIN_REQUIRED_KEYS + (KEY_THIN_SOURCE,)
+THIN_KEYS = THIN_REQUIRED_KEYS + (KEY_THIN_SOURCE, KEY_THIN_TYPE)
 # Keys of a file with a short output vocabulary (first.version 3): the tokens, the source optional.
 VOCAB_KEY_PREFIX = "first.vocab."
 VOCAB_KEYS = (KEY_VOCAB_TOKENS, KEY_VOCAB_SOURCE)

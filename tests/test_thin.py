@@ -28,7 +28,8 @@ from first_gguf.format.thin_write import quantize
 E, N_FF, N_LAYER = ggufs.N_EMBD, 128, ggufs.N_LAYER
 # docs/FORMAT.md section 2: the first.thin.* GGUF types
 THIN_TYPES = {C.KEY_THIN_LAYERS: (T.ARRAY, T.INT32), C.KEY_THIN_WIDTHS: (T.ARRAY, T.UINT32),
-              C.KEY_THIN_NEURONS: (T.ARRAY, T.INT32), C.KEY_THIN_SOURCE: (T.STRING, None)}
+              C.KEY_THIN_NEURONS: (T.ARRAY, T.INT32), C.KEY_THIN_SOURCE: (T.STRING, None),
+              C.KEY_THIN_TYPE: (T.STRING, None)}
 
 
 def _ffn_tensors(seed: int = 2) -> ggufs.Tensors:
@@ -118,6 +119,49 @@ def test_without_thin_the_file_stays_version_1(tiny):
     assert read_header(tiny).fields[C.KEY_VERSION].contents() == 1 and fmt.read_thin(tiny) is None
 
 
+def _values(t) -> np.ndarray:
+    """A stored tensor's values as float32 rows."""
+    if t.tensor_type in (Q.F32, Q.F16):
+        return np.asarray(t.data, dtype=np.float32)
+    return gguf.quants.dequantize(t.data, t.tensor_type)
+
+
+def test_requantized_copies_hold_ggml_quantization_of_the_base_values(tiny, scores, tmp_path):
+    every = {i: np.arange(N_FF) for i in range(N_LAYER)}
+    out = fmt.write_thin(tiny, every, tmp_path / "q.gguf", source="tests", qtype="Q8_0")
+    thin = fmt.read_thin(out)
+    assert thin.qtype == "Q8_0" and thin.widths == (N_FF,) * N_LAYER
+    assert thin.neurons_of(1).tolist() == list(range(N_FF))
+    assert read_header(out).fields[C.KEY_THIN_TYPE].contents() == "Q8_0"
+    base, got = _tensors(tiny), _tensors(out)
+    for i in range(N_LAYER):
+        for role in ("gate", "up", "down"):
+            b, t = base[C.base_ffn_name(role, i)], got[C.thin_tensor_name(role, i)]
+            assert t.tensor_type == Q.Q8_0 and t.data.tobytes() == quantize(_values(b), Q.Q8_0).tobytes()
+            assert np.abs(_values(t) - _values(b)).max() < 0.05  # the same weights, up to Q8_0's rounding
+    # a thin subset may be requantized too; the kept neurons' rows and columns, then quantized
+    part = fmt.write_thin_from_scores(tiny, scores, 32, tmp_path / "p.gguf", layers=[2], qtype="Q8_0")
+    idx = fmt.read_thin(part).neurons_of(2)
+    down = _tensors(part)[C.thin_tensor_name("down", 2)]
+    assert down.data.tobytes() == quantize(_values(base["blk.2.ffn_down.weight"])[:, idx], Q.Q8_0).tobytes()
+    assert _tensors(part)[C.thin_tensor_name("up", 2)].data.tobytes() == quantize(
+        _values(base["blk.2.ffn_up.weight"])[idx], Q.Q8_0).tobytes()
+
+
+def test_requantizing_refuses_bad_types_and_widths(tiny, scores, tmp_path):
+    every = {0: np.arange(N_FF)}
+    with pytest.raises(FirstError, match=r"layer 0: width 128 must be in 1\.\.127"):  # a plain copy of every neuron
+        fmt.write_thin(tiny, every, tmp_path / "x.gguf")
+    with pytest.raises(FirstError, match=r"first\.thin\.type 'Q9_9' is not one of F32, F16, Q8_0"):
+        fmt.write_thin(tiny, every, tmp_path / "x.gguf", qtype="Q9_9")
+    with pytest.raises(FirstError, match=r"first\.thin\.type Q4_K: its block of 256 does not divide the rows of 64"):
+        fmt.write_thin(tiny, every, tmp_path / "x.gguf", qtype="Q4_K")
+    with pytest.raises(FirstError, match=r"layer 0: width 16 must be in 1\.\.128 and a multiple of 32 \(the block "
+                                         r"of the thin ffn_down's Q4_0\)"):
+        fmt.write_thin_from_scores(tiny, scores, 16, tmp_path / "x.gguf", qtype="Q4_0")
+    assert not list(tmp_path.iterdir())
+
+
 def test_write_refuses_bad_requests_before_writing(tiny, scores, tmp_path):
     with pytest.raises(FirstError, match="would overwrite the input"):
         fmt.write_thin_from_scores(tiny, scores, 32, tiny)
@@ -125,7 +169,7 @@ def test_write_refuses_bad_requests_before_writing(tiny, scores, tmp_path):
     with pytest.raises(FirstError, match="exists; pass --force"):
         fmt.write_thin_from_scores(tiny, scores, 32, tmp_path / "exists.gguf")
     with pytest.raises(FirstError, match=r"layer 1: width 16 must be in 1\.\.127 and a multiple of 32 \(the block "
-                                         r"of its ffn_down's Q8_0\)"):
+                                         r"of the thin ffn_down's Q8_0\)"):
         fmt.write_thin_from_scores(tiny, scores, 16, tmp_path / "x.gguf")
     with pytest.raises(FirstError, match=r"layer 0: width 128 must be in 1\.\.127"):
         fmt.write_thin_from_scores(tiny, scores, 128, tmp_path / "x.gguf", layers=[0])
@@ -185,7 +229,7 @@ def _tensor(name, fn, raw=None):
 
 def _drop_keys(kv, tensors):
     for key in C.THIN_KEYS:
-        kv.pop(key)
+        kv.pop(key, None)
 
 
 BAD_THIN = {  # mutation -> message after "<file>: "
@@ -215,7 +259,7 @@ BAD_THIN = {  # mutation -> message after "<file>: "
         lambda kv, t: kv.update({C.KEY_THIN_LAYERS: ([0, 1, 2], T.ARRAY, T.INT32),
                                  C.KEY_THIN_WIDTHS: ([16] * 3, T.ARRAY, T.UINT32),
                                  C.KEY_THIN_NEURONS: (NEURONS[0] + NEURONS[0] + NEURONS[2], T.ARRAY, T.INT32)}),
-        r"layer 1: width 16 must be in 1\.\.127 and a multiple of 32 \(the block of ffn_down's Q8_0\)$"),
+        r"layer 1: width 16 must be in 1\.\.127 and a multiple of 32 \(the block of the thin ffn_down's Q8_0\)$"),
     "neurons not ascending": (_set(C.KEY_THIN_NEURONS, NEURONS[0][::-1] + NEURONS[2]),
                               r"layer 0: first\.thin\.neurons must be ascending and distinct, in 0\.\.127$"),
     "neuron out of range": (_set(C.KEY_THIN_NEURONS, NEURONS[0] + NEURONS[2][:-1] + [128]),
@@ -230,6 +274,14 @@ BAD_THIN = {  # mutation -> message after "<file>: "
     "width n_ff": (lambda kv, t: kv.update({C.KEY_THIN_WIDTHS: ([WIDTH, N_FF], T.ARRAY, T.UINT32),
                                             C.KEY_THIN_NEURONS: (NEURONS[0] + list(range(N_FF)), T.ARRAY, T.INT32)}),
                    r"layer 2: width 128 must be in 1\.\.127 and a multiple of 1 "),
+    "type unknown": (_set(C.KEY_THIN_TYPE, "Q4_X"), r"first\.thin\.type 'Q4_X' is not one of F32, F16, "),
+    "type not the tensors'": (_set(C.KEY_THIN_TYPE, "F32"),
+                              r"layer 0: blk\.0\.first_ffn_gate\.weight has type Q8_0, expected F32 "
+                              r"\(first\.thin\.type\)$"),
+    "width not a multiple of the type's block": (_set(C.KEY_THIN_TYPE, "Q8_0"),
+                                                 r"layer 0: width 16 must be in 1\.\.128 and a multiple of 32 "
+                                                 r"\(the block of the thin ffn_down's Q8_0\)$"),
+    "type a u32": (_set(C.KEY_THIN_TYPE, 8, T.UINT32), r"first\.thin\.type has type UINT32, expected STRING$"),
     "widths i32": (_set(C.KEY_THIN_WIDTHS, [WIDTH] * 2, T.ARRAY, T.INT32),
                    r"first\.thin\.widths has type ARRAY\[INT32\], expected ARRAY\[UINT32\]$"),
     "unknown thin key": (_set("first.thin.width", 16, T.UINT32), r"unknown key first\.thin\.width "),
@@ -247,6 +299,23 @@ def test_the_hand_built_thin_file_is_valid(tmp_path):
     assert fmt.read_first_parts(path).thin == thin and thin.width(2) == 16
     with pytest.raises(KeyError):
         thin.width(1)
+
+
+def test_a_hand_built_requantized_file_is_valid_without_the_row_comparison(tmp_path):
+    """With first.thin.type the rows are the type's own values, not the base's bytes, and the
+    width may be n_ff."""
+    kv, tensors = _thin_kv_and_tensors()
+    ffn = _ffn_tensors()
+    kv |= {C.KEY_THIN_TYPE: ("F32", T.STRING, None), C.KEY_THIN_WIDTHS: ([WIDTH, N_FF], T.ARRAY, T.UINT32),
+           C.KEY_THIN_NEURONS: (NEURONS[0] + list(range(N_FF)), T.ARRAY, T.INT32)}
+    for i, idx in ((0, NEURONS[0]), (2, list(range(N_FF)))):
+        for role in ("gate", "up", "down"):
+            values, raw = ffn[f"blk.{i}.ffn_{role}.weight"]
+            values = gguf.quants.dequantize(values, raw) if raw is not None else np.asarray(values, np.float32)
+            cut = values[:, idx] if role == "down" else values[idx]
+            tensors[C.thin_tensor_name(role, i)] = (np.ascontiguousarray(cut + np.float32(1e-3)), None)
+    thin = fmt.read_thin(ggufs.write_gguf(tmp_path / "m.gguf", kv, tensors))
+    assert thin.qtype == "F32" and thin.widths == (WIDTH, N_FF)
 
 
 @pytest.mark.parametrize("case", list(BAD_THIN))

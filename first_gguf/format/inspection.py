@@ -27,6 +27,7 @@ from ..constants import (
     KEY_ROUTER_THRESHOLD,
     KEY_THIN_LAYERS,
     KEY_THIN_SOURCE,
+    KEY_THIN_TYPE,
     KEY_THIN_WIDTHS,
     KEY_TRAIN_SOURCE,
     KEY_VERSION,
@@ -162,12 +163,12 @@ def _router_summary(tensors: list[Any]) -> dict:
 
 
 def _thin_summary(reader: Reader, fields: dict[str, Any]) -> dict | None:
-    """The thinned FFNs as far as they are readable: layers, widths, source, thin and full bytes."""
+    """The thinned FFNs as far as they are readable: layers, widths, source, type, thin and full bytes."""
     thin = [t for t in reader.tensors if THIN_NAME_MARKER in t.name]
     if KEY_THIN_LAYERS not in fields and not thin:
         return None
     values = {}
-    for key in (KEY_THIN_LAYERS, KEY_THIN_WIDTHS, KEY_THIN_SOURCE):
+    for key in (KEY_THIN_LAYERS, KEY_THIN_WIDTHS, KEY_THIN_SOURCE, KEY_THIN_TYPE):
         try:
             values[key] = fields[key].contents() if key in fields else None
         except (UnicodeDecodeError, IndexError, ValueError):
@@ -175,7 +176,7 @@ def _thin_summary(reader: Reader, fields: dict[str, Any]) -> dict | None:
     sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
     layers = sorted({parsed[0] for t in thin if (parsed := parse_thin_name(t.name))})
     return {"layers": values[KEY_THIN_LAYERS], "widths": values[KEY_THIN_WIDTHS], "source": values[KEY_THIN_SOURCE],
-            "thin_bytes": sum(int(t.n_bytes) for t in thin),
+            "type": values[KEY_THIN_TYPE], "thin_bytes": sum(int(t.n_bytes) for t in thin),
             "full_bytes": sum(sizes.get(base_ffn_name(role, i), 0) for i in layers for role in THIN_TENSORS)}
 
 
@@ -253,7 +254,8 @@ def _thin_lines(thin: dict | None) -> list[str]:
     widths = thin["widths"] or []
     width = f"width {widths[0]}" if widths and len(set(widths)) == 1 else f"widths {widths}"
     share = f" ({100 * thin['thin_bytes'] / thin['full_bytes']:.1f}%)" if thin["full_bytes"] else ""
-    return [f"thin FFNs     layers {thin['layers']}, {width}",
+    kind = f", requantized to {thin['type']}" if thin.get("type") else ""
+    return [f"thin FFNs     layers {thin['layers']}, {width}{kind}",
             f"              {thin['thin_bytes'] / 1e6:.1f} MB thin of {thin['full_bytes'] / 1e6:.1f} MB full FFN{share}; "
             f"{thin['source'] or 'no source'}"]
 

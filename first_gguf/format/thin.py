@@ -3,8 +3,10 @@
 A FiRST-GGUF may carry, for some layers, a decode-only stand-in of the layer's FFN: the kept
 neurons' rows of ``ffn_gate`` / ``ffn_up`` (their stored bytes) and columns of ``ffn_down``
 (quantized again to its type), named by ``constants.THIN_TENSORS``; the ``first.thin.*``
-keys list the layers, widths and neuron indices. ``thin_from_reader`` applies every rule
-(keys, tensors and their agreement, gate/up rows byte for byte); the writer is ``thin_write``.
+keys list the layers, widths and neuron indices. With ``first.thin.type`` every thin tensor
+is instead ggml's quantization of the kept neurons to that type, and the width may be the
+whole FFN (a faster-to-decode copy). ``thin_from_reader`` applies every rule (keys, tensors
+and their agreement, gate/up rows byte for byte when they are copies); the writer is ``thin_write``.
 numpy + gguf only, never torch.
 """
 
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from ..constants import (
     BASE_FFN_TENSORS,
@@ -23,6 +25,7 @@ from ..constants import (
     KEY_THIN_LAYERS,
     KEY_THIN_NEURONS,
     KEY_THIN_SOURCE,
+    KEY_THIN_TYPE,
     KEY_THIN_WIDTHS,
     KEY_VERSION,
     THIN_DOWN,
@@ -42,7 +45,11 @@ THIN_KEY_TYPES: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {
     KEY_THIN_WIDTHS: (GGUFValueType.ARRAY, GGUFValueType.UINT32),
     KEY_THIN_NEURONS: (GGUFValueType.ARRAY, GGUFValueType.INT32),
     KEY_THIN_SOURCE: (GGUFValueType.STRING, None),
+    KEY_THIN_TYPE: (GGUFValueType.STRING, None),
 }
+# Types a thin copy may be requantized to: what ggml's quantizer writes without an importance
+# matrix (the F32 / F16 conversions are numpy's).
+THIN_TYPES = ("F32", "F16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "Q3_K", "Q2_K")
 _INT_TYPES = (GGUFValueType.UINT8, GGUFValueType.UINT16, GGUFValueType.UINT32, GGUFValueType.UINT64,
               GGUFValueType.INT8, GGUFValueType.INT16, GGUFValueType.INT32, GGUFValueType.INT64)
 
@@ -56,12 +63,15 @@ class ThinInfo:
         widths: Kept neurons per listed layer.
         neurons: Per listed layer, its kept neuron indices, ascending.
         source: How they were chosen (free text), or None.
+        qtype: The ggml type every thin tensor was requantized to (``first.thin.type``), or None:
+            gate/up rows are the base's bytes and down has the base's type.
     """
 
     layers: tuple[int, ...]
     widths: tuple[int, ...]
     neurons: tuple[tuple[int, ...], ...]
     source: str | None = None
+    qtype: str | None = None
 
     def width(self, layer: int) -> int:
         """Kept neurons of ``layer`` (KeyError if it carries no thin FFN)."""
@@ -79,13 +89,25 @@ class ThinInfo:
         """The first.thin.* keys -> values (neurons concatenated in layer order)."""
         meta: dict[str, object] = {KEY_THIN_LAYERS: list(self.layers), KEY_THIN_WIDTHS: list(self.widths),
                                    KEY_THIN_NEURONS: [i for seg in self.neurons for i in seg]}
-        return meta | ({KEY_THIN_SOURCE: self.source} if self.source is not None else {})
+        meta |= {KEY_THIN_SOURCE: self.source} if self.source is not None else {}
+        return meta | ({KEY_THIN_TYPE: self.qtype} if self.qtype is not None else {})
 
     def _index(self, layer: int) -> int:
         try:
             return self.layers.index(layer)
         except ValueError:
             raise KeyError(f"layer {layer} has no thinned FFN (thin layers {list(self.layers)})") from None
+
+
+def thin_qtype(where: str, name: Any, n_embd: int) -> GGMLQuantizationType:
+    """The ggml type a ``first.thin.type`` value names, checked to fit rows of ``n_embd`` values."""
+    if name not in THIN_TYPES:
+        raise FormatError(f"{where}: {KEY_THIN_TYPE} {name!r} is not one of {', '.join(THIN_TYPES)}")
+    qtype = GGMLQuantizationType[name]
+    if n_embd % block_size(qtype):
+        raise FormatError(f"{where}: {KEY_THIN_TYPE} {name}: its block of {block_size(qtype)} does not divide "
+                          f"the rows of {n_embd} values of ffn_gate / ffn_up")
+    return qtype
 
 
 def block_size(tensor_type: Any) -> int:
@@ -163,14 +185,18 @@ def thin_from_reader(reader: Any, where: str, meta: dict[str, object], arch: str
         raise FormatError(f"{where}: {KEY_THIN_NEURONS} has {len(neurons)} values; the widths add up to "
                           f"{sum(widths)}")
     _check_tensor_names(where, tensors, layers)
+    name = meta.get(KEY_THIN_TYPE)
+    qtype = None if name is None else thin_qtype(where, str(name), n_embd)
     segments, start = [], 0
     for layer, width in zip(layers, widths):
         idx = neurons[start:start + width]
         start += width
-        _check_layer(reader, where, tensors, layer, width, idx, n_embd, ffn_length(reader, arch, layer, where), deep)
+        _check_layer(reader, where, tensors, layer, width, idx, n_embd, ffn_length(reader, arch, layer, where), deep,
+                     qtype)
         segments.append(tuple(int(i) for i in idx))
     source = meta.get(KEY_THIN_SOURCE)
-    return ThinInfo(tuple(layers), tuple(widths), tuple(segments), None if source is None else str(source))
+    return ThinInfo(tuple(layers), tuple(widths), tuple(segments), None if source is None else str(source),
+                    None if name is None else str(name))
 
 
 def _check_layers(where: str, layers: list[int], n_layer: int) -> None:
@@ -205,15 +231,21 @@ def _check_tensor_names(where: str, tensors: dict[str, Any], layers: list[int]) 
                               f"{KEY_THIN_LAYERS}")
 
 
+def check_width(at: str, width: int, n_ff: int, down_type: Any, requantized: bool) -> None:
+    """A thin width: 1..n_ff - 1 (n_ff too for a requantized copy), a multiple of the thin down's block."""
+    block, top = block_size(down_type), n_ff if requantized else n_ff - 1
+    if not 0 < width <= top or width % block:
+        raise FormatError(f"{at}: width {width} must be in 1..{top} and a multiple of {block} (the block of "
+                          f"the thin ffn_down's {down_type.name})")
+
+
 def _check_layer(reader: Any, where: str, tensors: dict[str, Any], layer: int, width: int, idx: np.ndarray,
-                 n_embd: int, n_ff: int, deep: bool = True) -> None:
-    """One listed layer: width, neurons, and its three tensors against the base FFN."""
+                 n_embd: int, n_ff: int, deep: bool = True, qtype: GGMLQuantizationType | None = None) -> None:
+    """One listed layer: width, neurons, and its three tensors against the base FFN (or ``qtype``)."""
     at = f"{where}: layer {layer}"
     base = base_ffn(reader, where, layer, n_embd, n_ff)
-    block = block_size(base[THIN_DOWN].tensor_type)
-    if not 0 < width < n_ff or width % block:
-        raise FormatError(f"{at}: width {width} must be in 1..{n_ff - 1} and a multiple of {block} "
-                          f"(the block of ffn_down's {base[THIN_DOWN].tensor_type.name})")
+    requantized = qtype is not None  # (F32 is type 0: never `qtype or ...`)
+    check_width(at, width, n_ff, qtype if requantized else base[THIN_DOWN].tensor_type, requantized)
     if len(idx) and (idx[0] < 0 or idx[-1] >= n_ff or np.any(np.diff(idx) <= 0)):
         raise FormatError(f"{at}: {KEY_THIN_NEURONS} must be ascending and distinct, in 0..{n_ff - 1}")
     for role in THIN_TENSORS:
@@ -224,10 +256,12 @@ def _check_layer(reader: Any, where: str, tensors: dict[str, Any], layer: int, w
         want = thin_ne(role, n_embd, width)
         if _pad4(t.shape) != _pad4(want):
             raise FormatError(f"{at}: {name} has shape {tuple(int(n) for n in t.shape)}, expected {want}")
-        if t.tensor_type != base[role].tensor_type:
-            raise FormatError(f"{at}: {name} has type {t.tensor_type.name}, expected {base[role].tensor_type.name} "
-                              f"(the type of {base_ffn_name(role, layer)})")
-        if deep and role != THIN_DOWN and not np.array_equal(_row_bytes(base[role].data)[idx], _row_bytes(t.data)):
+        want_type = qtype if requantized else base[role].tensor_type
+        if t.tensor_type != want_type:
+            why = KEY_THIN_TYPE if requantized else f"the type of {base_ffn_name(role, layer)}"
+            raise FormatError(f"{at}: {name} has type {t.tensor_type.name}, expected {want_type.name} ({why})")
+        copied = not requantized and role != THIN_DOWN
+        if deep and copied and not np.array_equal(_row_bytes(base[role].data)[idx], _row_bytes(t.data)):
             raise FormatError(f"{at}: {name} is not the rows {KEY_THIN_NEURONS} of {base_ffn_name(role, layer)}")
 
 

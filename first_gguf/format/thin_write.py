@@ -5,8 +5,10 @@ as it is (a short output vocabulary too), but ``first.version`` (2, or 3 with a 
 and any old ``first.thin.*`` keys and thin tensors, which are replaced. Per thinned layer, ``ffn_gate`` / ``ffn_up`` rows (one neuron each) are copied
 as their stored bytes; ``ffn_down`` is dequantized (gguf-py), its neuron columns selected and
 quantized again to its own type by ggml's quantizer (``ggml_quantize_chunk`` of the library
-llama-cpp-python ships; F32 / F16 exactly with numpy). Written to a temporary file
-beside the output, read back and checked, renamed. numpy + gguf (+ ctypes) only, never torch.
+llama-cpp-python ships; F32 / F16 exactly with numpy). With a ``qtype`` (``first.thin.type``)
+all three are dequantized, their neurons selected and quantized to that type instead, and the
+width may be the whole FFN. Written to a temporary file beside the output, read back and
+checked, renamed. numpy + gguf (+ ctypes) only, never torch.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from ..errors import FirstError, FormatError
 from ..paths import atomic_output, check_output_path
 from .header import read_header
 from .reader import Reader, first_parts_from_reader, model_dims
-from .thin import ThinInfo, base_ffn, block_size, ffn_length, top_neurons
+from .thin import ThinInfo, base_ffn, check_width, ffn_length, thin_qtype, top_neurons
 from .writer import others_table, write_replacing_part
 
 # Types numpy converts exactly (a selection of already-stored values); everything else goes
@@ -87,26 +89,46 @@ def select_columns(tensor: Any, idx: np.ndarray) -> np.ndarray:
     return quantize(dequantize(tensor.data, tensor.tensor_type)[:, idx], tensor.tensor_type)
 
 
-def thin_tensors(reader: Reader, where: str, neurons: Mapping[int, np.ndarray]) -> list[tuple[str, Any]]:
+def requantized(tensor: Any, idx: np.ndarray, qtype: GGMLQuantizationType, columns: bool) -> np.ndarray:
+    """Rows (or columns) ``idx`` of a stored 2-D tensor, dequantized and quantized to ``qtype`` by ggml."""
+    from gguf.quants import dequantize
+
+    kind = tensor.tensor_type
+    values = np.asarray(tensor.data) if kind in _NUMPY_TYPES else dequantize(tensor.data, kind)
+    values = values.astype(np.float32, copy=False)
+    return quantize(values[:, idx] if columns else values[idx], qtype)
+
+
+def thin_tensors(reader: Reader, where: str, neurons: Mapping[int, np.ndarray],
+                 qtype: GGMLQuantizationType | None = None) -> list[tuple[str, Any]]:
     """(name, tensor with ``data`` and ``tensor_type``) of the thin FFN of every layer in ``neurons``,
-    in layer order, gate / up / down each."""
+    in layer order, gate / up / down each (requantized to ``qtype`` when given)."""
     arch, _, n_embd = model_dims(reader, where)
     out = []
     for layer in sorted(neurons):
         idx = np.asarray(neurons[layer], dtype=np.int64)
         base = base_ffn(reader, where, layer, n_embd, ffn_length(reader, arch, layer, where))
         for role in THIN_TENSORS:
-            t = base[role]
-            data = select_columns(t, idx) if role == THIN_DOWN else np.ascontiguousarray(np.asarray(t.data)[idx])
-            out.append((thin_tensor_name(role, layer), types.SimpleNamespace(data=data, tensor_type=t.tensor_type)))
+            t, down = base[role], role == THIN_DOWN
+            if qtype is not None:
+                data, kind = requantized(t, idx, qtype, down), qtype
+            else:
+                data = select_columns(t, idx) if down else np.ascontiguousarray(np.asarray(t.data)[idx])
+                kind = t.tensor_type
+            out.append((thin_tensor_name(role, layer), types.SimpleNamespace(data=data, tensor_type=kind)))
     return out
 
 
-def check_neurons(reader: Reader, where: str, neurons: Mapping[int, Sequence[int]]) -> dict[int, np.ndarray]:
-    """The kept neurons per layer, checked against the model before anything is written."""
+def check_neurons(reader: Reader, where: str, neurons: Mapping[int, Sequence[int]],
+                  qtype: str | None = None) -> dict[int, np.ndarray]:
+    """The kept neurons per layer (and ``qtype``), checked against the model before anything is written."""
     arch, n_layer, n_embd = model_dims(reader, where)
     if not neurons:
         raise FirstError(f"{where}: no layer to thin")
+    try:
+        kind = None if qtype is None else thin_qtype(where, qtype, n_embd)
+    except FormatError as exc:
+        raise FirstError(str(exc)) from None
     out = {}
     for layer in sorted(neurons):
         if not 0 <= layer < n_layer:
@@ -114,10 +136,11 @@ def check_neurons(reader: Reader, where: str, neurons: Mapping[int, Sequence[int
         n_ff = ffn_length(reader, arch, layer, where)
         base = base_ffn(reader, where, layer, n_embd, n_ff)
         idx = np.asarray(neurons[layer], dtype=np.int64)
-        block, width = block_size(base[THIN_DOWN].tensor_type), len(idx)
-        if not 0 < width < n_ff or width % block:
-            raise FirstError(f"{where}: layer {layer}: width {width} must be in 1..{n_ff - 1} and a multiple of "
-                             f"{block} (the block of its ffn_down's {base[THIN_DOWN].tensor_type.name})")
+        try:
+            down_type = base[THIN_DOWN].tensor_type if kind is None else kind
+            check_width(f"{where}: layer {layer}", len(idx), n_ff, down_type, kind is not None)
+        except FormatError as exc:
+            raise FirstError(str(exc)) from None
         if idx[0] < 0 or idx[-1] >= n_ff or np.any(np.diff(idx) <= 0):
             raise FirstError(f"{where}: layer {layer}: neurons must be ascending and distinct, in 0..{n_ff - 1}")
         out[layer] = idx
@@ -125,17 +148,18 @@ def check_neurons(reader: Reader, where: str, neurons: Mapping[int, Sequence[int
 
 
 def write_thin(path: str | os.PathLike, neurons: Mapping[int, Sequence[int]], out_path: str | os.PathLike,
-               source: str | None = None, force: bool = False) -> Path:
+               source: str | None = None, force: bool = False, qtype: str | None = None) -> Path:
     """Write the FiRST-GGUF ``path`` with thinned FFNs for the layers of ``neurons``; the input is never modified.
 
     Args:
         path: A valid FiRST-GGUF (any quantization); thinned FFNs it already carries are replaced, a
             short output vocabulary is kept.
         neurons: Layer -> the kept neuron indices, ascending; a width a multiple of the block of
-            that layer's ``ffn_down`` type.
+            that layer's ``ffn_down`` type (of ``qtype`` when given; then every neuron may be kept).
         out_path: Where to write; never the input.
         source: ``first.thin.source`` (how the neurons were chosen), or None.
         force: Overwrite an existing output.
+        qtype: A ggml type name (``format.thin.THIN_TYPES``): every thin tensor is requantized to it.
 
     Returns:
         The output path.
@@ -145,10 +169,10 @@ def write_thin(path: str | os.PathLike, neurons: Mapping[int, Sequence[int]], ou
     reader = read_header(src)
     vocab = first_parts_from_reader(reader, str(src)).vocab
     arch, _, _ = model_dims(reader, str(src))
-    kept = check_neurons(reader, str(src), neurons)
+    kept = check_neurons(reader, str(src), neurons, qtype)
     info = ThinInfo(tuple(kept), tuple(len(v) for v in kept.values()),
-                    tuple(tuple(int(i) for i in v) for v in kept.values()), source)
-    new = thin_tensors(reader, str(src), kept)
+                    tuple(tuple(int(i) for i in v) for v in kept.values()), source, qtype)
+    new = thin_tensors(reader, str(src), kept, None if qtype is None else GGMLQuantizationType[qtype])
     with atomic_output(out) as tmp:
         _write(reader, arch, info, new, first_version_for(thin=True, vocab=vocab is not None), tmp)
         _verify(tmp, reader, info, new, str(out))
@@ -157,7 +181,7 @@ def write_thin(path: str | os.PathLike, neurons: Mapping[int, Sequence[int]], ou
 
 def write_thin_from_scores(path: str | os.PathLike, scores: np.ndarray, width: int, out_path: str | os.PathLike,
                            layers: Sequence[int] | None = None, source: str | None = None,
-                           force: bool = False) -> Path:
+                           force: bool = False, qtype: str | None = None) -> Path:
     """``write_thin`` keeping, in each of ``layers`` (None: every layer), the ``width`` highest-scoring
     neurons of ``scores`` (shape ``[n_layer, n_ff]``)."""
     scores, reader = np.asarray(scores), read_header(path)
@@ -169,7 +193,8 @@ def write_thin_from_scores(path: str | os.PathLike, scores: np.ndarray, width: i
     if scores.ndim != 2 or scores.shape[0] != n_layer or {scores.shape[1]} != n_ff:
         raise FirstError(f"scores of shape {list(scores.shape)} do not fit {path} ({n_layer} layers, "
                          f"feed_forward_length {sorted(n_ff)})")
-    return write_thin(path, {i: top_neurons(scores[i], width) for i in chosen}, out_path, source=source, force=force)
+    return write_thin(path, {i: top_neurons(scores[i], width) for i in chosen}, out_path, source=source, force=force,
+                      qtype=qtype)
 
 
 def _write(reader: Reader, arch: str, info: ThinInfo, new: list[tuple[str, Any]], version: int, path: Path) -> None:

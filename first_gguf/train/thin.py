@@ -111,35 +111,44 @@ def save_scores(path: str | os.PathLike, scores: np.ndarray, source: str) -> Pat
     return out
 
 
-def thin_model(model: str | os.PathLike, out: str | os.PathLike, width: int, layers: Sequence[int] | None = None,
+def thin_model(model: str | os.PathLike, out: str | os.PathLike, width: int | None, layers: Sequence[int] | None = None,
                examples: int = DEFAULT_EXAMPLES, threads: int | None = None, scores: str | os.PathLike | None = None,
-               seed: int = 0, force: bool = False) -> Path:
+               seed: int = 0, force: bool = False, qtype: str | None = None) -> Path:
     """Calibrate (or read ``scores``) and write ``model`` with thinned FFNs of ``width`` neurons.
 
     Args:
         model: A FiRST-GGUF.
         out: The FiRST-GGUF to write (never ``model``; an existing one only with ``force``).
-        width: Kept neurons per thinned layer.
+        width: Kept neurons per thinned layer; None: every neuron (needs ``qtype``; no calibration).
         layers: Layers to thin (None: every layer).
         examples, threads, seed: Of the calibration (``calibrate``).
         scores: An npz of scores: read when it exists (no calibration), else written after it.
         force: Overwrite ``out``.
+        qtype: A ggml type name: the thin copies are requantized to it.
 
     Returns:
         The output path.
     """
     from ..format.header import read_header
     from ..format.reader import first_parts_from_reader, model_dims
-    from ..format.thin_write import check_neurons, write_thin_from_scores
+    from ..format.thin import ffn_length
+    from ..format.thin_write import check_neurons, write_thin, write_thin_from_scores
     from ..paths import check_output_path
 
     model, out = Path(model), Path(out)
     check_output_path(out, force, inputs=(model,))
     reader = read_header(model)
     first_parts_from_reader(reader, str(model))
-    n_layer = model_dims(reader, str(model))[1]
+    arch, n_layer, _ = model_dims(reader, str(model))
     chosen = list(range(n_layer)) if layers is None else sorted(set(layers))
-    check_neurons(reader, str(model), {i: np.arange(width) for i in chosen})  # width fits, before the long part
+    if width is None:
+        if qtype is None:
+            raise FirstError("every neuron (width 'all') needs a type to requantize to (--type)")
+        every = {i: np.arange(ffn_length(reader, arch, i, str(model))) for i in chosen}
+        check_neurons(reader, str(model), every, qtype)
+        del reader
+        return write_thin(model, every, out, source=f"every neuron, requantized to {qtype}", force=force, qtype=qtype)
+    check_neurons(reader, str(model), {i: np.arange(width) for i in chosen}, qtype)  # width fits, before the long part
     del reader
     if scores is not None and Path(scores).exists():
         values, source = load_scores(scores)
@@ -148,5 +157,6 @@ def thin_model(model: str | os.PathLike, out: str | os.PathLike, width: int, lay
         values, source = calibrate(model, examples=examples, threads=threads, seed=seed)
         if scores is not None:
             save_scores(scores, values, source)
+    suffix = f", requantized to {qtype}" if qtype else ""
     return write_thin_from_scores(model, values, width, out, layers=chosen,
-                                  source=f"{source}; top {width} per layer", force=force)
+                                  source=f"{source}; top {width} per layer{suffix}", force=force, qtype=qtype)
