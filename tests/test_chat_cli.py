@@ -315,20 +315,21 @@ def test_a_conversation_past_the_context_is_a_clear_error_and_stays_as_it_was():
 def test_default_point_and_the_point_command():
     t = Terminal("chat", "--threads", "1", "--max-tokens", "4")  # no --point: the file's default
     try:
-        t.expect(r"24 layers, mode mask, point quality-short")
+        t.expect(r"24 layers, mode mask, point fast-quality-short")
         listing = t.ask("/point")
-        assert re.search(r"\* quality-short: skip \[4\], short vocabulary", listing) and "balanced: skip [4, 9]" in listing
+        assert re.search(r"\* fast-quality-short: ", listing) and "balanced: skip [4, 9]" in listing
         assert re.search(r"(?m)^\s+quality: skip \[4\]\s*$", listing)
-        assert "lean: thin [0, 1, 2" in listing
-        assert "lean-short: thin [0, 1, 2" in listing and "short: short vocabulary" in listing
-        assert ("no operating point 'nonsense'; it has quality, balanced, lean, short, quality-short, lean-short; "
-                "unchanged") in t.ask("/point nonsense")
+        assert re.search(r"(?m)^\s+quality-short: skip \[4\], short vocabulary\s*$", listing)
+        assert "fast: thin [0, 1, 2" in listing
+        assert "fast-short: thin [0, 1, 2" in listing and "short: short vocabulary" in listing
+        assert ("no operating point 'nonsense'; it has quality, balanced, fast, short, quality-short, fast-short, "
+                "fast-quality-short; unchanged") in t.ask("/point nonsense")
         assert "(point balanced" in t.ask("/point balanced")
         answer = t.ask("Say hi.")
         assert "[mask: skipped 2/24 layers (point balanced)" in answer, answer
-        assert "(point lean" in t.ask("/point lean")
+        assert "(point fast" in t.ask("/point fast")
         answer = t.ask("Say hi.")
-        assert "[mask: skipped 0/24 layers, 24 thin (point lean)" in answer, answer
+        assert "[mask: skipped 0/24 layers, 24 thin (point fast)" in answer, answer
         assert "0 of 24 (none); 24 decoded with thinned FFNs" in t.ask("/stats")
         assert "(point quality-short" in t.ask("/point quality-short")
         answer = t.ask("Say hi.")

@@ -368,15 +368,16 @@ def test_the_shipped_points_file_is_valid_for_its_model():
     from first_gguf import models, shipped
 
     path = shipped.shipped_points_path(models.DEFAULT_MODEL)
-    thin, _ = shipped.shipped_thin(models.DEFAULT_MODEL)
-    assert sorted(thin) == list(range(24)) and {len(v) for v in thin.values()} == {4096}
+    thin, _, qtype = shipped.shipped_thin(models.DEFAULT_MODEL)
+    assert sorted(thin) == list(range(24)) and all(v == list(range(4864)) for v in thin.values()) and qtype == "Q4_0"
     points = fmt.load_points(path, 24, [0, 23], thin_layers=sorted(thin), has_vocab=True)
     tokens, _ = shipped.shipped_vocab(models.DEFAULT_MODEL)
     assert len(tokens) == 49445 and tokens == sorted(set(tokens))
-    assert points.as_json() == {"default": "quality-short", "points": {
-        "quality": {"skip": [4]}, "balanced": {"skip": [4, 9]}, "lean": {"thin": list(range(24))},
+    assert points.as_json() == {"default": "fast-quality-short", "points": {
+        "quality": {"skip": [4]}, "balanced": {"skip": [4, 9]}, "fast": {"thin": list(range(24))},
         "short": {"vocab": True}, "quality-short": {"skip": [4], "vocab": True},
-        "lean-short": {"thin": list(range(24)), "vocab": True}}}
+        "fast-short": {"thin": list(range(24)), "vocab": True},
+        "fast-quality-short": {"skip": [4], "thin": [i for i in range(24) if i != 4], "vocab": True}}}
 
 
 def test_the_1_5b_ships_points_from_its_own_damage_labels_and_the_shared_vocabulary():
@@ -677,9 +678,9 @@ def test_eval_runs_every_point_and_resumes(tiny, tmp_path):
 @pytest.mark.slow
 def test_default_model_carries_the_shipped_points(tmp_path, monkeypatch):
     """first_gguf_path on the real default model (in a private cache, the shared one untouched)
-    carries the shipped points, thinned FFNs and short vocabulary; its default, quality-short,
-    skips exactly layer 4 in decode with the short vocabulary, lean decodes every layer thin, and
-    short gives full's greedy tokens."""
+    carries the shipped points, FFN copies and short vocabulary; quality-short skips exactly layer 4
+    in decode with the short vocabulary, fast decodes every layer's Q4_0 copy, and short gives
+    full's greedy tokens."""
     from first_gguf import models, shipped
     from first_gguf.runtime.greedy import greedy
 
@@ -691,28 +692,33 @@ def test_default_model_carries_the_shipped_points(tmp_path, monkeypatch):
     monkeypatch.setenv("FIRST_GGUF_CACHE", str(cache))
     path = shipped.first_gguf_path(models.DEFAULT_MODEL)
     assert path.parent == cache / "demo"
-    thin, source = shipped.shipped_thin(models.DEFAULT_MODEL)
+    thin, source, qtype = shipped.shipped_thin(models.DEFAULT_MODEL)
     want = fmt.load_points(shipped.shipped_points_path(models.DEFAULT_MODEL), 24, [0, 23], thin_layers=sorted(thin),
                            has_vocab=True)
-    assert fmt.read_points(path) == want and want.default == "quality-short"
+    assert fmt.read_points(path) == want and want.default == "fast-quality-short"
     have = fmt.read_thin(path)
-    assert have.source == source and all(list(have.neurons_of(i)) == thin[i] for i in range(24))
+    assert have.source == source and have.qtype == qtype and all(list(have.neurons_of(i)) == thin[i] for i in range(24))
     tokens, vocab_source = shipped.shipped_vocab(models.DEFAULT_MODEL)
     assert fmt.read_vocab(path) == fmt.VocabInfo(tuple(tokens), vocab_source)
     from first_gguf.runtime import FirstModel
 
     llm = FirstModel(path, n_ctx=256, n_threads=1)
     try:
-        assert llm.point == "quality-short" and llm.points.names == ["quality", "balanced", "lean", "short",
-                                                               "quality-short", "lean-short"]
+        assert llm.point == "fast-quality-short" and llm.points.names == ["quality", "balanced", "fast", "short",
+                                                         "quality-short", "fast-short", "fast-quality-short"]
+        llm.configure(point="quality-short")
         g = greedy(llm, llm.tokenize(b"def fibonacci(n):"), 4)
         assert g.report.point == "quality-short" and g.report.skipped == (4,) and g.report.mode == "mask"
-        assert g.report.vocab is not None
+        assert g.report.vocab is not None and g.report.thin == ()
         llm.configure(point="balanced")
         assert greedy(llm, llm.tokenize(b"def fibonacci(n):"), 2).report.skipped == (4, 9)
-        llm.configure(point="lean")
+        llm.configure(point="fast")
         report = greedy(llm, llm.tokenize(b"def fibonacci(n):"), 2).report
-        assert report.skipped == () and report.thin == tuple(range(24)) and report.point == "lean"
+        assert report.skipped == () and report.thin == tuple(range(24)) and report.point == "fast"
+        llm.configure(point="fast-quality-short")
+        report = greedy(llm, llm.tokenize(b"def fibonacci(n):"), 2).report
+        assert report.skipped == (4,) and report.thin == tuple(i for i in range(24) if i != 4)
+        assert report.vocab is not None
         # the short vocabulary alone: full's greedy tokens (the listed logits are bit-identical: Q8_0
         # rows) up to full's first token outside the list and the prompt, and only up to there
         prompt = llm.tokenize(b"def is_palindrome(text: str) -> bool:\n")

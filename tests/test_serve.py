@@ -197,7 +197,8 @@ def test_the_files_default_point_serves_without_a_point_option(tmp_path):
         client = openai.OpenAI(base_url=base, api_key="none", max_retries=0, timeout=300)
         r = client.chat.completions.create(model=DEFAULT_MODEL, messages=MESSAGES, max_tokens=2, temperature=0)
         first = r.model_extra["first"]
-        assert (first["point"], first["mode"], first["skipped"], first["vocab"]) == ("quality-short", "mask", [4], True)
+        got = (first["point"], first["mode"], first["skipped"], first["vocab"])
+        assert got == ("fast-quality-short", "mask", [4], True)
         r = client.chat.completions.create(model=DEFAULT_MODEL, messages=MESSAGES, max_tokens=2,
                                            extra_body={"first_mode": "full"})
         assert r.model_extra["first"]["mode"] == "full" and r.model_extra["first"]["point"] is None
