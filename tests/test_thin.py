@@ -424,6 +424,19 @@ def test_cli_thin_from_a_scores_file(tiny, scores, tmp_path):
     assert code == 0 and "--width" in out
 
 
+def test_cli_thin_every_neuron_requantized_needs_no_scores(tiny, tmp_path):
+    code, out, err = _run("thin", tiny, "-o", tmp_path / "q.gguf", "--width", "all", "--type", "Q8_0")
+    assert code == 0, err
+    thin = fmt.read_thin(Path(out.strip()))
+    assert thin.qtype == "Q8_0" and thin.widths == (N_FF,) * N_LAYER and "calibration" not in err
+    assert thin.source == "every neuron, requantized to Q8_0"
+    code, _, err = _run("thin", tiny, "-o", tmp_path / "r.gguf", "--width", "all")
+    assert code == 1 and "every neuron (width 'all') needs a type to requantize to (--type)" in err
+    code, _, err = _run("thin", tiny, "-o", tmp_path / "r.gguf", "--width", "most", "--type", "Q8_0")
+    assert code == 2 and "'most' is neither a neuron count nor 'all'" in err
+    assert not (tmp_path / "r.gguf").exists()
+
+
 # --- calibration (torch) -----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
