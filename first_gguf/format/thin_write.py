@@ -79,18 +79,9 @@ def quantize(arr: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     return out
 
 
-def select_columns(tensor: Any, idx: np.ndarray) -> np.ndarray:
-    """Columns ``idx`` (``ne0`` positions) of a stored 2-D tensor, in its own type: F32 / F16
-    exactly, any other type dequantized, selected and quantized again by ggml."""
-    from gguf.quants import dequantize
-
-    if tensor.tensor_type in _NUMPY_TYPES:
-        return np.ascontiguousarray(np.asarray(tensor.data)[:, idx])
-    return quantize(dequantize(tensor.data, tensor.tensor_type)[:, idx], tensor.tensor_type)
-
-
 def requantized(tensor: Any, idx: np.ndarray, qtype: GGMLQuantizationType, columns: bool) -> np.ndarray:
-    """Rows (or columns) ``idx`` of a stored 2-D tensor, dequantized and quantized to ``qtype`` by ggml."""
+    """Rows (or columns: ``ne0`` positions) ``idx`` of a stored 2-D tensor, dequantized and quantized to
+    ``qtype`` by ggml (F32 / F16 values convert exactly, so selecting them in their own type is exact)."""
     from gguf.quants import dequantize
 
     kind = tensor.tensor_type
@@ -110,11 +101,11 @@ def thin_tensors(reader: Reader, where: str, neurons: Mapping[int, np.ndarray],
         base = base_ffn(reader, where, layer, n_embd, ffn_length(reader, arch, layer, where))
         for role in THIN_TENSORS:
             t, down = base[role], role == THIN_DOWN
-            if qtype is not None:
-                data, kind = requantized(t, idx, qtype, down), qtype
+            kind = t.tensor_type if qtype is None else qtype
+            if qtype is None and not down:  # gate / up rows: their stored bytes
+                data = np.ascontiguousarray(np.asarray(t.data)[idx])
             else:
-                data = select_columns(t, idx) if down else np.ascontiguousarray(np.asarray(t.data)[idx])
-                kind = t.tensor_type
+                data = requantized(t, idx, kind, down)
             out.append((thin_tensor_name(role, layer), types.SimpleNamespace(data=data, tensor_type=kind)))
     return out
 
