@@ -150,7 +150,7 @@ def format_stats(session: ChatSession) -> str:
         skipped = ", ".join(map(str, rep.skipped)) or "none"
         head = f"mode {rep.mode}" + (f", threshold {rep.threshold:.3g}" if rep.threshold is not None else "")
         lines.append(f"{head}; layers skipped this turn: {len(rep.skipped)} of {len(rep.mask)} ({skipped})"
-                     + (f"; {len(rep.thin)} decoded with thinned FFNs" if rep.thin else "")
+                     + (f"; {len(rep.thin)} FFNs decoded by their stand-ins" if rep.thin else "")
                      + ("; short output vocabulary" if rep.vocab is not None else ""))
         if rep.probs is not None:
             lines.append("p_i: " + " ".join(f"{i}:{p:.2f}{'*' if not rep.mask[i] else ''}"
@@ -167,7 +167,7 @@ def format_stats(session: ChatSession) -> str:
 def _status_line(turn: Turn) -> str:
     rep, s = turn.stats.report, turn.stats
     at = f" (point {rep.point})" if rep is not None and rep.point else ""
-    thin = f", {len(rep.thin)} thin" if rep is not None and rep.thin else ""
+    thin = f", {len(rep.thin)} FFN stand-ins" if rep is not None and rep.thin else ""
     thin += ", short vocab" if rep is not None and rep.vocab is not None else ""
     where = f"{rep.mode}: skipped {len(rep.skipped)}/{len(rep.mask)} layers{thin}{at}" if rep is not None else "no prefill"
     cut = ", interrupted" if s.interrupted else ""

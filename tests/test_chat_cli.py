@@ -329,8 +329,8 @@ def test_default_point_and_the_point_command():
         assert "[mask: skipped 2/24 layers (point balanced)" in answer, answer
         assert "(point fast" in t.ask("/point fast")
         answer = t.ask("Say hi.")
-        assert "[mask: skipped 0/24 layers, 24 thin (point fast)" in answer, answer
-        assert "0 of 24 (none); 24 decoded with thinned FFNs" in t.ask("/stats")
+        assert "[mask: skipped 0/24 layers, 24 FFN stand-ins (point fast)" in answer, answer
+        assert "0 of 24 (none); 24 FFNs decoded by their stand-ins" in t.ask("/stats")
         assert "(point quality-short" in t.ask("/point quality-short")
         answer = t.ask("Say hi.")
         assert "[mask: skipped 1/24 layers, short vocab (point quality-short)" in answer, answer

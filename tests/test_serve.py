@@ -105,6 +105,24 @@ def test_per_request_mode_and_threshold(client, server):
     assert first_of()["threshold"] == pytest.approx(0.5)  # the next request is back to the server's settings
 
 
+def test_a_second_turn_evaluates_only_what_the_first_turns_prompt_did_not_cover(client, server):
+    """Multi-turn through the server: the cached first prompt is reused; the first answer is not.
+
+    In ``first`` mode every reused position must carry its router sums, and decoded positions
+    carry none (docs/FORMAT.md section 3), so the second prefill starts exactly where the first
+    turn's prompt ended: its answer is evaluated again, at full depth, with the new question.
+    """
+    ask = [{"role": "user", "content": "Write a Python function that adds two numbers."}]
+    r1 = client.chat.completions.create(model=server[1], messages=ask, max_tokens=12, temperature=0)
+    f1 = r1.model_extra["first"]
+    ask += [{"role": "assistant", "content": r1.choices[0].message.content},
+            {"role": "user", "content": "Now make it add three numbers."}]
+    f2 = client.chat.completions.create(model=server[1], messages=ask, max_tokens=2, temperature=0).model_extra["first"]
+    assert f2["n_tokens"] > f1["n_tokens"] + r1.usage.completion_tokens // 2
+    assert f2["n_evaluated"] == f2["n_tokens"] - f1["n_tokens"]
+    _check_first(f2)
+
+
 def _post(base: str, body: bytes) -> tuple[int, dict]:
     req = urllib.request.Request(f"{base}/chat/completions", data=body, headers={"Content-Type": "application/json"})
     try:
