@@ -147,7 +147,7 @@ def heal(model: str, skip: str, output: Path, run_dir: Path | None, examples: in
 @click.option("--width", required=True, help="Neurons each thinned FFN keeps (a multiple of the thin ffn_down's "
               "quantization block), or 'all' with --type: every neuron, requantized (no calibration).")
 @click.option("--type", "qtype", default=None, metavar="TYPE",
-              help="Requantize every thin tensor to this ggml type, e.g. Q4_0 (default: the base's types).")
+              help="Requantize every thin tensor to this ggml type, e.g. IQ4_NL (default: the base's types).")
 @click.option("--layers", default="all", show_default=True, help="Layers to thin, e.g. 0,1,2 or 4-20.")
 @click.option("--examples", default=120, show_default=True, help="Calibration examples (built-in families, train split).")
 @click.option("--threads", default=None, type=int, help="torch threads (default: all cores).")
@@ -160,7 +160,7 @@ def thin(model: str, output: Path, width: str, qtype: str | None, layers: str, e
 
     Each listed layer keeps the WIDTH neurons that carry the most output on training prompts;
     the full FFNs stay, so the prompt and `full` are unchanged. With --type the thin copies
-    are requantized (e.g. `--width all --type Q4_0`: the whole FFN in a type the CPU decodes faster).
+    are requantized (e.g. `--width all --type IQ4_NL`: the whole FFN in a type the CPU decodes faster).
     """
     from .format import parse_layers
     from .shipped import resolve_model

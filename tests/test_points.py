@@ -369,7 +369,7 @@ def test_the_shipped_points_file_is_valid_for_its_model():
 
     path = shipped.shipped_points_path(models.DEFAULT_MODEL)
     thin, _, qtype = shipped.shipped_thin(models.DEFAULT_MODEL)
-    assert sorted(thin) == list(range(24)) and all(v == list(range(4864)) for v in thin.values()) and qtype == "Q4_0"
+    assert sorted(thin) == list(range(24)) and all(v == list(range(4864)) for v in thin.values()) and qtype == "IQ4_NL"
     points = fmt.load_points(path, 24, [0, 23], thin_layers=sorted(thin), has_vocab=True)
     tokens, _ = shipped.shipped_vocab(models.DEFAULT_MODEL)
     assert len(tokens) == 49445 and tokens == sorted(set(tokens))
@@ -679,7 +679,7 @@ def test_eval_runs_every_point_and_resumes(tiny, tmp_path):
 def test_default_model_carries_the_shipped_points(tmp_path, monkeypatch):
     """first_gguf_path on the real default model (in a private cache, the shared one untouched)
     carries the shipped points, FFN copies and short vocabulary; quality-short skips exactly layer 4
-    in decode with the short vocabulary, fast decodes every layer's Q4_0 copy, and short gives
+    in decode with the short vocabulary, fast decodes every layer's IQ4_NL copy, and short gives
     full's greedy tokens."""
     from first_gguf import models, shipped
     from first_gguf.runtime.greedy import greedy

@@ -133,14 +133,16 @@ def test_masked_prefill_with_every_layer_thin_equals_a_physically_thinned_gguf(t
     assert not (tmp_path / "mixed.gguf").exists()
 
 
-def test_requantized_copies_of_every_neuron_run_only_where_the_reduced_graph_does(tiny, tmp_path):
+@pytest.mark.parametrize("qtype, rounding", [("Q8_0", 1e-3), ("IQ4_NL", 0.2)])  # IQ4_NL: 0.095 here
+def test_requantized_copies_of_every_neuron_run_only_where_the_reduced_graph_does(tiny, tmp_path, qtype, rounding):
     """first.thin.type with width n_ff (patch 0007 takes w = n_ff): the prompt and `full` read the
-    base FFNs bit for bit, decode reads the Q8_0 copies, and a masked prefill with every layer's
-    copy equals a plain GGUF with the copies physically in place."""
+    base FFNs bit for bit, decode reads the copies (Q8_0; IQ4_NL, which ggml's CPU backend repacks
+    at load, as the default model ships them), and a masked prefill with every layer's copy equals
+    a plain GGUF with the copies physically in place."""
     model, plain, _, neurons, prompt, cont = tiny
     n_layer, n_ff = len(neurons), model.config.intermediate_size
     every = {i: np.arange(n_ff) for i in range(n_layer)}
-    fast = write_thin(plain, every, tmp_path / "fast.gguf", source="tests: every neuron", qtype="Q8_0")
+    fast = write_thin(plain, every, tmp_path / "fast.gguf", source="tests: every neuron", qtype=qtype)
     assert read_thin(fast).widths == (n_ff,) * n_layer
     full_fast, _ = _runtime(fast, prompt, cont, mode="full", thin=range(n_layer))
     full_plain, _ = _runtime(plain, prompt, cont, mode="full")
@@ -148,12 +150,12 @@ def test_requantized_copies_of_every_neuron_run_only_where_the_reduced_graph_doe
     got, rep = _runtime(fast, prompt, cont, mode="mask", mask=[True] * n_layer, thin=range(n_layer))
     n = len(prompt)
     assert rep.thin == tuple(range(n_layer)) and np.array_equal(got[:n], full_plain[:n])
-    _, apart = compare("Q8_0 copies vs the f32 FFNs in decode", got[n:], full_plain[n:])
-    assert 0 < apart < 1e-3  # Q8_0's rounding, nothing more
+    _, apart = compare(f"{qtype} copies vs the f32 FFNs in decode", got[n:], full_plain[n:])
+    assert 0 < apart < rounding  # the type's rounding, nothing more
     physical = prune_gguf(fast, [], tmp_path / "physical.gguf", thin=True)
     want, _ = _runtime(physical, prompt, cont, mode="full")
     masked, _ = _runtime(fast, prompt, cont, mode="mask", mask=[True] * n_layer, prefill="masked", thin=range(n_layer))
-    assert compare("masked prefill with the Q8_0 copies vs them in place", masked, want)[0] == 0.0
+    assert compare(f"masked prefill with the {qtype} copies vs them in place", masked, want)[0] == 0.0
 
 
 def test_graph_reuse_never_serves_another_thin_set(tiny):

@@ -49,7 +49,7 @@ THIN_KEY_TYPES: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {
 }
 # Types a thin copy may be requantized to: what ggml's quantizer writes without an importance
 # matrix (the F32 / F16 conversions are numpy's).
-THIN_TYPES = ("F32", "F16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "Q3_K", "Q2_K")
+THIN_TYPES = ("F32", "F16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "IQ4_NL", "Q3_K", "Q2_K")
 _INT_TYPES = (GGUFValueType.UINT8, GGUFValueType.UINT16, GGUFValueType.UINT32, GGUFValueType.UINT64,
               GGUFValueType.INT8, GGUFValueType.INT16, GGUFValueType.INT32, GGUFValueType.INT64)
 
