@@ -114,7 +114,7 @@ def first_gguf_path(name: str, seed: int = 0) -> Path:
     # routers, then the thinned FFNs and the short vocabulary, then the points (which may name them)
     steps = []
     if thin is not None:
-        steps.append((f"the thinned FFNs of {len(thin[0])} layers",
+        steps.append((f"the FFN stand-ins (thinned or requantized) of {len(thin[0])} layers",
                       lambda src, dst: fmt.write_thin(src, thin[0], dst, source=thin[1], force=True, qtype=thin[2])))
     if vocab is not None:
         steps.append((f"a short output vocabulary of {len(vocab[0])} tokens",
