@@ -104,19 +104,36 @@ def series_hash(patches: list[Path]) -> str:
     return digest.hexdigest()
 
 
+# ggml's AMX kernels (compiled in when -march=native finds AMX) crash this llama.cpp with
+# SIGILL on the first tile instruction (an invalid tile configuration: an open upstream fix);
+# gcc keeps an explicit -mno-* over -march=native, so AMX stays off and every other native
+# feature on. Only on a CPU with AMX: on any other the build flags stay the same.
+NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
+
 def cmake_args(extra: str | None = None) -> list[str]:
     """Our defaults followed by the user's ``CMAKE_ARGS`` (later flags win in CMake)."""
     extra = os.environ.get("CMAKE_ARGS", "") if extra is None else extra
-    return [*DEFAULT_CMAKE_ARGS, *shlex.split(extra)]
+    user = shlex.split(extra)
+    native = "-DGGML_NATIVE=OFF" not in user and platform.machine() in ("x86_64", "AMD64")
+    no_amx = [f"-DCMAKE_{lang}_FLAGS={NO_AMX_FLAGS}" for lang in ("C", "CXX")] \
+        if native and "amx_tile" in _cpu_flags().split() else []
+    return [*DEFAULT_CMAKE_ARGS, *no_amx, *user]
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags line of /proc/cpuinfo (empty elsewhere)."""
+    if not Path("/proc/cpuinfo").is_file():
+        return ""
+    return next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith(("flags", "Features"))), "")
 
 
 def _machine_tag(args: list[str]) -> str:
     # GGML_NATIVE (on by default) compiles for this CPU, so the CPU is part of the key.
     tag = f"{platform.system()}-{platform.machine()}"
     if "-DGGML_NATIVE=OFF" not in args and Path("/proc/cpuinfo").is_file():
-        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                      if ln.startswith(("flags", "Features"))), "")
-        tag += "-" + hashlib.sha256(flags.encode()).hexdigest()[:8]
+        tag += "-" + hashlib.sha256(_cpu_flags().encode()).hexdigest()[:8]
     return tag
 
 

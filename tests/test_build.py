@@ -96,6 +96,22 @@ def test_build_key_tracks_sdist_patches_and_flags(tmp_path: Path) -> None:
     assert key != build.build_key(other, patches, args)
 
 
+def test_no_amx_kernels_in_a_native_build() -> None:
+    """On a CPU with AMX the native build leaves ggml's AMX kernels out (they crash this llama.cpp),
+    by flags that only such a CPU gets; the installed library is the proof."""
+    import ctypes
+
+    import llama_cpp
+
+    amx = "amx_tile" in build._cpu_flags().split() and build.platform.machine() == "x86_64"
+    flags = [a for a in build.cmake_args("") if "-mno-amx" in a]
+    assert flags == ([f"-DCMAKE_{lang}_FLAGS={build.NO_AMX_FLAGS}" for lang in ("C", "CXX")] if amx else [])
+    assert not [a for a in build.cmake_args("-DGGML_NATIVE=OFF") if "-mno-amx" in a]  # the user's flags decide
+    lib = Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"
+    if lib.is_file():  # Linux wheels: the CPU backend's own report of what it was compiled with
+        assert ctypes.CDLL(str(lib)).ggml_cpu_has_amx_int8() == 0
+
+
 def test_wrong_sdist_hash_is_refused(tmp_path: Path) -> None:
     base = build.read_base()
     bad = build.Base(base.version, "0" * 64, base.llama_cpp_commit)
