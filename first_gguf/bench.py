@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .bench_files import fresh_copy, page_run
+from .bench_files import fresh_copy, load_prompt_state, page_run, save_prompt_state
 from .errors import FirstError
 from .log import logger
 
@@ -43,7 +43,7 @@ def middle_layers(n_layer: int, k: int) -> list[int]:
 
 def worker(spec: dict) -> dict:
     """One timed run: prefill ``prompt_tokens`` tokens, then decode ``decode_tokens`` greedily."""
-    from .runtime.greedy import PlainModel, greedy
+    from .runtime.greedy import PlainModel, decode, greedy
 
     # the prompt runs on the same threads (llama-cpp-python's default there is every core)
     kw = dict(n_ctx=spec["prompt_tokens"] + spec["decode_tokens"] + 16, n_threads=spec["threads"],
@@ -57,12 +57,27 @@ def worker(spec: dict) -> dict:
     else:
         llm = PlainModel(spec["path"], **kw)
     prompt = _prompt_tokens(llm, spec["prompt_tokens"])
-    # warm-up: pages the weights in and builds the graphs; then a fixed count of decode steps
-    greedy(llm, prompt[:WARMUP_PROMPT], WARMUP_DECODE + 1, eog=False)
-    g = greedy(llm, prompt, spec["decode_tokens"] + 1, eog=False)
-    skipped = g.skipped if spec["engine"] == "first" else spec.get("pruned", [])
-    return {"prefill_tok_s": len(prompt) / g.t_prefill, "decode_tok_s": g.n_decode / g.t_decode,
-            "peak_rss_mb": peak_rss_mb(), "skipped_layers": skipped}
+    state = spec.get("state")
+    if state and spec.get("save_state"):  # the one prefill whose KV every timed repeat restores
+        greedy(llm, prompt[:WARMUP_PROMPT], WARMUP_DECODE + 1, eog=False)
+        g = greedy(llm, prompt, 1, eog=False)
+        save_prompt_state(llm, Path(state), prompt)
+        return {"prefill_tok_s": len(prompt) / g.t_prefill, "peak_rss_mb": peak_rss_mb()}
+    if state:
+        for n_new in (WARMUP_DECODE + 1, spec["decode_tokens"] + 1):  # warm-up, then the timed run
+            load_prompt_state(llm, Path(state), prompt)
+            report = llm.extend(prompt[-1:])
+            tokens, _, n_decode, t_decode = decode(llm, n_new, eog=False)
+        prefill = None
+    else:
+        # warm-up: pages the weights in and builds the graphs; then a fixed count of decode steps
+        greedy(llm, prompt[:WARMUP_PROMPT], WARMUP_DECODE + 1, eog=False)
+        g = greedy(llm, prompt, spec["decode_tokens"] + 1, eog=False)
+        report, tokens, n_decode, t_decode = g.report, g.tokens, g.n_decode, g.t_decode
+        prefill = len(prompt) / g.t_prefill
+    skipped = list(report.skipped) if spec["engine"] == "first" else spec.get("pruned", [])
+    return {"prefill_tok_s": prefill, "decode_tok_s": n_decode / t_decode, "peak_rss_mb": peak_rss_mb(),
+            "skipped_layers": skipped, "tokens": tokens}
 
 
 def peak_rss_mb() -> float:
@@ -102,7 +117,7 @@ def _run_worker(spec: dict, lib_path: Path | None) -> dict:
 def run_bench(model: Path, skip_count: int = 6, repeats: int = 5, ctx: Sequence[int] = (128,),
               decode_tokens: int = 64, threads: Sequence[int] | None = None, stock: bool = True,
               strategies: list[str] | None = None, heal: Path | None = None, fresh_files: bool = True,
-              mmap: bool = True) -> dict:
+              mmap: bool = True, restore_prompt: bool = False) -> dict:
     """Measure full, first, mask, pruned (and stock) side by side, in every cell (context x threads);
     with ``heal`` (a healing adapter) also its skip set unhealed (``heal_mask``) and healed (``healed``);
     a FiRST-GGUF with thinned FFNs adds ``thin`` (every layer runs, each thinned layer decodes thin)
@@ -125,6 +140,12 @@ def run_bench(model: Path, skip_count: int = 6, repeats: int = 5, ctx: Sequence[
             scattered page cache than another (``bench_files``); False: the model file as it is.
         mmap: map the weights from the page cache (llama.cpp's default); False reads them into each
             worker's own memory, which no page-cache history can slow down (costs load time and memory).
+        restore_prompt: evaluate each strategy's prompt once per context length (at the largest thread
+            count) and save its KV cache; every timed repeat restores it and evaluates the prompt's last
+            token again, then decodes at the same context. Long contexts then cost one prefill per
+            strategy instead of one per repeat; the cells' prefill figures are None and
+            ``setup["restored_prefill_tok_s"]`` holds the one prefill's. ``first`` and ``vocab``,
+            whose decode depends on the whole prompt, still evaluate it in every repeat.
 
     Returns:
         ``{"model", "setup", "cells": [{"ctx", "threads", "strategies": {name: {decode_tok_s, decode_spread,
@@ -148,12 +169,15 @@ def run_bench(model: Path, skip_count: int = 6, repeats: int = 5, ctx: Sequence[
         layout = {key: {"file": path.name, "page_run_before": page_run(path)} for key, path in files.items()}
         specs, stock_lib = _strategy_specs(files, info, skip, stock, strategies, heal)
         runs = {cell: {s["name"]: [] for s in specs} for cell in cells}
+        states, restored = _prompt_states(specs, stock_lib, ctxs, decode_tokens, max(thread_counts), mmap, Path(tmp)) \
+            if restore_prompt else ({}, {})
         for r in range(repeats):
             for c, t in cells:
                 cell = runs[(c, t)]
                 for spec in specs[r % len(specs):] + specs[:r % len(specs)]:  # rotate: no strategy always first
                     lib = stock_lib if spec.get("lib") == "stock" else None
-                    job = dict(spec, prompt_tokens=c, decode_tokens=decode_tokens, threads=t, mmap=mmap)
+                    job = dict(spec, prompt_tokens=c, decode_tokens=decode_tokens, threads=t, mmap=mmap,
+                               state=states.get((c, spec["name"])))
                     cell[spec["name"]].append(_run_worker(job, lib))
                 _log(f"repeat {r + 1}/{repeats}, ctx {c}, {t} threads: " + ", ".join(
                     f"{k} {v[-1]['decode_tok_s']:.1f}" for k, v in cell.items()) + " decode tok/s")
@@ -161,6 +185,7 @@ def run_bench(model: Path, skip_count: int = 6, repeats: int = 5, ctx: Sequence[
             layout[key]["page_run_after"] = page_run(path)
     setup = dict(ctx=ctxs, threads=thread_counts, decode_tokens=decode_tokens, repeats=repeats,
                  skip_count=skip_count, n_layer=n_layer, fresh_files=fresh_files, mmap=mmap, files=layout,
+                 restore_prompt=restore_prompt, restored_prefill_tok_s=restored,
                  machine=_machine(), date=time.strftime("%Y-%m-%d %H:%M"))
     return {"model": str(model), "setup": setup,
             "cells": [{"ctx": c, "threads": t, "strategies": {k: _summary(v, runs[(c, t)]["full"])
@@ -172,6 +197,28 @@ def run_bench(model: Path, skip_count: int = 6, repeats: int = 5, ctx: Sequence[
 # pruned file, and the patched library (with and without routers in the file) against stock
 PAIRS = (("mask", "pruned"), ("thin", "thinned"), ("full", "stock"), ("patched_plain", "stock"),
          ("pruned_patched", "pruned"))
+
+
+PROMPT_DEPENDENT = ("first", "vocab")  # their decode follows the whole prompt (routers; its tokens' logits)
+
+
+def _prompt_states(specs: list[dict], stock_lib: Path | None, ctxs: list[int], decode_tokens: int, threads: int,
+                   mmap: bool, tmp: Path) -> tuple[dict, dict]:
+    """One prefill per strategy and context, its KV cache saved for the timed repeats to restore."""
+    states: dict = {}
+    prefill: dict = {}
+    for c in ctxs:
+        for spec in specs:
+            if spec["name"] in PROMPT_DEPENDENT:
+                continue
+            path = tmp / f"{spec['name']}-{c}.state"
+            job = dict(spec, prompt_tokens=c, decode_tokens=decode_tokens, threads=threads, mmap=mmap, state=str(path),
+                       save_state=True)
+            res = _run_worker(job, stock_lib if spec.get("lib") == "stock" else None)
+            states[(c, spec["name"])] = str(path)
+            prefill.setdefault(str(c), {})[spec["name"]] = res["prefill_tok_s"]
+            _log(f"ctx {c}: {spec['name']}'s prompt state saved ({res['prefill_tok_s']:.1f} prefill tok/s)")
+    return states, prefill
 
 
 def _pairs(cell: dict[str, list[dict]]) -> dict[str, dict]:
@@ -258,21 +305,26 @@ def _summary(runs: list[dict], full: list[dict]) -> dict:
     out: dict = {"skipped_layers": runs[0]["skipped_layers"]}
     for key in ("decode_tok_s", "prefill_tok_s"):
         vals = [r[key] for r in runs]
-        ratios = [r[key] / f[key] for r, f in zip(runs, full)]
-        out[key] = statistics.median(vals)
-        out[key.replace("tok_s", "spread")] = [min(vals), max(vals)]
-        out[key.replace("tok_s", "ratio")] = statistics.median(ratios)
-        out[key.replace("tok_s", "ratio_spread")] = [min(ratios), max(ratios)]
+        ratios = [r[key] / f[key] for r, f in zip(runs, full) if r[key] is not None and f[key] is not None]
+        have = None not in vals  # None: a restored prompt (``restore_prompt``)
+        out[key] = statistics.median(vals) if have else None
+        out[key.replace("tok_s", "spread")] = [min(vals), max(vals)] if have else None
+        out[key.replace("tok_s", "ratio")] = statistics.median(ratios) if ratios else None
+        out[key.replace("tok_s", "ratio_spread")] = [min(ratios), max(ratios)] if ratios else None
     rss = [r["peak_rss_mb"] for r in runs]
     out["peak_rss_mb"], out["peak_rss_spread"] = statistics.median(rss), [min(rss), max(rss)]
-    out["runs"] = [{k: v for k, v in r.items() if k != "skipped_layers"} for r in runs]  # every repeat, in order
+    out["runs"] = [{k: v for k, v in r.items() if k not in ("skipped_layers", "tokens")} for r in runs]
     return out
 
 
 def _machine() -> str:
     import platform
 
-    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
+    cpu = ""
+    if Path("/proc/cpuinfo").is_file():  # the CPU's name, where Linux gives it
+        cpu = next((ln.split(":", 1)[1].strip() + ", " for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                    if ln.startswith("model name")), "")
+    return f"{cpu}{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
 
 
 def format_bench(result: dict) -> str:
@@ -292,9 +344,10 @@ def format_bench(result: dict) -> str:
                   f"{'x full':>8}{'peak RSS MB':>13}  skipped"]
         for name, r in cell["strategies"].items():
             lo, hi = r["decode_ratio_spread"]
+            ratio = f"{r['prefill_ratio']:>8.3f}" if r["prefill_ratio"] is not None else f"{'-':>8}"
+            prefill = (f"{r['prefill_tok_s']:>15.1f}" if r["prefill_tok_s"] is not None else f"{'restored':>15}") + ratio
             lines.append(f"{name:<16}{r['decode_tok_s']:>13.1f}{r['decode_ratio']:>8.3f}{f'{lo:.2f}-{hi:.2f}':>14}"
-                         f"{r['prefill_tok_s']:>15.1f}{r['prefill_ratio']:>8.3f}{r['peak_rss_mb']:>13.0f}"
-                         f"  {r['skipped_layers']}")
+                         f"{prefill}{r['peak_rss_mb']:>13.0f}  {r['skipped_layers']}")
         if cell.get("pairs"):
             lines.append("paired decode ratios: " + ", ".join(
                 f"{k} {v['decode_ratio']:.3f} ({v['spread'][0]:.2f}-{v['spread'][1]:.2f})"

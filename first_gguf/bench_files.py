@@ -57,3 +57,30 @@ def page_run(path: Path) -> float | None:
     pfn, runs = pfn[present].astype(np.int64), 1
     runs += int(np.count_nonzero(np.diff(pfn) != 1))
     return round(len(pfn) / runs, 1)
+
+
+def save_prompt_state(llm, path: Path, prompt: list[int]) -> None:
+    """Write sequence 0's KV cache (the evaluated ``prompt``) to ``path`` (``--restore-prompt``)."""
+    import llama_cpp
+
+    toks = (llama_cpp.llama_token * len(prompt))(*prompt)
+    if not llama_cpp.llama_state_seq_save_file(llm._ctx.ctx, str(path).encode(), 0, toks, len(prompt)):
+        raise RuntimeError(f"could not write the prompt state {path}")
+
+
+def load_prompt_state(llm, path: Path, prompt: list[int]) -> None:
+    """Load ``path`` (saved by ``save_prompt_state`` for ``prompt``) into sequence 0 and leave
+    the cache at its first ``len(prompt) - 1`` positions, so that evaluating the prompt's last
+    token gives the logits the prompt's prefill gave, at the same context length."""
+    import ctypes
+
+    import llama_cpp
+
+    toks = (llama_cpp.llama_token * len(prompt))()
+    n = ctypes.c_size_t(0)
+    got = llama_cpp.llama_state_seq_load_file(llm._ctx.ctx, str(path).encode(), 0, toks, len(prompt),
+                                              ctypes.byref(n))
+    if not got or list(toks[:n.value]) != list(prompt):
+        raise RuntimeError(f"the prompt state {path} does not hold this prompt")
+    llm.input_ids[:len(prompt)] = prompt
+    llm.restored_full_depth(len(prompt) - 1)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from first_gguf.bench import format_bench, peak_rss_mb, run_bench
+from first_gguf.bench import format_bench, peak_rss_mb, run_bench, worker
 from first_gguf.bench_files import fresh_copy, page_run
 from first_gguf.cli import cli
 from first_gguf.errors import FirstError
@@ -63,6 +63,39 @@ def test_every_cell_and_strategy(tiny_first: Path) -> None:
     assert "paired decode ratios: mask/pruned" in table
     assert "peak RSS MB" in table and all(name in table for name in STRATEGIES)
     json.dumps(res)  # the JSON output keeps all of it
+
+
+def test_restored_prompt_decodes_as_its_prefill(tiny_first: Path, tmp_path: Path) -> None:
+    """``--restore-prompt``: a worker that loads the prompt's saved KV cache and evaluates its last
+    token again decodes the tokens a prefill of the whole prompt gives, under the same mask."""
+    base = dict(path=str(tiny_first), prompt_tokens=24, decode_tokens=6, threads=1, mmap=True)
+    for spec in (dict(name="full", engine="first", mode="full"),
+                 dict(name="mask", engine="first", mode="mask", mask=[True, False, True, True]),
+                 dict(name="plain", engine="plain")):
+        job = dict(base, **spec)
+        ref = worker(job)
+        state = tmp_path / f"{spec['name']}.state"
+        saved = worker(dict(job, state=str(state), save_state=True))
+        got = worker(dict(job, state=str(state)))
+        assert saved["prefill_tok_s"] > 0 and got["prefill_tok_s"] is None, spec["name"]
+        assert len(got["tokens"]) == 7 and got["tokens"] == ref["tokens"], spec["name"]
+        assert got["skipped_layers"] == ref["skipped_layers"] == ([1] if spec["name"] == "mask" else [])
+    other = worker(dict(base, prompt_tokens=16, engine="plain", name="plain"))  # another prompt: refused
+    with pytest.raises(RuntimeError, match="does not hold this prompt"):
+        worker(dict(base, prompt_tokens=16, engine="plain", name="plain", state=str(tmp_path / "plain.state")))
+    assert other["prefill_tok_s"] > 0
+
+
+def test_restore_prompt_run(tiny_first: Path) -> None:
+    res = run_bench(tiny_first, skip_count=1, repeats=2, ctx=[24], decode_tokens=3, threads=[1], stock=False,
+                    strategies=["first", "mask"], restore_prompt=True)
+    assert res["setup"]["restore_prompt"]
+    assert set(res["setup"]["restored_prefill_tok_s"]["24"]) == {"full", "mask"}  # `first` needs its prompt
+    (cell,) = res["cells"]
+    for name in ("full", "mask"):
+        assert cell["strategies"][name]["prefill_tok_s"] is None and cell["strategies"][name]["decode_tok_s"] > 0
+    assert cell["strategies"]["first"]["prefill_tok_s"] > 0 and cell["strategies"]["first"]["prefill_ratio"] is None
+    assert "restored" in format_bench(res)
 
 
 def test_cli_json_and_bad_lists(tiny_first: Path) -> None:

@@ -383,8 +383,13 @@ class FirstModel(KvSegments, Scoring, Healing, Llama):
         """Start a new sequence with ``prompt`` as its prefill; later ``eval`` calls decode."""
         self.reset()
         self._segments = []
+        return self.extend(prompt)
+
+    def extend(self, tokens: Sequence[int]) -> PrefillReport:
+        """Prefill ``tokens`` after the cached positions: the sequence goes on, and the prefill
+        reuses what docs/FORMAT.md section 3 allows; later ``eval`` calls decode."""
         self._pending_prefill = True
-        self.eval(list(prompt))
+        self.eval(list(tokens))
         return self.last_prefill
 
 

@@ -67,6 +67,15 @@ def greedy(llm, prompt_tokens: Sequence[int], max_new: int, stop: Callable[[str]
     t0 = time.perf_counter()
     report = llm.prefill(list(prompt_tokens))
     t1 = time.perf_counter()
+    tokens, text, n_decode, t_decode = decode(llm, max_new, stop, eog)
+    return Generation(tokens, text, t1 - t0, t_decode, n_decode, report)
+
+
+def decode(llm, max_new: int, stop: Callable[[str], bool] | None = None,
+           eog: bool = True) -> tuple[list[int], str, int, float]:
+    """Decode greedily from the logits of the last evaluated position (``greedy`` after its
+    prefill); returns the tokens, their text, the decode steps and their seconds."""
+    t1 = time.perf_counter()
     tokens: list[int] = []
     n_decode = 0
     text = ""
@@ -80,8 +89,7 @@ def greedy(llm, prompt_tokens: Sequence[int], max_new: int, stop: Callable[[str]
             break
         llm.eval([tok])
         n_decode += 1
-    t2 = time.perf_counter()
-    return Generation(tokens, text, t1 - t0, t2 - t1, n_decode, report)
+    return tokens, text, n_decode, time.perf_counter() - t1
 
 
 class PlainModel(Llama):
@@ -94,3 +102,11 @@ class PlainModel(Llama):
         """Start a new sequence with ``prompt``."""
         self.reset()
         self.eval(list(prompt))
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        """Evaluate ``tokens`` after the cached positions."""
+        self.eval(list(tokens))
+
+    def restored_full_depth(self, n: int) -> None:
+        """Cache positions [0, n) were loaded from a sequence state."""
+        self.n_tokens = n

@@ -49,6 +49,13 @@ class KvSegments:
             end = seg.end
         return end
 
+    def restored_full_depth(self, n: int) -> None:
+        """Cache positions [0, n) were loaded from a sequence state saved after a full-depth
+        prefill (``first-gguf bench --restore-prompt``): they count as computed at every layer,
+        without router sums (so a ``first`` prefill recomputes them)."""
+        self.n_tokens = n
+        self._segments = [_Segment(0, n, None, None)] if n else []
+
     def _truncate_segments(self, n: int) -> None:
         kept = []
         for seg in self._segments:
