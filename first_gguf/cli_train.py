@@ -184,9 +184,11 @@ def thin(model: str, output: Path, width: str, qtype: str | None, layers: str, e
 @click.option("--limit-mb", default=120.0, show_default=True, help="Megabytes of text counted at most.")
 @click.option("--counts", type=PathArg, default=None,
               help="Token counts (npz, key counts): read if it exists (no counting), else written.")
+@click.option("--type", "qtype", default=None, metavar="TYPE",
+              help="Requantize the listed rows to this ggml type, e.g. IQ4_NL (default: the output matrix's bytes).")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
 def vocab(model: str, output: Path, size: int, text: tuple[Path, ...], limit_mb: float, counts: Path | None,
-          force: bool) -> None:
+          qtype: str | None, force: bool) -> None:
     """Add a decode-only short output vocabulary to MODEL (a FiRST-GGUF or zoo name): docs/FORMAT.md section 8.
 
     The model's tokenizer counts the tokens of local text (never HumanEval) and the SIZE most
@@ -196,7 +198,7 @@ def vocab(model: str, output: Path, size: int, text: tuple[Path, ...], limit_mb:
     from .train.vocab import vocab_model
 
     click.echo(vocab_model(resolve_model(model), output, size, text=list(text) or None,
-                           limit_bytes=int(limit_mb * 1e6), counts=counts, force=force))
+                           limit_bytes=int(limit_mb * 1e6), counts=counts, force=force, qtype=qtype))
 
 
 def _families(value: str | None) -> tuple[str, ...] | None:

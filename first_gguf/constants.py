@@ -36,6 +36,7 @@ KEY_THIN_SOURCE = "first.thin.source"                # string, optional: how the
 KEY_THIN_TYPE = "first.thin.type"                    # string, optional: ggml type of every thin tensor (requantized)
 KEY_VOCAB_TOKENS = "first.vocab.tokens"              # array[i32], version 3: the short vocabulary, ascending
 KEY_VOCAB_SOURCE = "first.vocab.source"              # string, optional: how the tokens were chosen
+KEY_VOCAB_TYPE = "first.vocab.type"                  # string, optional: ggml type of first_output.weight (requantized)
 
 FIRST_KEY_PREFIX = "first."
 
@@ -58,7 +59,7 @@ THIN_REQUIRED_KEYS = (KEY_THIN_LAYERS, KEY_THIN_WIDTHS, KEY_THIN_NEURONS)
 THIN_KEYS = THIN_REQUIRED_KEYS + (KEY_THIN_SOURCE, KEY_THIN_TYPE)
 # Keys of a file with a short output vocabulary (first.version 3): the tokens, the source optional.
 VOCAB_KEY_PREFIX = "first.vocab."
-VOCAB_KEYS = (KEY_VOCAB_TOKENS, KEY_VOCAB_SOURCE)
+VOCAB_KEYS = (KEY_VOCAB_TOKENS, KEY_VOCAB_SOURCE, KEY_VOCAB_TYPE)
 # Its tensor: the listed tokens' rows of the output matrix, GGUF ne [n_embd, n_tokens].
 VOCAB_TENSOR = "first_output.weight"
 # The output matrix it is cut from: output.weight, or the embeddings when the output is tied.

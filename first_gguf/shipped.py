@@ -6,7 +6,8 @@ labels (``<name>.damage.jsonl``), the healing adapters the points name and the n
 thinned FFNs (``<name>.thin.npz``: ``layer_<i>`` the kept neurons of layer i, ``source`` how they
 were chosen, ``type`` the ggml type they are requantized to, if any; docs/FORMAT.md section 7)
 and its short output vocabulary (``<name>.vocab.npz``:
-``tokens`` the listed token ids, ``source`` how they were chosen; section 8). ``first_gguf_path``
+``tokens`` the listed token ids, ``source`` how they were chosen, ``type`` the ggml type their
+rows are requantized to, if any; section 8). ``first_gguf_path``
 turns a zoo model into a FiRST-GGUF: the base with its committed routers, else the untrained
 recipe routers (which keep every layer), its thinned FFNs, short vocabulary and points when
 there are any; assembled once into the cache.
@@ -62,15 +63,17 @@ def shipped_thin(name: str) -> tuple[dict[int, list[int]], str, str | None] | No
         return {i: [int(j) for j in z[f"layer_{i}"]] for i in layers}, str(z["source"]), qtype
 
 
-def shipped_vocab(name: str) -> tuple[list[int], str] | None:
-    """The short output vocabulary of zoo model ``name`` (token ids) and its source, if committed."""
+def shipped_vocab(name: str) -> tuple[list[int], str, str | None] | None:
+    """The short output vocabulary of zoo model ``name`` (token ids), its source and the type its
+    rows are requantized to (None: the output matrix's bytes), if committed."""
     import numpy as np
 
     path = DATA / f"{name}.vocab.npz"
     if not path.is_file():
         return None
     with np.load(path) as z:
-        return [int(t) for t in z["tokens"]], str(z["source"])
+        qtype = str(z["type"]) if "type" in z.files else None
+        return [int(t) for t in z["tokens"]], str(z["source"]), qtype
 
 
 def shipped_routers(name: str) -> RouterSet | None:
@@ -118,7 +121,8 @@ def first_gguf_path(name: str, seed: int = 0) -> Path:
                       lambda src, dst: fmt.write_thin(src, thin[0], dst, source=thin[1], force=True, qtype=thin[2])))
     if vocab is not None:
         steps.append((f"a short output vocabulary of {len(vocab[0])} tokens",
-                      lambda src, dst: fmt.write_vocab(src, vocab[0], dst, source=vocab[1], force=True)))
+                      lambda src, dst: fmt.write_vocab(src, vocab[0], dst, source=vocab[1], force=True,
+                                                       qtype=vocab[2])))
     step = fmt.attach_routers(base, routers, out.with_name(out.name + ".step0"), force=True, w1_dtype=w1)
     for k, (what, write) in enumerate(steps, 1):
         _log(f"adding {what}")
@@ -164,7 +168,7 @@ def resolve_model(model: str | Path | None) -> Path:
 
 
 def _same_parts(path: Path, routers: RouterSet, points, thin: tuple[dict[int, list[int]], str, str | None] | None,
-                vocab: tuple[list[int], str] | None) -> bool:
+                vocab: tuple[list[int], str, str | None] | None) -> bool:
     """Whether the FiRST-GGUF at ``path`` carries exactly these routers, points, thinned FFNs and
     short vocabulary (read once, without the byte comparisons of copied rows: the file is our own output)."""
     from .format import read_first_parts
@@ -184,10 +188,10 @@ def _same_thin(have, thin: tuple[dict[int, list[int]], str, str | None] | None) 
             and {i: list(have.neurons_of(i)) for i in have.layers} == thin[0])
 
 
-def _same_vocab(have, vocab: tuple[list[int], str] | None) -> bool:
+def _same_vocab(have, vocab: tuple[list[int], str, str | None] | None) -> bool:
     if vocab is None or have is None:
         return vocab is None and have is None
-    return have.source == vocab[1] and list(have.tokens) == sorted(vocab[0])
+    return have.source == vocab[1] and have.qtype == vocab[2] and list(have.tokens) == sorted(vocab[0])
 
 
 def _same_routers(have: RouterSet, routers: RouterSet) -> bool:

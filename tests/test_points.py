@@ -371,7 +371,7 @@ def test_the_shipped_points_file_is_valid_for_its_model():
     thin, _, qtype = shipped.shipped_thin(models.DEFAULT_MODEL)
     assert sorted(thin) == list(range(24)) and all(v == list(range(4864)) for v in thin.values()) and qtype == "IQ4_NL"
     points = fmt.load_points(path, 24, [0, 23], thin_layers=sorted(thin), has_vocab=True)
-    tokens, _ = shipped.shipped_vocab(models.DEFAULT_MODEL)
+    tokens, _, _ = shipped.shipped_vocab(models.DEFAULT_MODEL)
     assert len(tokens) == 49445 and tokens == sorted(set(tokens))
     assert points.as_json() == {"default": "fast-quality-short", "points": {
         "quality": {"skip": [4]}, "balanced": {"skip": [4, 9]}, "fast": {"thin": list(range(24))},
@@ -698,8 +698,8 @@ def test_default_model_carries_the_shipped_points(tmp_path, monkeypatch):
     assert fmt.read_points(path) == want and want.default == "fast-quality-short"
     have = fmt.read_thin(path)
     assert have.source == source and have.qtype == qtype and all(list(have.neurons_of(i)) == thin[i] for i in range(24))
-    tokens, vocab_source = shipped.shipped_vocab(models.DEFAULT_MODEL)
-    assert fmt.read_vocab(path) == fmt.VocabInfo(tuple(tokens), vocab_source)
+    tokens, vocab_source, vocab_type = shipped.shipped_vocab(models.DEFAULT_MODEL)
+    assert fmt.read_vocab(path) == fmt.VocabInfo(tuple(tokens), vocab_source, vocab_type)
     from first_gguf.runtime import FirstModel
 
     llm = FirstModel(path, n_ctx=256, n_threads=1)

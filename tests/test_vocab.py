@@ -25,7 +25,8 @@ from first_gguf.format.points import Point, Points, parse_spec
 
 N_VOCAB, E = ggufs.N_VOCAB, ggufs.N_EMBD
 # docs/FORMAT.md section 2: the first.vocab.* GGUF types
-VOCAB_TYPES = {C.KEY_VOCAB_TOKENS: (T.ARRAY, T.INT32), C.KEY_VOCAB_SOURCE: (T.STRING, None)}
+VOCAB_TYPES = {C.KEY_VOCAB_TOKENS: (T.ARRAY, T.INT32), C.KEY_VOCAB_SOURCE: (T.STRING, None),
+               C.KEY_VOCAB_TYPE: (T.STRING, None)}
 CONTROL = [0, 30]  # tokens of a type other than normal in these files
 TOKENS = [0, 3, 4, 9, 17, 30]
 
@@ -105,6 +106,12 @@ BAD_VOCAB = {  # mutation -> message after "<file>: "
                                                 r"\(n_embd of output\.weight, 6 tokens\)$"),
     "wrong type": (lambda kv, t: t.__setitem__(C.VOCAB_TENSOR, (np.ones((6, E), np.float16), None)),
                    r"first_output\.weight has type F16, expected Q4_0 \(the type of output\.weight\)$"),
+    "type unknown": (_set(C.KEY_VOCAB_TYPE, "Q9_9"), r"first\.vocab\.type 'Q9_9' is not one of F32, F16, "),
+    "type not the tensor's": (_set(C.KEY_VOCAB_TYPE, "Q8_0"), r"first_output\.weight has type Q4_0, expected "
+                                                               r"Q8_0 \(first\.vocab\.type\)$"),
+    "type without tokens": (_both(_drop(C.KEY_VOCAB_TOKENS), _drop(C.KEY_VOCAB_SOURCE), _drop(C.VOCAB_TENSOR),
+                                  _set(C.KEY_VOCAB_TYPE, "Q8_0")),
+                            r"first\.vocab\.type without first\.vocab\.tokens$"),
     "rows differ": (_tensor(lambda a: np.roll(a, 1, axis=0)),
                     r"first_output\.weight is not the rows first\.vocab\.tokens of output\.weight$"),
     "no output matrix": (_both(_drop("output.weight"), _drop("token_embd.weight")),
@@ -310,6 +317,28 @@ def test_write_lists_the_tokens_and_copies_everything_else(tiny, vocab_file):
     assert kept == [(n, t.tensor_type, t.data.tobytes()) for n, t in _tensors(tiny).items()]
 
 
+def test_write_requantizes_the_listed_rows_to_a_type(tiny, tmp_path):
+    from gguf.quants import dequantize
+
+    from first_gguf.format.thin_write import quantize
+
+    typed = fmt.write_vocab(tiny, [9, 3, 5], tmp_path / "q8.gguf", source="tests", qtype="Q8_0")
+    assert fmt.read_vocab(typed) == fmt.VocabInfo((0, 3, 5, 9, 30), "tests", "Q8_0")
+    assert list(read_header(typed).fields)[-1] == C.KEY_VOCAB_TYPE
+    got, out = _tensors(typed)[C.VOCAB_TENSOR], _tensors(tiny)["output.weight"]
+    assert got.tensor_type.name == "Q8_0" and tuple(got.shape) == (E, 5)
+    rows = dequantize(np.asarray(out.data), out.tensor_type)[[0, 3, 5, 9, 30]]
+    assert got.data.tobytes() == quantize(rows, got.tensor_type).tobytes()  # ggml's quantizer, the listed rows
+    kept = [(n, t.tensor_type, t.data.tobytes()) for n, t in _tensors(typed).items() if n != C.VOCAB_TENSOR]
+    assert kept == [(n, t.tensor_type, t.data.tobytes()) for n, t in _tensors(tiny).items()]
+    assert "5 tokens of 32, requantized to Q8_0" in fmt.format_inspect(fmt.inspect_gguf(typed))
+    plain = fmt.write_vocab(typed, [9, 3, 5], tmp_path / "plain.gguf", source="tests")  # replaced, type gone
+    assert fmt.read_vocab(plain).qtype is None and _tensors(plain)[C.VOCAB_TENSOR].tensor_type.name == "Q4_0"
+    with pytest.raises(FormatError, match=r"first\.vocab\.type 'Q7' is not one of"):
+        fmt.write_vocab(tiny, [1], tmp_path / "x.gguf", qtype="Q7")
+    assert not (tmp_path / "x.gguf").exists()
+
+
 def test_write_from_counts_takes_the_most_frequent(tiny, tmp_path):
     counts = np.zeros(N_VOCAB, dtype=np.int64)
     counts[[7, 2, 12, 4]] = [5, 9, 5, 5]  # a tie at 5: the lower ids win
@@ -408,7 +437,7 @@ def test_inspect_shows_the_vocabulary(vocab_file, tiny):
     info = json.loads(json.dumps(fmt.inspect_gguf(vocab_file)))
     vocab = info["first"]["vocab"]
     sizes = {t.name: t.n_bytes for t in read_header(vocab_file).tensors}
-    assert vocab == {"size": 5, "n_vocab": 32, "source": "tests", "output": "output.weight",
+    assert vocab == {"size": 5, "n_vocab": 32, "source": "tests", "type": None, "output": "output.weight",
                      "vocab_bytes": sizes[C.VOCAB_TENSOR], "output_bytes": sizes["output.weight"]}
     text = fmt.format_inspect(info)
     assert "vocabulary    5 tokens of 32" in text and "MB output.weight (15.6%); tests" in text

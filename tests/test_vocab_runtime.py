@@ -84,6 +84,32 @@ def test_short_vocabulary_decode_is_the_full_rows_on_allowed_tokens(skip, tiny):
     assert np.array_equal(off, want)  # vocabulary off: the file's extra tensor is never read
 
 
+@pytest.mark.parametrize("qtype, rounding", [("Q8_0", 1e-3), ("IQ4_NL", 0.2)])
+def test_a_requantized_short_vocabulary_rounds_only_the_listed_tokens(tiny, tmp_path, qtype, rounding):
+    """first.vocab.type: the listed rows decode from their requantized copy (off by the type's
+    rounding), the extra tokens from the output matrix (as without the type), the prompt's row
+    and `full` bit for bit."""
+    from first_gguf.format import read_vocab
+
+    plain, short, listed, prompt, _, cont = tiny
+    typed = write_vocab(plain, listed, tmp_path / f"{qtype}.gguf", source="tests: random half", qtype=qtype)
+    assert read_vocab(typed).qtype == qtype and read_vocab(typed).tokens == listed
+    n, mask = len(prompt), [True, True, False, True]
+    got, rep = _runtime(typed, prompt, cont, mode="mask", mask=mask, vocab=True)
+    want, _ = _runtime(short, prompt, cont, mode="mask", mask=mask, vocab=True)
+    assert rep.vocab == len(set(prompt) - set(listed)) and np.array_equal(got[:n], want[:n])
+    assert np.array_equal(np.isneginf(got), np.isneginf(want))  # the same tokens possible
+    on = np.zeros(got.shape[1], dtype=bool)
+    on[list(listed)] = True
+    extra = np.isfinite(want[n]) & ~on
+    np.testing.assert_allclose(got[n:][:, extra], want[n:][:, extra], rtol=0, atol=ATOL)
+    dec, ref = got[n:][:, on], want[n:][:, on]
+    nmse = float(np.sum((dec - ref) ** 2) / np.sum(ref ** 2))
+    assert 0 < nmse < rounding, nmse  # the type's rounding, nothing more
+    full, _ = _runtime(typed, prompt, cont, mode="full", vocab=True)
+    assert np.array_equal(full, _runtime(plain, prompt, cont, mode="full")[0])
+
+
 def test_full_mode_and_first_mode(tiny):
     plain, short, listed, prompt, _, cont = tiny
     full, rep = _runtime(short, prompt, cont, mode="full", vocab=True)

@@ -33,6 +33,7 @@ from ..constants import (
     KEY_VERSION,
     KEY_VOCAB_SOURCE,
     KEY_VOCAB_TOKENS,
+    KEY_VOCAB_TYPE,
     OUTPUT_TENSOR,
     ROUTER_IN_WEIGHT,
     ROUTER_NAME_MARKER,
@@ -186,7 +187,7 @@ def _vocab_summary(reader: Reader, fields: dict[str, Any]) -> dict | None:
     if KEY_VOCAB_TOKENS not in fields and VOCAB_TENSOR not in sizes:
         return None
     values = {}
-    for key in (KEY_VOCAB_TOKENS, KEY_VOCAB_SOURCE):
+    for key in (KEY_VOCAB_TOKENS, KEY_VOCAB_SOURCE, KEY_VOCAB_TYPE):
         try:
             values[key] = fields[key].contents() if key in fields else None
         except (UnicodeDecodeError, IndexError, ValueError):
@@ -195,7 +196,7 @@ def _vocab_summary(reader: Reader, fields: dict[str, Any]) -> dict | None:
     out = sizes.get(OUTPUT_TENSOR, sizes.get(TOKEN_EMBD_TENSOR))
     return {"size": len(tokens) if isinstance(tokens, list) else None,
             "n_vocab": int(out.shape[1]) if out is not None and len(out.shape) == 2 else None,
-            "source": source, "output": None if out is None else out.name,
+            "source": source, "type": values[KEY_VOCAB_TYPE], "output": None if out is None else out.name,
             "vocab_bytes": int(sizes[VOCAB_TENSOR].n_bytes) if VOCAB_TENSOR in sizes else 0,
             "output_bytes": 0 if out is None else int(out.n_bytes)}
 
@@ -265,7 +266,8 @@ def _vocab_lines(vocab: dict | None) -> list[str]:
     if not vocab:
         return []
     share = f" ({100 * vocab['vocab_bytes'] / vocab['output_bytes']:.1f}%)" if vocab["output_bytes"] else ""
-    return [f"vocabulary    {vocab['size']} tokens of {vocab['n_vocab']}",
+    kind = f", requantized to {vocab['type']}" if vocab.get("type") else ""
+    return [f"vocabulary    {vocab['size']} tokens of {vocab['n_vocab']}{kind}",
             f"              {vocab['vocab_bytes'] / 1e6:.1f} MB short of {vocab['output_bytes'] / 1e6:.1f} MB "
             f"{vocab['output']}{share}; {vocab['source'] or 'no source'}"]
 

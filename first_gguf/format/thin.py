@@ -99,14 +99,15 @@ class ThinInfo:
             raise KeyError(f"layer {layer} has no thinned FFN (thin layers {list(self.layers)})") from None
 
 
-def thin_qtype(where: str, name: Any, n_embd: int) -> GGMLQuantizationType:
-    """The ggml type a ``first.thin.type`` value names, checked to fit rows of ``n_embd`` values."""
+def thin_qtype(where: str, name: Any, n_embd: int, key: str = KEY_THIN_TYPE,
+               rows: str = "ffn_gate / ffn_up") -> GGMLQuantizationType:
+    """The ggml type a ``first.thin.type`` (or ``key``) value names, checked to fit rows of ``n_embd`` values."""
     if name not in THIN_TYPES:
-        raise FormatError(f"{where}: {KEY_THIN_TYPE} {name!r} is not one of {', '.join(THIN_TYPES)}")
+        raise FormatError(f"{where}: {key} {name!r} is not one of {', '.join(THIN_TYPES)}")
     qtype = GGMLQuantizationType[name]
     if n_embd % block_size(qtype):
-        raise FormatError(f"{where}: {KEY_THIN_TYPE} {name}: its block of {block_size(qtype)} does not divide "
-                          f"the rows of {n_embd} values of ffn_gate / ffn_up")
+        raise FormatError(f"{where}: {key} {name}: its block of {block_size(qtype)} does not divide "
+                          f"the rows of {n_embd} values of {rows}")
     return qtype
 
 

@@ -21,6 +21,7 @@ from ..constants import (
     KEY_VERSION,
     KEY_VOCAB_SOURCE,
     KEY_VOCAB_TOKENS,
+    KEY_VOCAB_TYPE,
     OUTPUT_TENSOR,
     TOKEN_EMBD_TENSOR,
     TOKEN_TYPE_NORMAL,
@@ -28,12 +29,13 @@ from ..constants import (
     VOCAB_TENSOR,
 )
 from ..errors import FirstError, FormatError
-from .thin import _pad4, _row_bytes
+from .thin import _pad4, _row_bytes, thin_qtype
 
 # GGUF type of each first.vocab.* key: (type, array item type).
 VOCAB_KEY_TYPES: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {
     KEY_VOCAB_TOKENS: (GGUFValueType.ARRAY, GGUFValueType.INT32),
     KEY_VOCAB_SOURCE: (GGUFValueType.STRING, None),
+    KEY_VOCAB_TYPE: (GGUFValueType.STRING, None),
 }
 _SHOWN = 8  # token ids quoted in a message at most
 
@@ -45,10 +47,13 @@ class VocabInfo:
     Attributes:
         tokens: The short vocabulary's token ids, ascending.
         source: How they were chosen (free text), or None.
+        qtype: The ggml type their rows were requantized to (``first.vocab.type``), or None:
+            the output matrix's stored rows.
     """
 
     tokens: tuple[int, ...]
     source: str | None = None
+    qtype: str | None = None
 
     @property
     def size(self) -> int:
@@ -57,7 +62,8 @@ class VocabInfo:
     def metadata(self) -> dict[str, object]:
         """The first.vocab.* keys -> values."""
         meta: dict[str, object] = {KEY_VOCAB_TOKENS: list(self.tokens)}
-        return meta | ({KEY_VOCAB_SOURCE: self.source} if self.source is not None else {})
+        meta |= {KEY_VOCAB_SOURCE: self.source} if self.source is not None else {}
+        return meta | ({KEY_VOCAB_TYPE: self.qtype} if self.qtype is not None else {})
 
 
 def output_matrix(reader: Any, where: str) -> Any:
@@ -111,7 +117,8 @@ def vocab_from_reader(reader: Any, where: str, meta: dict[str, object], deep: bo
         where: Named in messages.
         meta: Its first.* values, types already checked (``reader._first_metadata``).
         deep: Also compare ``first_output.weight`` with the listed rows of the output matrix,
-            byte for byte (the runtime's loader skips it, as for thinned FFNs).
+            byte for byte (the runtime's loader skips it, as for thinned FFNs); requantized rows
+            (``first.vocab.type``) are checked by type and shape only.
 
     Raises:
         FormatError: naming ``where`` and the broken rule.
@@ -126,7 +133,7 @@ def vocab_from_reader(reader: Any, where: str, meta: dict[str, object], deep: bo
         raise FormatError(f"{where}: {present[0]} in a {KEY_VERSION} {meta[KEY_VERSION]} file (a short output "
                           f"vocabulary needs {KEY_VERSION} {FIRST_VERSION_VOCAB})")
     if KEY_VOCAB_TOKENS not in meta:
-        raise FormatError(f"{where}: {KEY_VOCAB_SOURCE} without {KEY_VOCAB_TOKENS}")
+        raise FormatError(f"{where}: {present[0]} without {KEY_VOCAB_TOKENS}")
     if tensor is None:
         raise FormatError(f"{where}: {KEY_VOCAB_TOKENS} without the tensor {VOCAB_TENSOR}")
     out = output_matrix(reader, where)
@@ -137,13 +144,17 @@ def vocab_from_reader(reader: Any, where: str, meta: dict[str, object], deep: bo
     if _pad4(tensor.shape) != _pad4(want):
         raise FormatError(f"{where}: {VOCAB_TENSOR} has shape {tuple(int(n) for n in tensor.shape)}, expected "
                           f"{want} (n_embd of {out.name}, {len(tokens)} tokens)")
-    if tensor.tensor_type != out.tensor_type:
+    qname = meta.get(KEY_VOCAB_TYPE)
+    want_type = out.tensor_type if qname is None else thin_qtype(where, qname, n_embd, KEY_VOCAB_TYPE, out.name)
+    if tensor.tensor_type != want_type:
+        why = f"the type of {out.name}" if qname is None else KEY_VOCAB_TYPE
         raise FormatError(f"{where}: {VOCAB_TENSOR} has type {tensor.tensor_type.name}, expected "
-                          f"{out.tensor_type.name} (the type of {out.name})")
-    if deep and not np.array_equal(_row_bytes(out.data)[tokens], _row_bytes(tensor.data)):
+                          f"{want_type.name} ({why})")
+    if deep and qname is None and not np.array_equal(_row_bytes(out.data)[tokens], _row_bytes(tensor.data)):
         raise FormatError(f"{where}: {VOCAB_TENSOR} is not the rows {KEY_VOCAB_TOKENS} of {out.name}")
     source = meta.get(KEY_VOCAB_SOURCE)
-    return VocabInfo(tuple(int(i) for i in tokens), None if source is None else str(source))
+    return VocabInfo(tuple(int(i) for i in tokens), None if source is None else str(source),
+                     None if qname is None else str(qname))
 
 
 def vocab_bytes(reader: Any) -> tuple[int, int]:

@@ -4,7 +4,7 @@ The FiRST-GGUF is rewritten byte for byte (``writer``), never in place: every ke
 as it is, but ``first.version`` (3) and any old ``first.vocab.*`` keys and ``first_output.weight``,
 which are replaced; the new keys come last among the keys, the tensor last among the tensors.
 The tensor is the listed rows of the output matrix (``output.weight``, else ``token_embd.weight``),
-their stored bytes, in its type. Written to a temporary file beside the output, read back and
+their stored bytes, in its type, or those rows requantized by ggml to ``qtype`` (``first.vocab.type``). Written to a temporary file beside the output, read back and
 checked, renamed. numpy + gguf only, never torch.
 """
 
@@ -17,11 +17,13 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ..constants import VOCAB_KEY_PREFIX, VOCAB_TENSOR, first_version_for
+from ..constants import KEY_VOCAB_TYPE, VOCAB_KEY_PREFIX, VOCAB_TENSOR, first_version_for
 from ..errors import FirstError, FormatError
 from ..paths import atomic_output, check_output_path
 from .header import read_header
 from .reader import Reader, first_parts_from_reader, model_dims
+from .thin import thin_qtype
+from .thin_write import requantized
 from .vocab import VocabInfo, check_tokens, non_normal_tokens, output_matrix
 from .writer import others_table, write_replacing_part
 
@@ -44,7 +46,7 @@ def plan_tokens(reader: Reader, where: str, tokens: Iterable[int]) -> np.ndarray
 
 
 def write_vocab(path: str | os.PathLike, tokens: Iterable[int], out_path: str | os.PathLike,
-                source: str | None = None, force: bool = False) -> Path:
+                source: str | None = None, force: bool = False, qtype: str | None = None) -> Path:
     """Write the FiRST-GGUF ``path`` with a short output vocabulary; the input is never modified.
 
     Args:
@@ -54,6 +56,8 @@ def write_vocab(path: str | os.PathLike, tokens: Iterable[int], out_path: str | 
         out_path: Where to write; never the input.
         source: ``first.vocab.source`` (how the tokens were chosen), or None.
         force: Overwrite an existing output.
+        qtype: A ggml type name (``format.thin.THIN_TYPES``): the rows are requantized to it (a
+            decode-only copy: the listed tokens' logits then differ from ``full``'s by its rounding).
 
     Returns:
         The output path.
@@ -64,10 +68,14 @@ def write_vocab(path: str | os.PathLike, tokens: Iterable[int], out_path: str | 
     parts = first_parts_from_reader(reader, str(src))
     arch, _, _ = model_dims(reader, str(src))
     ids = plan_tokens(reader, str(src), tokens)
-    info = VocabInfo(tuple(int(i) for i in ids), source)
+    info = VocabInfo(tuple(int(i) for i in ids), source, qtype)
     matrix = output_matrix(reader, str(src))
-    rows = types.SimpleNamespace(data=np.ascontiguousarray(np.asarray(matrix.data)[ids]),
-                                 tensor_type=matrix.tensor_type)
+    if qtype is None:
+        rows = types.SimpleNamespace(data=np.ascontiguousarray(np.asarray(matrix.data)[ids]),
+                                     tensor_type=matrix.tensor_type)
+    else:
+        kind = thin_qtype(str(src), qtype, int(matrix.shape[0]), KEY_VOCAB_TYPE, matrix.name)
+        rows = types.SimpleNamespace(data=requantized(matrix, ids, kind, columns=False), tensor_type=kind)
     with atomic_output(out) as tmp:
         _write(reader, arch, info, rows, first_version_for(thin=parts.thin is not None, vocab=True), tmp)
         _verify(tmp, reader, info, rows, str(out))
@@ -80,7 +88,7 @@ def top_tokens(counts: np.ndarray, size: int) -> np.ndarray:
 
 
 def write_vocab_from_counts(path: str | os.PathLike, counts: np.ndarray, size: int, out_path: str | os.PathLike,
-                            source: str | None = None, force: bool = False) -> Path:
+                            source: str | None = None, force: bool = False, qtype: str | None = None) -> Path:
     """``write_vocab`` listing the ``size`` most frequent tokens of ``counts`` (shape ``[n_vocab]``;
     ties: the lower id), plus every token of a type other than normal."""
     counts, reader = np.asarray(counts), read_header(path)
@@ -90,7 +98,7 @@ def write_vocab_from_counts(path: str | os.PathLike, counts: np.ndarray, size: i
                          f"(non-negative integers, {n_vocab} tokens)")
     if not 0 < size < n_vocab:
         raise FirstError(f"{path}: a short vocabulary of {size} tokens must have 1..{n_vocab - 1}")
-    return write_vocab(path, top_tokens(counts, size), out_path, source=source, force=force)
+    return write_vocab(path, top_tokens(counts, size), out_path, source=source, force=force, qtype=qtype)
 
 
 def _write(reader: Reader, arch: str, info: VocabInfo, rows: Any, version: int, path: Path) -> None:

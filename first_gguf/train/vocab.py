@@ -136,7 +136,7 @@ def save_counts(path: str | os.PathLike, counts: np.ndarray, text: str) -> Path:
 
 def vocab_model(model: str | os.PathLike, out: str | os.PathLike, size: int,
                 text: Sequence[str | os.PathLike] | None = None, limit_bytes: int = DEFAULT_LIMIT_BYTES,
-                counts: str | os.PathLike | None = None, force: bool = False) -> Path:
+                counts: str | os.PathLike | None = None, force: bool = False, qtype: str | None = None) -> Path:
     """Count (or read ``counts``) and write ``model`` with a short vocabulary of its ``size`` most frequent tokens.
 
     Args:
@@ -147,6 +147,7 @@ def vocab_model(model: str | os.PathLike, out: str | os.PathLike, size: int,
         limit_bytes: Bytes of text counted at most.
         counts: An npz of counts: read when it exists (no counting), else written after counting.
         force: Overwrite ``out``.
+        qtype: Requantize the listed rows to this ggml type (``first.vocab.type``); None: their stored bytes.
 
     Returns:
         The output path.
@@ -176,4 +177,4 @@ def vocab_model(model: str | os.PathLike, out: str | os.PathLike, size: int,
             save_counts(counts, values, what)
     extra = len(np.setdiff1d(required, top_tokens(values, size))) if len(values) == n_vocab else 0
     source = f"tokens of {what}, top {size} + {extra} non-normal"
-    return write_vocab_from_counts(model, values, size, out, source=source, force=force)
+    return write_vocab_from_counts(model, values, size, out, source=source, force=force, qtype=qtype)
