@@ -4,8 +4,9 @@ The FiRST-GGUF is rewritten byte for byte (``writer``), never in place: every ke
 as it is, but ``first.version`` (3) and any old ``first.vocab.*`` keys and ``first_output.weight``,
 which are replaced; the new keys come last among the keys, the tensor last among the tensors.
 The tensor is the listed rows of the output matrix (``output.weight``, else ``token_embd.weight``),
-their stored bytes, in its type, or those rows requantized by ggml to ``qtype`` (``first.vocab.type``). Written to a temporary file beside the output, read back and
-checked, renamed. numpy + gguf only, never torch.
+their stored bytes, in its type, or those rows requantized by ggml to ``qtype`` (``first.vocab.type``).
+Written to a temporary file beside the output, read back and checked, renamed. numpy + gguf
+(and ggml's quantizer for ``qtype``), never torch.
 """
 
 from __future__ import annotations
