@@ -103,10 +103,11 @@ def _prompt_tokens(llm, n: int) -> list[int]:
     return toks[:n]
 
 
-def _run_worker(spec: dict, lib_path: Path | None) -> dict:
+def _run_worker(spec: dict, stock_lib: Path | None) -> dict:
+    """``worker(spec)`` in a fresh process, on the stock library when the spec names it."""
     env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
-    if lib_path:
-        env["LLAMA_CPP_LIB_PATH"] = str(lib_path)
+    if spec.get("lib") == "stock":
+        env["LLAMA_CPP_LIB_PATH"] = str(stock_lib)
     proc = subprocess.run([sys.executable, "-m", "first_gguf.bench", "--worker", json.dumps(spec)],
                           env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -175,10 +176,9 @@ def run_bench(model: Path, skip_count: int = 6, repeats: int = 5, ctx: Sequence[
             for c, t in cells:
                 cell = runs[(c, t)]
                 for spec in specs[r % len(specs):] + specs[:r % len(specs)]:  # rotate: no strategy always first
-                    lib = stock_lib if spec.get("lib") == "stock" else None
                     job = dict(spec, prompt_tokens=c, decode_tokens=decode_tokens, threads=t, mmap=mmap,
                                state=states.get((c, spec["name"])))
-                    cell[spec["name"]].append(_run_worker(job, lib))
+                    cell[spec["name"]].append(_run_worker(job, stock_lib))
                 _log(f"repeat {r + 1}/{repeats}, ctx {c}, {t} threads: " + ", ".join(
                     f"{k} {v[-1]['decode_tok_s']:.1f}" for k, v in cell.items()) + " decode tok/s")
         for key, path in files.items():
@@ -214,7 +214,7 @@ def _prompt_states(specs: list[dict], stock_lib: Path | None, ctxs: list[int], d
             path = tmp / f"{spec['name']}-{c}.state"
             job = dict(spec, prompt_tokens=c, decode_tokens=decode_tokens, threads=threads, mmap=mmap, state=str(path),
                        save_state=True)
-            res = _run_worker(job, stock_lib if spec.get("lib") == "stock" else None)
+            res = _run_worker(job, stock_lib)
             states[(c, spec["name"])] = str(path)
             prefill.setdefault(str(c), {})[spec["name"]] = res["prefill_tok_s"]
             _log(f"ctx {c}: {spec['name']}'s prompt state saved ({res['prefill_tok_s']:.1f} prefill tok/s)")

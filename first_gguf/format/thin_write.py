@@ -84,8 +84,10 @@ def requantized(tensor: Any, idx: np.ndarray, qtype: GGMLQuantizationType, colum
     ``qtype`` by ggml (F32 / F16 values convert exactly, so selecting them in their own type is exact)."""
     from gguf.quants import dequantize
 
-    kind = tensor.tensor_type
-    values = np.asarray(tensor.data) if kind in _NUMPY_TYPES else dequantize(tensor.data, kind)
+    kind, data = tensor.tensor_type, np.asarray(tensor.data)
+    if not columns:  # quantization is row-wise: pick the rows first, dequantize only those
+        data, idx = data[idx], slice(None)
+    values = data if kind in _NUMPY_TYPES else dequantize(data, kind)
     values = values.astype(np.float32, copy=False)
     return quantize(values[:, idx] if columns else values[idx], qtype)
 
