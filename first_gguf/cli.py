@@ -44,14 +44,15 @@ def cli() -> None:
 def build(force: bool, cmake_args: str | None, dev: Path | None, export: Path | None) -> None:
     """Build and install the patched llama-cpp-python (cached)."""
     from . import build as b
+    from . import build_dev
 
     if export:
-        for p in b.export_patches(export):
+        for p in build_dev.export_patches(export):
             click.echo(p)
         return
     if dev:
-        tree = b.dev_tree(dev)
-        libdir = b.dev_build(dev, cmake_args)
+        tree = build_dev.dev_tree(dev)
+        libdir = build_dev.dev_build(dev, cmake_args)
         click.echo(f"# scratch tree: {tree} (commit there, then `first-gguf build --export {dev}`)", err=True)
         click.echo(f"export LLAMA_CPP_LIB_PATH={libdir}")
         return

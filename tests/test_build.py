@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from first_gguf import build, constants
+from first_gguf import build, build_dev, constants
 from first_gguf.errors import BuildError
 
 
@@ -75,9 +75,9 @@ def test_dev_tree_exports_the_committed_series_byte_for_byte(tmp_path: Path) -> 
     # series the same way): a hand-edited patch, or one `--export` would rewrite, fails here.
     # dev_tree only makes the git tree; compiling is dev_build's, so this stays quick.
     dev, out = tmp_path / "dev", tmp_path / "exported"
-    build.dev_tree(dev)
+    build_dev.dev_tree(dev)
     out.mkdir()
-    exported, committed = build.export_patches(dev, out), build.patch_files()
+    exported, committed = build_dev.export_patches(dev, out), build.patch_files()
     assert [p.name for p in exported] == [p.name for p in committed]
     for new, old in zip(exported, committed):
         assert new.read_bytes() == old.read_bytes(), f"{old.name} differs from its regeneration"
