@@ -18,6 +18,7 @@ from .build import (GIT_IDENTITY, _git, cmake_args, extract_sdist, fetch_sdist, 
 from .errors import BuildError
 from .paths import cache_dir
 
+
 def dev_tree(dev: Path, cache: Path | None = None) -> Path:
     """Create ``dev/tree``: the pinned sdist as a git repo, one commit per patch."""
     tree = dev / "tree"
