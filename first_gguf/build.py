@@ -175,7 +175,7 @@ def extract_sdist(sdist: Path, dest: Path) -> Path:
     return tree
 
 
-def _git(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+def git(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     # The ceiling keeps git from adopting a repository above the tree (ours, for one):
     # inside a foreign repo `git apply` silently skips paths outside the current directory.
     env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(cwd.resolve().parent)}
@@ -197,17 +197,17 @@ def apply_patches(tree: Path, patches: list[Path]) -> list[str]:
     """
     peeled = set()
     for patch in reversed(patches):
-        if _git(["apply", "--reverse", "--check", str(patch)], tree, check=False).returncode == 0:
-            _git(["apply", "--reverse", "--whitespace=nowarn", str(patch)], tree)
+        if git(["apply", "--reverse", "--check", str(patch)], tree, check=False).returncode == 0:
+            git(["apply", "--reverse", "--whitespace=nowarn", str(patch)], tree)
             peeled.add(patch)
     states = []
     for patch in patches:
-        proc = _git(["apply", "--check", str(patch)], tree, check=False)
+        proc = git(["apply", "--check", str(patch)], tree, check=False)
         if proc.returncode != 0:
             err = proc.stderr.strip()
             raise BuildError(f"patches/{patch.name} does not apply to {tree}: regenerate against "
                              f"patches/BASE (git: {err.splitlines()[0] if err else 'no output'})")
-        _git(["apply", "--whitespace=nowarn", str(patch)], tree)
+        git(["apply", "--whitespace=nowarn", str(patch)], tree)
         states.append("already applied" if patch in peeled else "applied")
     return states
 

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .build import (GIT_IDENTITY, _git, cmake_args, extract_sdist, fetch_sdist, patch_files, patches_dir,
+from .build import (GIT_IDENTITY, cmake_args, extract_sdist, fetch_sdist, git, patch_files, patches_dir,
                     read_base, run_command)
 from .errors import BuildError
 from .paths import cache_dir
@@ -32,12 +32,12 @@ def dev_tree(dev: Path, cache: Path | None = None) -> Path:
     # The sdist carries upstream git metadata; the scratch tree gets a history of its own.
     shutil.rmtree(tree / ".git", ignore_errors=True)
     (tree / "vendor" / "llama.cpp" / ".git").unlink(missing_ok=True)
-    _git(["init", "-q"], tree)
-    _git(["add", "-A", "-f"], tree)  # -f: upstream .gitignore hides src/models/
-    _git([*GIT_IDENTITY, "commit", "-q", "-m", f"llama-cpp-python {base.version} sdist"], tree)
-    _git(["tag", "first-base"], tree)
+    git(["init", "-q"], tree)
+    git(["add", "-A", "-f"], tree)  # -f: upstream .gitignore hides src/models/
+    git([*GIT_IDENTITY, "commit", "-q", "-m", f"llama-cpp-python {base.version} sdist"], tree)
+    git(["tag", "first-base"], tree)
     for patch in patch_files():
-        _git([*GIT_IDENTITY, "am", "-q", "--keep-cr", str(patch)], tree)
+        git([*GIT_IDENTITY, "am", "-q", "--keep-cr", str(patch)], tree)
     return tree
 
 
@@ -46,7 +46,7 @@ def dev_build(dev: Path, extra_cmake_args: str | None = None) -> Path:
     tree, build = dev / "tree", dev / "build"
     if not (tree / ".git").is_dir():
         raise BuildError(f"{tree}: no scratch tree; run `first-gguf build --dev {dev}` first")
-    head = _git(["rev-parse", "--short", "HEAD"], tree).stdout.strip()
+    head = git(["rev-parse", "--short", "HEAD"], tree).stdout.strip()
     args = [*cmake_args(extra_cmake_args), f"-DLLAMA_FIRST_BUILD_KEY=dev-{head}", "-DCMAKE_BUILD_TYPE=Release"]
     gen = ["-G", "Ninja"] if shutil.which("ninja") and not (build / "CMakeCache.txt").exists() else []
     run_command(["cmake", "-S", str(tree), "-B", str(build), *gen, *args], what="cmake configure",
@@ -67,10 +67,10 @@ def export_patches(dev: Path, out: Path | None = None) -> list[Path]:
         The exported patches, in order.
     """
     tree, out = dev / "tree", out or patches_dir()
-    if _git(["status", "--porcelain", "--untracked-files=no"], tree).stdout.strip():
+    if git(["status", "--porcelain", "--untracked-files=no"], tree).stdout.strip():
         raise BuildError(f"{tree}: uncommitted changes; commit them (one commit per patch) first")
     with tempfile.TemporaryDirectory() as tmp:
-        _git(["format-patch", "--no-signature", "--no-numbered", "--zero-commit", "-o", tmp,
+        git(["format-patch", "--no-signature", "--no-numbered", "--zero-commit", "-o", tmp,
               "first-base..HEAD"], tree)
         new = sorted(Path(tmp).glob("*.patch"))
         for old in patch_files(out):
