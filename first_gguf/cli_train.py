@@ -148,19 +148,22 @@ def heal(model: str, skip: str, output: Path, run_dir: Path | None, examples: in
               "quantization block), or 'all' with --type: every neuron, requantized (no calibration).")
 @click.option("--type", "qtype", default=None, metavar="TYPE",
               help="Requantize every thin tensor to this ggml type, e.g. IQ4_NL (default: the base's types).")
+@click.option("--attn", is_flag=True, help="With --type: also copy each thin layer's attention weights (q, k, v, "
+              "output) in that type, read by the same decode steps (first.version 4).")
 @click.option("--layers", default="all", show_default=True, help="Layers to thin, e.g. 0,1,2 or 4-20.")
 @click.option("--examples", default=120, show_default=True, help="Calibration examples (built-in families, train split).")
 @click.option("--threads", default=None, type=int, help="torch threads (default: all cores).")
 @click.option("--scores", type=PathArg, default=None,
               help="Neuron scores (npz, key contrib): read if it exists (no calibration), else written.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
-def thin(model: str, output: Path, width: str, qtype: str | None, layers: str, examples: int, threads: int | None,
-         scores: Path | None, force: bool) -> None:
+def thin(model: str, output: Path, width: str, qtype: str | None, attn: bool, layers: str, examples: int,
+         threads: int | None, scores: Path | None, force: bool) -> None:
     """Add decode-only thinned FFNs to MODEL (a FiRST-GGUF or zoo name): docs/FORMAT.md section 7.
 
     Each listed layer keeps the WIDTH neurons that carry the most output on training prompts;
     the full FFNs stay, so the prompt and `full` are unchanged. With --type the thin copies
-    are requantized (e.g. `--width all --type IQ4_NL`: the whole FFN in a type the CPU decodes faster).
+    are requantized (e.g. `--width all --type IQ4_NL`: the whole FFN in a type the CPU decodes faster),
+    and with --attn the thin layers' attention weights too.
     """
     from .format import parse_layers
     from .shipped import resolve_model
@@ -168,9 +171,11 @@ def thin(model: str, output: Path, width: str, qtype: str | None, layers: str, e
 
     if width != "all" and not width.isdigit():
         raise click.BadParameter(f"{width!r} is neither a neuron count nor 'all'", param_hint="--width")
+    if attn and qtype is None:
+        raise click.BadParameter("attention copies need --type (the copies' ggml type)", param_hint="--attn")
     chosen = None if layers == "all" else parse_layers(layers)
     click.echo(thin_model(resolve_model(model), output, None if width == "all" else int(width), layers=chosen,
-                          examples=examples, threads=threads, scores=scores, force=force, qtype=qtype))
+                          examples=examples, threads=threads, scores=scores, force=force, qtype=qtype, attn=attn))
 
 
 @click.command()

@@ -8,15 +8,17 @@ nothing heavy so that any part of the package can use it.
 from __future__ import annotations
 
 # Versions of the FiRST-GGUF format (`first.version`): this package reads every one of
-# FIRST_VERSIONS. A writer writes FIRST_VERSION_VOCAB exactly when the file carries a short
+# FIRST_VERSIONS. A writer writes FIRST_VERSION_ATTN exactly when the file carries attention
+# copies (first.thin.attn and its tensors), else FIRST_VERSION_VOCAB when it carries a short
 # output vocabulary (the first.vocab.* keys and tensor), else FIRST_VERSION_THIN when it carries
 # thinned FFNs (the first.thin.* keys and tensors), else FIRST_VERSION_PLAIN, so a file without
 # them stays byte-identical to what version 1 wrote.
 FIRST_VERSION_PLAIN = 1
 FIRST_VERSION_THIN = 2
 FIRST_VERSION_VOCAB = 3
-FIRST_VERSION = FIRST_VERSION_VOCAB  # the newest
-FIRST_VERSIONS = (FIRST_VERSION_PLAIN, FIRST_VERSION_THIN, FIRST_VERSION_VOCAB)
+FIRST_VERSION_ATTN = 4
+FIRST_VERSION = FIRST_VERSION_ATTN  # the newest
+FIRST_VERSIONS = (FIRST_VERSION_PLAIN, FIRST_VERSION_THIN, FIRST_VERSION_VOCAB, FIRST_VERSION_ATTN)
 
 # --- GGUF keys ---------------------------------------------------------------------------
 KEY_VERSION = "first.version"                       # u32
@@ -34,6 +36,7 @@ KEY_THIN_WIDTHS = "first.thin.widths"                # array[u32], version 2: ke
 KEY_THIN_NEURONS = "first.thin.neurons"              # array[i32], version 2: kept neuron indices, layer after layer
 KEY_THIN_SOURCE = "first.thin.source"                # string, optional: how the neurons were chosen
 KEY_THIN_TYPE = "first.thin.type"                    # string, optional: ggml type of every thin tensor (requantized)
+KEY_THIN_ATTN = "first.thin.attn"                    # bool, version 4, optional (true): attention copies too
 KEY_VOCAB_TOKENS = "first.vocab.tokens"              # array[i32], version 3: the short vocabulary, ascending
 KEY_VOCAB_SOURCE = "first.vocab.source"              # string, optional: how the tokens were chosen
 KEY_VOCAB_TYPE = "first.vocab.type"                  # string, optional: ggml type of first_output.weight (requantized)
@@ -56,7 +59,7 @@ POINT_KEYS = (KEY_POINTS, KEY_POINTS_DEFAULT)
 # Keys of a file with thinned FFNs (first.version 2): the first three together, the source optional.
 THIN_KEY_PREFIX = "first.thin."
 THIN_REQUIRED_KEYS = (KEY_THIN_LAYERS, KEY_THIN_WIDTHS, KEY_THIN_NEURONS)
-THIN_KEYS = THIN_REQUIRED_KEYS + (KEY_THIN_SOURCE, KEY_THIN_TYPE)
+THIN_KEYS = THIN_REQUIRED_KEYS + (KEY_THIN_SOURCE, KEY_THIN_TYPE, KEY_THIN_ATTN)
 # Keys of a file with a short output vocabulary (first.version 3): the tokens, the source optional.
 VOCAB_KEY_PREFIX = "first.vocab."
 VOCAB_KEYS = (KEY_VOCAB_TOKENS, KEY_VOCAB_SOURCE, KEY_VOCAB_TYPE)
@@ -70,8 +73,11 @@ KEY_TOKEN_TYPE = "tokenizer.ggml.token_type"
 TOKEN_TYPE_NORMAL = 1
 
 
-def first_version_for(thin: bool, vocab: bool) -> int:
-    """The ``first.version`` a writer writes for a file with (or without) thinned FFNs and a short vocabulary."""
+def first_version_for(thin: bool, vocab: bool, attn: bool = False) -> int:
+    """The ``first.version`` a writer writes for a file with (or without) thinned FFNs, a short
+    vocabulary and attention copies."""
+    if attn:
+        return FIRST_VERSION_ATTN
     return FIRST_VERSION_VOCAB if vocab else FIRST_VERSION_THIN if thin else FIRST_VERSION_PLAIN
 
 # Allowed values of the string keys (first.version 1 has one each).
@@ -172,6 +178,27 @@ BASE_FFN_TENSORS = {
 
 # Marker every thin tensor name contains (after `blk.N.`).
 THIN_NAME_MARKER = ".first_ffn_"
+
+# Attention copies (first.version 4, with first.thin.type and first.thin.attn): every thin layer
+# also carries its attention weights requantized to first.thin.type, same shapes as the base's.
+ATTN_COPY_TENSORS = {
+    "q": "blk.{bid}.first_attn_q.weight",
+    "k": "blk.{bid}.first_attn_k.weight",
+    "v": "blk.{bid}.first_attn_v.weight",
+    "output": "blk.{bid}.first_attn_output.weight",
+}
+BASE_ATTN_TENSORS = {
+    "q": "blk.{bid}.attn_q.weight",
+    "k": "blk.{bid}.attn_k.weight",
+    "v": "blk.{bid}.attn_v.weight",
+    "output": "blk.{bid}.attn_output.weight",
+}
+ATTN_COPY_MARKER = ".first_attn_"
+
+
+def is_thin_part(name: str) -> bool:
+    """Whether a tensor belongs to the thin part of a file: a thin FFN or an attention copy."""
+    return THIN_NAME_MARKER in name or ATTN_COPY_MARKER in name
 
 
 def thin_tensor_name(role: str, bid: int) -> str:

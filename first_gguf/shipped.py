@@ -4,7 +4,8 @@
 the named operating points (``<name>.points.json``, docs/FORMAT.md section 2), the damage
 labels (``<name>.damage.jsonl``), the healing adapters the points name and the neurons of its
 thinned FFNs (``<name>.thin.npz``: ``layer_<i>`` the kept neurons of layer i, ``source`` how they
-were chosen, ``type`` the ggml type they are requantized to, if any; docs/FORMAT.md section 7)
+were chosen, ``type`` the ggml type they are requantized to, if any, ``attn`` true when the thin
+layers also carry attention copies; docs/FORMAT.md section 7)
 and its short output vocabulary (``<name>.vocab.npz``:
 ``tokens`` the listed token ids, ``source`` how they were chosen, ``type`` the ggml type their
 rows are requantized to, if any; section 8). ``first_gguf_path``
@@ -49,9 +50,9 @@ def shipped_labels_path(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def shipped_thin(name: str) -> tuple[dict[int, list[int]], str, str | None] | None:
-    """The kept neurons per layer of zoo model ``name``'s thinned FFNs, their source and the type
-    they are requantized to (None: the base's), if committed."""
+def shipped_thin(name: str) -> tuple[dict[int, list[int]], str, str | None, bool] | None:
+    """The kept neurons per layer of zoo model ``name``'s thinned FFNs, their source, the type
+    they are requantized to (None: the base's) and whether attention copies come with them, if committed."""
     import numpy as np
 
     path = DATA / f"{name}.thin.npz"
@@ -60,7 +61,8 @@ def shipped_thin(name: str) -> tuple[dict[int, list[int]], str, str | None] | No
     with np.load(path) as z:
         layers = sorted(int(k.split("_")[1]) for k in z.files if k.startswith("layer_"))
         qtype = str(z["type"]) if "type" in z.files else None
-        return {i: [int(j) for j in z[f"layer_{i}"]] for i in layers}, str(z["source"]), qtype
+        attn = bool(z["attn"]) if "attn" in z.files else False
+        return {i: [int(j) for j in z[f"layer_{i}"]] for i in layers}, str(z["source"]), qtype, attn
 
 
 def shipped_vocab(name: str) -> tuple[list[int], str, str | None] | None:
@@ -117,8 +119,10 @@ def first_gguf_path(name: str, seed: int = 0) -> Path:
     # routers, then the thinned FFNs and the short vocabulary, then the points (which may name them)
     steps = []
     if thin is not None:
-        steps.append((f"the FFN stand-ins (thinned or requantized) of {len(thin[0])} layers",
-                      lambda src, dst: fmt.write_thin(src, thin[0], dst, source=thin[1], force=True, qtype=thin[2])))
+        steps.append((f"the FFN stand-ins (thinned or requantized) of {len(thin[0])} layers"
+                      + (" and their attention copies" if thin[3] else ""),
+                      lambda src, dst: fmt.write_thin(src, thin[0], dst, source=thin[1], force=True, qtype=thin[2],
+                                                      attn=thin[3])))
     if vocab is not None:
         steps.append((f"a short output vocabulary of {len(vocab[0])} tokens",
                       lambda src, dst: fmt.write_vocab(src, vocab[0], dst, source=vocab[1], force=True,
@@ -167,7 +171,8 @@ def resolve_model(model: str | Path | None) -> Path:
     return first_gguf_path(name)
 
 
-def _same_parts(path: Path, routers: RouterSet, points, thin: tuple[dict[int, list[int]], str, str | None] | None,
+def _same_parts(path: Path, routers: RouterSet, points,
+                thin: tuple[dict[int, list[int]], str, str | None, bool] | None,
                 vocab: tuple[list[int], str, str | None] | None) -> bool:
     """Whether the FiRST-GGUF at ``path`` carries exactly these routers, points, thinned FFNs and
     short vocabulary (read once, without the byte comparisons of copied rows: the file is our own output)."""
@@ -181,10 +186,10 @@ def _same_parts(path: Path, routers: RouterSet, points, thin: tuple[dict[int, li
             and _same_vocab(parts.vocab, vocab))
 
 
-def _same_thin(have, thin: tuple[dict[int, list[int]], str, str | None] | None) -> bool:
+def _same_thin(have, thin: tuple[dict[int, list[int]], str, str | None, bool] | None) -> bool:
     if thin is None or have is None:
         return thin is None and have is None
-    return (have.source == thin[1] and have.qtype == thin[2]
+    return (have.source == thin[1] and have.qtype == thin[2] and have.attn == thin[3]
             and {i: list(have.neurons_of(i)) for i in have.layers} == thin[0])
 
 

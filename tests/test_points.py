@@ -368,7 +368,7 @@ def test_the_shipped_points_file_is_valid_for_its_model():
     from first_gguf import models, shipped
 
     path = shipped.shipped_points_path(models.DEFAULT_MODEL)
-    thin, _, qtype = shipped.shipped_thin(models.DEFAULT_MODEL)
+    thin, _, qtype, _ = shipped.shipped_thin(models.DEFAULT_MODEL)
     assert sorted(thin) == list(range(24)) and all(v == list(range(4864)) for v in thin.values()) and qtype == "IQ4_NL"
     points = fmt.load_points(path, 24, [0, 23], thin_layers=sorted(thin), has_vocab=True)
     tokens, _, _ = shipped.shipped_vocab(models.DEFAULT_MODEL)
@@ -694,12 +694,12 @@ def test_default_model_carries_the_shipped_points(tmp_path, monkeypatch):
     monkeypatch.setenv("FIRST_GGUF_CACHE", str(cache))
     path = shipped.first_gguf_path(models.DEFAULT_MODEL)
     assert path.parent == cache / "demo"
-    thin, source, qtype = shipped.shipped_thin(models.DEFAULT_MODEL)
+    thin, source, qtype, attn = shipped.shipped_thin(models.DEFAULT_MODEL)
     want = fmt.load_points(shipped.shipped_points_path(models.DEFAULT_MODEL), 24, [0, 23], thin_layers=sorted(thin),
                            has_vocab=True)
     assert fmt.read_points(path) == want and want.default == "fast-quality-short"
     have = fmt.read_thin(path)
-    assert have.source == source and have.qtype == qtype and all(list(have.neurons_of(i)) == thin[i] for i in range(24))
+    assert have.source == source and have.qtype == qtype and have.attn == attn and all(list(have.neurons_of(i)) == thin[i] for i in range(24))
     tokens, vocab_source, vocab_type = shipped.shipped_vocab(models.DEFAULT_MODEL)
     assert fmt.read_vocab(path) == fmt.VocabInfo(tuple(tokens), vocab_source, vocab_type)
     from first_gguf.runtime import FirstModel

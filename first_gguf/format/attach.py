@@ -162,7 +162,8 @@ def attach_checked(base_path: str | os.PathLike, routers: RouterSet, out_path: s
         logger.warning("%s is already a FiRST-GGUF: replacing its %d router tensors and first.* keys%s",
                        base, len(old), f" (keeping its {kept})" if kept else "")
     with atomic_output(out) as tmp:
-        version = {KEY_VERSION: first_version_for(thin=thin is not None, vocab=vocab is not None)}
+        version = {KEY_VERSION: first_version_for(thin=thin is not None, vocab=vocab is not None,
+                                                  attn=thin is not None and thin.attn)}
         write_gguf(reader, arch, routers.metadata() | points.metadata() | version, new, tmp, kept_fields)
         _verify_written(tmp, reader, new, points, str(out))
     return out

@@ -25,6 +25,8 @@ from ..constants import (
     KEY_ROUTER_HIDDEN_SIZE,
     KEY_ROUTER_NORM_EPS,
     KEY_ROUTER_THRESHOLD,
+    ATTN_COPY_MARKER,
+    KEY_THIN_ATTN,
     KEY_THIN_LAYERS,
     KEY_THIN_SOURCE,
     KEY_THIN_TYPE,
@@ -164,12 +166,14 @@ def _router_summary(tensors: list[Any]) -> dict:
 
 
 def _thin_summary(reader: Reader, fields: dict[str, Any]) -> dict | None:
-    """The thinned FFNs as far as they are readable: layers, widths, source, type, thin and full bytes."""
+    """The thinned FFNs as far as they are readable: layers, widths, source, type, thin and full bytes,
+    and the attention copies (``attn``: first.thin.attn, ``attn_bytes``: the copies' bytes)."""
     thin = [t for t in reader.tensors if THIN_NAME_MARKER in t.name]
-    if KEY_THIN_LAYERS not in fields and not thin:
+    copies = [t for t in reader.tensors if ATTN_COPY_MARKER in t.name]
+    if KEY_THIN_LAYERS not in fields and not thin and not copies:
         return None
     values = {}
-    for key in (KEY_THIN_LAYERS, KEY_THIN_WIDTHS, KEY_THIN_SOURCE, KEY_THIN_TYPE):
+    for key in (KEY_THIN_LAYERS, KEY_THIN_WIDTHS, KEY_THIN_SOURCE, KEY_THIN_TYPE, KEY_THIN_ATTN):
         try:
             values[key] = fields[key].contents() if key in fields else None
         except (UnicodeDecodeError, IndexError, ValueError):
@@ -178,7 +182,8 @@ def _thin_summary(reader: Reader, fields: dict[str, Any]) -> dict | None:
     layers = sorted({parsed[0] for t in thin if (parsed := parse_thin_name(t.name))})
     return {"layers": values[KEY_THIN_LAYERS], "widths": values[KEY_THIN_WIDTHS], "source": values[KEY_THIN_SOURCE],
             "type": values[KEY_THIN_TYPE], "thin_bytes": sum(int(t.n_bytes) for t in thin),
-            "full_bytes": sum(sizes.get(base_ffn_name(role, i), 0) for i in layers for role in THIN_TENSORS)}
+            "full_bytes": sum(sizes.get(base_ffn_name(role, i), 0) for i in layers for role in THIN_TENSORS),
+            "attn": bool(values[KEY_THIN_ATTN]), "attn_bytes": sum(int(t.n_bytes) for t in copies)}
 
 
 def _vocab_summary(reader: Reader, fields: dict[str, Any]) -> dict | None:
@@ -258,7 +263,9 @@ def _thin_lines(thin: dict | None) -> list[str]:
     kind = f", requantized to {thin['type']}" if thin.get("type") else ""
     return [f"thin FFNs     layers {thin['layers']}, {width}{kind}",
             f"              {thin['thin_bytes'] / 1e6:.1f} MB thin of {thin['full_bytes'] / 1e6:.1f} MB full FFN{share}; "
-            f"{thin['source'] or 'no source'}"]
+            f"{thin['source'] or 'no source'}"] + (
+        [f"              and attention copies of those layers, {thin['attn_bytes'] / 1e6:.1f} MB"]
+        if thin.get("attn") else [])
 
 
 def _vocab_lines(vocab: dict | None) -> list[str]:

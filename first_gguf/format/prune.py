@@ -4,10 +4,11 @@ reference that ``mask`` mode with ``prefill=masked`` must match (docs/FORMAT.md 
 Like ``llama-quantize --prune-layers``: the kept blocks are renumbered 0..k-1, the block
 count and any per-layer array key are cut to them, every other key and tensor is copied
 byte for byte. Router tensors, thinned FFNs, the short output vocabulary and ``first.*`` keys are
-dropped (the result is a plain GGUF). With ``thin``, a FiRST-GGUF's thinned FFNs (docs/FORMAT.md section 7) replace the
-full ones of their layers and ``feed_forward_length`` follows: the reference for ``mask`` mode
-with thin layers and ``prefill=masked``. Every kept layer must then have the same FFN width
-(llama.cpp's loaders for qwen2, llama, qwen3 and gemma3 take one width for every layer).
+dropped (the result is a plain GGUF). With ``thin``, a FiRST-GGUF's thinned FFNs (docs/FORMAT.md
+section 7) replace the full ones of their layers (and its attention copies the attention weights)
+and ``feed_forward_length`` follows: the reference for ``mask`` mode with thin layers and
+``prefill=masked``. Every kept layer must then have the same FFN width (llama.cpp's loaders for
+qwen2, llama, qwen3 and gemma3 take one width for every layer).
 numpy + gguf only.
 """
 
@@ -20,7 +21,7 @@ from typing import Any, Iterable
 
 from gguf import GGUFValueType
 
-from ..constants import FIRST_KEY_PREFIX, ROUTER_NAME_MARKER, THIN_NAME_MARKER, VOCAB_TENSOR
+from ..constants import FIRST_KEY_PREFIX, ROUTER_NAME_MARKER, VOCAB_TENSOR, is_thin_part
 from ..errors import FormatError
 from ..paths import atomic_output, check_output_path
 from .header import read_header
@@ -28,7 +29,8 @@ from .reader import Reader, model_dims
 from .writer import CopyWriter, copied_fields, gguf_writer, write_tensors
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
-_FFN = ("ffn_gate", "ffn_up", "ffn_down")
+# tensors a thin layer carries a stand-in of: its FFN, and with attention copies its attention weights
+_FFN = ("ffn_gate", "ffn_up", "ffn_down", "attn_q", "attn_k", "attn_v", "attn_output")
 
 
 def prune_gguf(base_path: str | os.PathLike, skip: Iterable[int], out_path: str | os.PathLike,
@@ -99,13 +101,13 @@ def _copy_fields(writer: CopyWriter, reader: Reader, arch: str, n_layer: int, ke
 
 def _kept_tensors(reader: Reader, keep: list[int], thin: bool = False) -> list[tuple[str, Any]]:
     """(new name, tensor) of every tensor but the routers, thinned FFNs, the short vocabulary and removed blocks; blocks
-    renumbered; with ``thin``, a layer's thinned FFN in place of its full one."""
+    renumbered; with ``thin``, a layer's thinned FFN (and attention copies) in place of its own."""
     renumber = {old: new for new, old in enumerate(keep)}
     by_name = {t.name: t for t in reader.tensors}
     kept = []
     for t in reader.tensors:
         m = _BLOCK.match(t.name)
-        if (ROUTER_NAME_MARKER in t.name or THIN_NAME_MARKER in t.name or t.name == VOCAB_TENSOR
+        if (ROUTER_NAME_MARKER in t.name or is_thin_part(t.name) or t.name == VOCAB_TENSOR
                 or (m and int(m.group(1)) not in renumber)):
             continue
         if thin and m and m.group(2).split(".")[0] in _FFN:

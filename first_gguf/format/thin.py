@@ -5,7 +5,9 @@ neurons' rows of ``ffn_gate`` / ``ffn_up`` (their stored bytes) and columns of `
 (quantized again to its type), named by ``constants.THIN_TENSORS``; the ``first.thin.*``
 keys list the layers, widths and neuron indices. With ``first.thin.type`` every thin tensor
 is instead ggml's quantization of the kept neurons to that type, and the width may be the
-whole FFN (a faster-to-decode copy). ``thin_from_reader`` applies every rule (keys, tensors
+whole FFN (a faster-to-decode copy); with ``first.thin.attn`` (version 4) every thin layer also
+carries its attention weights in that type (``constants.ATTN_COPY_TENSORS``), read by the same
+reduced graphs. ``thin_from_reader`` applies every rule (keys, tensors
 and their agreement, gate/up rows byte for byte when they are copies); the writer is ``thin_write``.
 numpy + gguf only, never torch.
 """
@@ -20,8 +22,13 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from ..constants import (
+    ATTN_COPY_MARKER,
+    ATTN_COPY_TENSORS,
+    BASE_ATTN_TENSORS,
     BASE_FFN_TENSORS,
+    FIRST_VERSION_ATTN,
     FIRST_VERSION_THIN,
+    KEY_THIN_ATTN,
     KEY_THIN_LAYERS,
     KEY_THIN_NEURONS,
     KEY_THIN_SOURCE,
@@ -46,6 +53,7 @@ THIN_KEY_TYPES: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {
     KEY_THIN_NEURONS: (GGUFValueType.ARRAY, GGUFValueType.INT32),
     KEY_THIN_SOURCE: (GGUFValueType.STRING, None),
     KEY_THIN_TYPE: (GGUFValueType.STRING, None),
+    KEY_THIN_ATTN: (GGUFValueType.BOOL, None),
 }
 # Types a thin copy may be requantized to: what ggml's quantizer writes without an importance
 # matrix (the F32 / F16 conversions are numpy's).
@@ -65,6 +73,7 @@ class ThinInfo:
         source: How they were chosen (free text), or None.
         qtype: The ggml type every thin tensor was requantized to (``first.thin.type``), or None:
             gate/up rows are the base's bytes and down has the base's type.
+        attn: Every thin layer also carries attention copies in ``qtype`` (``first.thin.attn``).
     """
 
     layers: tuple[int, ...]
@@ -72,6 +81,7 @@ class ThinInfo:
     neurons: tuple[tuple[int, ...], ...]
     source: str | None = None
     qtype: str | None = None
+    attn: bool = False
 
     def width(self, layer: int) -> int:
         """Kept neurons of ``layer`` (KeyError if it carries no thin FFN)."""
@@ -90,7 +100,8 @@ class ThinInfo:
         meta: dict[str, object] = {KEY_THIN_LAYERS: list(self.layers), KEY_THIN_WIDTHS: list(self.widths),
                                    KEY_THIN_NEURONS: [i for seg in self.neurons for i in seg]}
         meta |= {KEY_THIN_SOURCE: self.source} if self.source is not None else {}
-        return meta | ({KEY_THIN_TYPE: self.qtype} if self.qtype is not None else {})
+        meta |= {KEY_THIN_TYPE: self.qtype} if self.qtype is not None else {}
+        return meta | ({KEY_THIN_ATTN: True} if self.attn else {})
 
     def _index(self, layer: int) -> int:
         try:
@@ -166,9 +177,11 @@ def thin_from_reader(reader: Any, where: str, meta: dict[str, object], arch: str
     """
     present = [k for k in THIN_KEYS if k in meta]
     tensors = {t.name: t for t in reader.tensors if THIN_NAME_MARKER in t.name}
+    copies = {t.name: t for t in reader.tensors if ATTN_COPY_MARKER in t.name}
     if not present:
-        if tensors:
-            raise FormatError(f"{where}: thinned FFN tensor {next(iter(tensors))} without {KEY_THIN_LAYERS}")
+        if tensors or copies:
+            kind = "thinned FFN tensor" if tensors else "attention copy"
+            raise FormatError(f"{where}: {kind} {next(iter(tensors or copies))} without {KEY_THIN_LAYERS}")
         return None
     if meta[KEY_VERSION] < FIRST_VERSION_THIN:
         raise FormatError(f"{where}: {present[0]} in a {KEY_VERSION} {meta[KEY_VERSION]} file (thinned FFNs "
@@ -188,6 +201,7 @@ def thin_from_reader(reader: Any, where: str, meta: dict[str, object], arch: str
     _check_tensor_names(where, tensors, layers)
     name = meta.get(KEY_THIN_TYPE)
     qtype = None if name is None else thin_qtype(where, str(name), n_embd)
+    attn = _check_attn(reader, where, meta, copies, layers, qtype)
     segments, start = [], 0
     for layer, width in zip(layers, widths):
         idx = neurons[start:start + width]
@@ -197,7 +211,45 @@ def thin_from_reader(reader: Any, where: str, meta: dict[str, object], arch: str
         segments.append(tuple(int(i) for i in idx))
     source = meta.get(KEY_THIN_SOURCE)
     return ThinInfo(tuple(layers), tuple(widths), tuple(segments), None if source is None else str(source),
-                    None if name is None else str(name))
+                    None if name is None else str(name), attn)
+
+
+def _check_attn(reader: Any, where: str, meta: dict[str, object], copies: dict[str, Any], layers: list[int],
+                qtype: GGMLQuantizationType | None) -> bool:
+    """``first.thin.attn`` and the attention copies: each thin layer's four, the base's shapes, ``qtype``."""
+    if KEY_THIN_ATTN not in meta:
+        if copies:
+            raise FormatError(f"{where}: attention copy {next(iter(copies))} without {KEY_THIN_ATTN}")
+        return False
+    if meta[KEY_VERSION] < FIRST_VERSION_ATTN:
+        raise FormatError(f"{where}: {KEY_THIN_ATTN} in a {KEY_VERSION} {meta[KEY_VERSION]} file (attention "
+                          f"copies need {KEY_VERSION} {FIRST_VERSION_ATTN})")
+    if not meta[KEY_THIN_ATTN]:
+        raise FormatError(f"{where}: {KEY_THIN_ATTN} must be true; leave it out for no attention copies")
+    if qtype is None:
+        raise FormatError(f"{where}: {KEY_THIN_ATTN} needs {KEY_THIN_TYPE} (the copies' type)")
+    base = {t.name: t for t in reader.tensors}
+    wanted = {ATTN_COPY_TENSORS[r].format(bid=i): (i, BASE_ATTN_TENSORS[r].format(bid=i))
+              for i in layers for r in ATTN_COPY_TENSORS}
+    for name in copies:
+        if name not in wanted:
+            raise FormatError(f"{where}: unknown or extra attention copy {name} (thin layers {layers})")
+    for name, (layer, base_name) in wanted.items():
+        at = f"{where}: layer {layer}"
+        t, b = copies.get(name), base.get(base_name)
+        if b is None:
+            raise FormatError(f"{at}: no {base_name}; attention copies need separate q, k, v and output weights")
+        if t is None:
+            raise FormatError(f"{at}: missing {name} ({KEY_THIN_ATTN} is set)")
+        if _pad4(t.shape) != _pad4(b.shape):
+            raise FormatError(f"{at}: {name} has shape {tuple(int(n) for n in t.shape)}, expected "
+                              f"{tuple(int(n) for n in b.shape)} (the shape of {base_name})")
+        if t.tensor_type != qtype:
+            raise FormatError(f"{at}: {name} has type {t.tensor_type.name}, expected {qtype.name} ({KEY_THIN_TYPE})")
+        if int(b.shape[0]) % block_size(qtype):
+            raise FormatError(f"{at}: {KEY_THIN_TYPE} {qtype.name}: its block of {block_size(qtype)} does not "
+                              f"divide the rows of {int(b.shape[0])} values of {base_name}")
+    return True
 
 
 def _check_layers(where: str, layers: list[int], n_layer: int) -> None:
@@ -278,10 +330,13 @@ def _pad4(shape: Any) -> tuple[int, ...]:
 
 
 def thin_bytes(reader: Any, info: ThinInfo) -> tuple[int, int]:
-    """(bytes of the thin FFNs, bytes of the full FFNs of the same layers)."""
+    """(bytes of the thin FFNs and attention copies, bytes of the base tensors they stand in for)."""
     sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
     thin = sum(sizes.get(thin_tensor_name(r, i), 0) for i in info.layers for r in THIN_TENSORS)
     full = sum(sizes.get(base_ffn_name(r, i), 0) for i in info.layers for r in THIN_TENSORS)
+    if info.attn:
+        thin += sum(sizes.get(ATTN_COPY_TENSORS[r].format(bid=i), 0) for i in info.layers for r in ATTN_COPY_TENSORS)
+        full += sum(sizes.get(BASE_ATTN_TENSORS[r].format(bid=i), 0) for i in info.layers for r in BASE_ATTN_TENSORS)
     return thin, full
 
 

@@ -7,8 +7,9 @@ as their stored bytes; ``ffn_down`` is dequantized (gguf-py), its neuron columns
 quantized again to its own type by ggml's quantizer (``ggml_quantize_chunk`` of the library
 llama-cpp-python ships; F32 / F16 exactly with numpy). With a ``qtype`` (``first.thin.type``)
 all three are dequantized, their neurons selected and quantized to that type instead, and the
-width may be the whole FFN. Written to a temporary file beside the output, read back and
-checked, renamed. numpy + gguf (+ ctypes) only, never torch.
+width may be the whole FFN; with ``attn`` (``first.thin.attn``, version 4) each thin layer's
+attention weights (q, k, v, output) are quantized to that type too, whole. Written to a
+temporary file beside the output, read back and checked, renamed. numpy + gguf (+ ctypes) only, never torch.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..constants import (
+    ATTN_COPY_TENSORS,
+    BASE_ATTN_TENSORS,
     THIN_DOWN,
     THIN_KEY_PREFIX,
-    THIN_NAME_MARKER,
     THIN_TENSORS,
     first_version_for,
+    is_thin_part,
     thin_tensor_name,
 )
 from ..errors import FirstError, FormatError
@@ -112,6 +115,25 @@ def thin_tensors(reader: Reader, where: str, neurons: Mapping[int, np.ndarray],
     return out
 
 
+def attn_copies(reader: Reader, where: str, layers: Sequence[int],
+                qtype: GGMLQuantizationType) -> list[tuple[str, Any]]:
+    """(name, tensor) of the attention copies of ``layers``: q, k, v and output each, whole, in ``qtype``."""
+    tensors = {t.name: t for t in reader.tensors}
+    out = []
+    for layer in sorted(layers):
+        for role, template in ATTN_COPY_TENSORS.items():
+            base = tensors.get(BASE_ATTN_TENSORS[role].format(bid=layer))
+            if base is None or len(base.shape) != 2:
+                raise FirstError(f"{where}: layer {layer}: no 2-D {BASE_ATTN_TENSORS[role].format(bid=layer)}; "
+                                 f"attention copies need separate q, k, v and output weights")
+            if int(base.shape[0]) % GGML_QUANT_SIZES[qtype][0]:
+                raise FirstError(f"{where}: layer {layer}: {qtype.name}'s block of {GGML_QUANT_SIZES[qtype][0]} "
+                                 f"does not divide the rows of {int(base.shape[0])} values of its attention")
+            data = requantized(base, np.arange(int(base.shape[1])), qtype, columns=False)
+            out.append((template.format(bid=layer), types.SimpleNamespace(data=data, tensor_type=qtype)))
+    return out
+
+
 def check_neurons(reader: Reader, where: str, neurons: Mapping[int, Sequence[int]],
                   qtype: str | None = None) -> dict[int, np.ndarray]:
     """The kept neurons per layer (and ``qtype``), checked against the model before anything is written."""
@@ -141,7 +163,8 @@ def check_neurons(reader: Reader, where: str, neurons: Mapping[int, Sequence[int
 
 
 def write_thin(path: str | os.PathLike, neurons: Mapping[int, Sequence[int]], out_path: str | os.PathLike,
-               source: str | None = None, force: bool = False, qtype: str | None = None) -> Path:
+               source: str | None = None, force: bool = False, qtype: str | None = None,
+               attn: bool = False) -> Path:
     """Write the FiRST-GGUF ``path`` with thinned FFNs for the layers of ``neurons``; the input is never modified.
 
     Args:
@@ -153,28 +176,33 @@ def write_thin(path: str | os.PathLike, neurons: Mapping[int, Sequence[int]], ou
         source: ``first.thin.source`` (how the neurons were chosen), or None.
         force: Overwrite an existing output.
         qtype: A ggml type name (``format.thin.THIN_TYPES``): every thin tensor is requantized to it.
+        attn: Also write each thin layer's attention weights requantized to ``qtype`` (needs ``qtype``).
 
     Returns:
         The output path.
     """
     src, out = Path(path), Path(out_path)
+    if attn and qtype is None:
+        raise FirstError(f"{src}: attention copies need a type for the copies (first.thin.type)")
     check_output_path(out, force, inputs=(src,))
     reader = read_header(src)
     vocab = first_parts_from_reader(reader, str(src)).vocab
     arch, _, _ = model_dims(reader, str(src))
     kept = check_neurons(reader, str(src), neurons, qtype)
     info = ThinInfo(tuple(kept), tuple(len(v) for v in kept.values()),
-                    tuple(tuple(int(i) for i in v) for v in kept.values()), source, qtype)
-    new = thin_tensors(reader, str(src), kept, None if qtype is None else GGMLQuantizationType[qtype])
+                    tuple(tuple(int(i) for i in v) for v in kept.values()), source, qtype, attn)
+    kind = None if qtype is None else GGMLQuantizationType[qtype]
+    new = thin_tensors(reader, str(src), kept, kind)
+    new += attn_copies(reader, str(src), list(kept), kind) if attn else []
     with atomic_output(out) as tmp:
-        _write(reader, arch, info, new, first_version_for(thin=True, vocab=vocab is not None), tmp)
+        _write(reader, arch, info, new, first_version_for(thin=True, vocab=vocab is not None, attn=attn), tmp)
         _verify(tmp, reader, info, new, str(out))
     return out
 
 
 def write_thin_from_scores(path: str | os.PathLike, scores: np.ndarray, width: int, out_path: str | os.PathLike,
                            layers: Sequence[int] | None = None, source: str | None = None,
-                           force: bool = False, qtype: str | None = None) -> Path:
+                           force: bool = False, qtype: str | None = None, attn: bool = False) -> Path:
     """``write_thin`` keeping, in each of ``layers`` (None: every layer), the ``width`` highest-scoring
     neurons of ``scores`` (shape ``[n_layer, n_ff]``)."""
     scores, reader = np.asarray(scores), read_header(path)
@@ -187,7 +215,7 @@ def write_thin_from_scores(path: str | os.PathLike, scores: np.ndarray, width: i
         raise FirstError(f"scores of shape {list(scores.shape)} do not fit {path} ({n_layer} layers, "
                          f"feed_forward_length {sorted(n_ff)})")
     return write_thin(path, {i: top_neurons(scores[i], width) for i in chosen}, out_path, source=source, force=force,
-                      qtype=qtype)
+                      qtype=qtype, attn=attn)
 
 
 def _write(reader: Reader, arch: str, info: ThinInfo, new: list[tuple[str, Any]], version: int, path: Path) -> None:
@@ -197,7 +225,7 @@ def _write(reader: Reader, arch: str, info: ThinInfo, new: list[tuple[str, Any]]
 
 
 def _in_part(name: str) -> bool:
-    return THIN_NAME_MARKER in name
+    return is_thin_part(name)
 
 
 def _verify(path: Path, base: Reader, info: ThinInfo, new: list[tuple[str, Any]], where: str) -> None:

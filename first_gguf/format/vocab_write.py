@@ -78,7 +78,8 @@ def write_vocab(path: str | os.PathLike, tokens: Iterable[int], out_path: str | 
         kind = thin_qtype(str(src), qtype, int(matrix.shape[0]), KEY_VOCAB_TYPE, matrix.name)
         rows = types.SimpleNamespace(data=requantized(matrix, ids, kind, columns=False), tensor_type=kind)
     with atomic_output(out) as tmp:
-        _write(reader, arch, info, rows, first_version_for(thin=parts.thin is not None, vocab=True), tmp)
+        _write(reader, arch, info, rows, first_version_for(thin=parts.thin is not None, vocab=True,
+                                                    attn=parts.thin is not None and parts.thin.attn), tmp)
         _verify(tmp, reader, info, rows, str(out))
     return out
 

@@ -179,6 +179,10 @@ class FirstLib:
     @_c_function("llama_first_get_thin", [llama_context_p, _u8p, _i32], _i32)
     def get_thin(self, ctx: llama_context_p | int, thin: CtypesArray[ctypes.c_uint8], n: int) -> int: ...
 
+    # int32_t llama_first_model_thin_attn(const struct llama_model * model);  (format version 4)
+    @_c_function("llama_first_model_thin_attn", [llama_model_p], _i32)
+    def model_thin_attn(self, model: llama_model_p | int) -> int: ...
+
     # --- short output vocabulary (format version 3) ---------------------------------------------
 
     # int32_t llama_first_model_vocab_size(const struct llama_model * model);

@@ -154,6 +154,11 @@ class FirstModel(KvSegments, Scoring, Healing, Llama):
         return tuple(i for i in range(self.n_layer) if self._flib.model_thin_width(self._model.model, i) > 0)
 
     @property
+    def thin_attn(self) -> bool:
+        """Whether the thin layers also carry attention copies (format version 4), read by the same graphs."""
+        return bool(self._flib.model_thin_attn(self._model.model))
+
+    @property
     def vocab_size(self) -> int:
         """Tokens in this file's short output vocabulary (format version 3), 0 without one."""
         return int(self._flib.model_vocab_size(self._model.model))

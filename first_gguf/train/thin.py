@@ -113,7 +113,7 @@ def save_scores(path: str | os.PathLike, scores: np.ndarray, source: str) -> Pat
 
 def thin_model(model: str | os.PathLike, out: str | os.PathLike, width: int | None, layers: Sequence[int] | None = None,
                examples: int = DEFAULT_EXAMPLES, threads: int | None = None, scores: str | os.PathLike | None = None,
-               seed: int = 0, force: bool = False, qtype: str | None = None) -> Path:
+               seed: int = 0, force: bool = False, qtype: str | None = None, attn: bool = False) -> Path:
     """Calibrate (or read ``scores``) and write ``model`` with thinned FFNs of ``width`` neurons.
 
     Args:
@@ -125,6 +125,7 @@ def thin_model(model: str | os.PathLike, out: str | os.PathLike, width: int | No
         scores: An npz of scores: read when it exists (no calibration), else written after it.
         force: Overwrite ``out``.
         qtype: A ggml type name: the thin copies are requantized to it.
+        attn: Also write the thin layers' attention weights in ``qtype`` (``write_thin``).
 
     Returns:
         The output path.
@@ -146,7 +147,8 @@ def thin_model(model: str | os.PathLike, out: str | os.PathLike, width: int | No
             raise FirstError("every neuron (width 'all') needs a type to requantize to (--type)")
         every = {i: np.arange(ffn_length(reader, arch, i, str(model))) for i in chosen}
         del reader  # write_thin checks the request before it writes anything
-        return write_thin(model, every, out, source=f"every neuron, requantized to {qtype}", force=force, qtype=qtype)
+        return write_thin(model, every, out, source=f"every neuron, requantized to {qtype}", force=force, qtype=qtype,
+                          attn=attn)
     check_neurons(reader, str(model), {i: np.arange(width) for i in chosen}, qtype)  # width fits, before the long part
     del reader
     if scores is not None and Path(scores).exists():
@@ -158,4 +160,5 @@ def thin_model(model: str | os.PathLike, out: str | os.PathLike, width: int | No
             save_scores(scores, values, source)
     suffix = f", requantized to {qtype}" if qtype else ""
     return write_thin_from_scores(model, values, width, out, layers=chosen,
-                                  source=f"{source}; top {width} per layer{suffix}", force=force, qtype=qtype)
+                                  source=f"{source}; top {width} per layer{suffix}", force=force, qtype=qtype,
+                                  attn=attn)
