@@ -121,6 +121,23 @@ def write_gguf(path: Path, kv: KV, tensors: Tensors, arch: str = ARCH, alignment
     return path
 
 
+def assert_refused(directory: Path, kv: KV, tensors: Tensors, mutate, message: str) -> Path:
+    """Write ``kv`` / ``tensors`` after ``mutate(kv, tensors)`` and check that validation refuses the
+    file with ``"<file>: " + message`` (a regex); returns the file."""
+    import re
+
+    import pytest
+
+    from first_gguf import format as fmt
+    from first_gguf.errors import FormatError
+
+    mutate(kv, tensors)
+    path = write_gguf(directory / "m.gguf", kv, tensors)
+    with pytest.raises(FormatError, match=rf"^{re.escape(str(path))}: {message}"):
+        fmt.validate_first_gguf(path)
+    return path
+
+
 def write_base(path: Path, n_layer: int = N_LAYER, n_embd: int = N_EMBD,
                alignment: int | None = None) -> Path:
     """A plain (not FiRST) tiny qwen2 GGUF."""
