@@ -329,17 +329,6 @@ def _pad4(shape: Any) -> tuple[int, ...]:
     return shape + (1,) * (4 - len(shape)) if len(shape) <= 4 else shape
 
 
-def thin_bytes(reader: Any, info: ThinInfo) -> tuple[int, int]:
-    """(bytes of the thin FFNs and attention copies, bytes of the base tensors they stand in for)."""
-    sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
-    thin = sum(sizes.get(thin_tensor_name(r, i), 0) for i in info.layers for r in THIN_TENSORS)
-    full = sum(sizes.get(base_ffn_name(r, i), 0) for i in info.layers for r in THIN_TENSORS)
-    if info.attn:
-        thin += sum(sizes.get(ATTN_COPY_TENSORS[r].format(bid=i), 0) for i in info.layers for r in ATTN_COPY_TENSORS)
-        full += sum(sizes.get(BASE_ATTN_TENSORS[r].format(bid=i), 0) for i in info.layers for r in BASE_ATTN_TENSORS)
-    return thin, full
-
-
 def top_neurons(scores: np.ndarray, width: int) -> np.ndarray:
     """The ``width`` highest-scoring neurons of one layer, ascending (ties: the lower index)."""
     return np.sort(np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")[:width])
