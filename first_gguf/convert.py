@@ -36,6 +36,7 @@ from pathlib import Path
 from .errors import FirstError
 from .log import logger
 from .format import RouterSet, attach_checked, checked_routers, inspect_gguf, read_header
+from .hf_gguf import one_parse_per_file
 from .paths import ScratchFiles, cache_dir, check_output_path, move_output, temp_path
 
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")  # written by upstream's converter itself
@@ -315,7 +316,8 @@ def hf_tokenizer_from_gguf(gguf_path: str | os.PathLike):
     from transformers import AddedToken, AutoTokenizer
 
     path = Path(gguf_path)
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    with one_parse_per_file():
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     fields = read_header(path).fields
     texts, types = fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.token_type"].contents()
     have = set(tok.added_tokens_decoder)
@@ -338,7 +340,8 @@ def hf_dir_from_gguf(gguf_path: str | os.PathLike, dest: str | os.PathLike) -> P
     from transformers import AutoModelForCausalLM
 
     path, dest = Path(gguf_path), Path(dest)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
-    model.save_pretrained(dest, safe_serialization=True)
-    hf_tokenizer_from_gguf(path).save_pretrained(dest)
+    with one_parse_per_file():  # the header is parsed once, not once per step
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+        model.save_pretrained(dest, safe_serialization=True)
+        hf_tokenizer_from_gguf(path).save_pretrained(dest)
     return dest

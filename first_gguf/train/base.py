@@ -10,6 +10,7 @@ import torch
 from .. import models
 from ..arch import DecoderStack
 from ..errors import FirstError
+from ..hf_gguf import one_parse_per_file
 
 
 def set_threads(threads: int | None) -> None:
@@ -41,8 +42,9 @@ def load_base(base: str, device: torch.device | str = "cpu"):
         src, kwargs = path, {}
     else:
         raise FirstError(f"{base}: no such file or directory, and not a zoo model ({', '.join(models.MODELS)})")
-    tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kwargs)
+    with one_parse_per_file():  # a GGUF's header is parsed once, not four times
+        tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kwargs)
     model.eval().requires_grad_(False).to(device)
     DecoderStack(model)  # an unsupported architecture fails here, before any work
     return model, tokenizer
