@@ -147,6 +147,19 @@ def test_requantized_copies_hold_ggml_quantization_of_the_base_values(tiny, scor
         _values(base["blk.2.ffn_up.weight"])[idx], Q.Q8_0).tobytes()
 
 
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.IQ4_NL])
+def test_quantize_splits_rows_between_threads_without_changing_a_byte(qtype):
+    """Rows split between threads (uneven chunks too) give the one-thread bytes; Q8_0's equal gguf-py's
+    own numpy quantizer, an implementation independent of ggml's."""
+    rows = np.random.default_rng(7).standard_normal((389, 256)).astype(np.float32) * 0.1
+    one = quantize(rows, qtype, threads=1)
+    assert one.shape == (389, 256 // gguf.GGML_QUANT_SIZES[qtype][0] * gguf.GGML_QUANT_SIZES[qtype][1])
+    for threads in (2, 3, 6):
+        assert quantize(rows, qtype, threads=threads).tobytes() == one.tobytes()
+    if qtype == Q.Q8_0:
+        assert one.tobytes() == gguf.quants.quantize(rows, Q.Q8_0).tobytes()
+
+
 def test_requantizing_refuses_bad_types_and_widths(tiny, scores, tmp_path):
     every = {0: np.arange(N_FF)}
     with pytest.raises(FirstError, match=r"layer 0: width 128 must be in 1\.\.127"):  # a plain copy of every neuron

@@ -19,6 +19,7 @@ import functools
 import importlib.util
 import os
 import types
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -45,6 +46,7 @@ from .writer import others_table, write_replacing_part
 # Types numpy converts exactly (a selection of already-stored values); everything else goes
 # through ggml's own quantizer.
 _NUMPY_TYPES = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}
+_MIN_ROWS_PER_THREAD = 64  # below this a thread costs more than it saves
 
 
 @functools.lru_cache(maxsize=1)
@@ -66,9 +68,13 @@ def ggml_quantizer() -> Any:
     return fn
 
 
-def quantize(arr: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+def quantize(arr: np.ndarray, qtype: GGMLQuantizationType, threads: int | None = None) -> np.ndarray:
     """Rows of float values -> the GGUF data of a ``qtype`` tensor (float rows for F32 / F16, else
-    uint8 rows of blocks), as ggml quantizes them (no importance matrix)."""
+    uint8 rows of blocks), as ggml quantizes them (no importance matrix).
+
+    ggml quantizes row by row, so the rows are split between ``threads`` (default: the cores this
+    process may use) and the bytes are the same for any count; ctypes releases the GIL meanwhile.
+    """
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     if qtype in _NUMPY_TYPES:
         return arr.astype(_NUMPY_TYPES[qtype])
@@ -77,7 +83,20 @@ def quantize(arr: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     if n % block:
         raise FormatError(f"a row of {n} values is not a multiple of {qtype.name}'s block of {block}")
     out = np.zeros((rows, n // block * size), dtype=np.uint8)
-    if ggml_quantizer()(int(qtype), arr.ctypes.data, out.ctypes.data, 0, rows, n, None) != out.nbytes:
+    fn = ggml_quantizer()
+    threads = max(1, min(threads or len(os.sched_getaffinity(0)), rows // _MIN_ROWS_PER_THREAD or 1))
+    bounds = np.linspace(0, rows, threads + 1).astype(int)
+
+    def chunk(i: int) -> int:  # ggml places rows [r0, r1) at r0 * row size of the same output
+        r0, r1 = int(bounds[i]), int(bounds[i + 1])
+        return fn(int(qtype), arr.ctypes.data, out.ctypes.data, r0 * n, r1 - r0, n, None)
+
+    if threads == 1:
+        wrote = chunk(0)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            wrote = sum(pool.map(chunk, range(threads)))
+    if wrote != out.nbytes:
         raise FormatError(f"ggml_quantize_chunk wrote an unexpected size for {qtype.name}")
     return out
 
