@@ -403,6 +403,40 @@ def test_the_1_5b_ships_points_from_its_own_damage_labels_and_the_shared_vocabul
     assert (tokens, source) == shipped.shipped_vocab("qwen2.5-coder-0.5b-instruct")[:2] and qtype is None
 
 
+@pytest.mark.slow
+def test_gemma_ships_the_short_vocabulary_as_its_default_point():
+    """Gemma 3 270M (tied output matrix, 262,144 tokens) ships one point, `short`, as its default:
+    its own counted list with every non-normal token, rows in the output matrix's bytes. On the
+    real model the point's greedy tokens are full's up to full's first token outside the list
+    (or the prompt), and never one outside them."""
+    from first_gguf import models, shipped
+    from first_gguf.runtime import FirstModel
+    from first_gguf.runtime.greedy import greedy
+
+    name = "gemma-3-270m"
+    tokens, source, qtype = shipped.shipped_vocab(name)
+    assert len(tokens) == 55615 and tokens == sorted(set(tokens)) and qtype is None and "top 49152" in source
+    assert shipped.shipped_thin(name) is None and shipped.shipped_routers_path(name) is None
+    points = fmt.load_points(shipped.shipped_points_path(name), 18, [0, 17], has_vocab=True)
+    assert points.as_json() == {"default": "short", "points": {"short": {"vocab": True}}}
+    path = shipped.first_gguf_path(name)
+    assert fmt.read_points(path) == points and fmt.read_vocab(path).tokens == tuple(tokens)
+    llm = FirstModel(path, n_ctx=256, n_threads=2)
+    try:
+        assert llm.point == "short"
+        prompt = llm.tokenize(b"def is_palindrome(text: str) -> bool:\n")
+        short = greedy(llm, prompt, 32)
+        llm.configure(mode="full")
+        full = greedy(llm, prompt, 32).tokens
+    finally:
+        llm.close()
+    allowed = set(tokens) | set(prompt)
+    k = next((i for i, t in enumerate(full) if t not in allowed), len(full))
+    assert short.report.point == "short" and short.report.vocab is not None and set(short.tokens) <= allowed
+    assert k >= 8 and short.tokens[:k] == full[:k]
+    assert k == len(full) or short.tokens[k] != full[k]
+
+
 # --- the runtime on a tiny runnable FiRST-GGUF ---------------------------------------------------
 
 PROMPT_TEXT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
