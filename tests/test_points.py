@@ -409,7 +409,7 @@ def test_gemma_ships_the_short_vocabulary_as_its_default_point():
     its own counted list with every non-normal token, rows in the output matrix's bytes. On the
     real model the point's greedy tokens are full's up to full's first token outside the list
     (or the prompt), and never one outside them."""
-    from first_gguf import models, shipped
+    from first_gguf import shipped
     from first_gguf.runtime import FirstModel
     from first_gguf.runtime.greedy import greedy
 
