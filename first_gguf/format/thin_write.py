@@ -73,7 +73,7 @@ def quantize(arr: np.ndarray, qtype: GGMLQuantizationType, threads: int | None =
     uint8 rows of blocks), as ggml quantizes them (no importance matrix).
 
     ggml quantizes row by row, so the rows are split between ``threads`` (default: the cores this
-    process may use) and the bytes are the same for any count; ctypes releases the GIL meanwhile.
+    machine has) and the bytes are the same for any count; ctypes releases the GIL meanwhile.
     """
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     if qtype in _NUMPY_TYPES:
@@ -84,7 +84,7 @@ def quantize(arr: np.ndarray, qtype: GGMLQuantizationType, threads: int | None =
         raise FormatError(f"a row of {n} values is not a multiple of {qtype.name}'s block of {block}")
     out = np.zeros((rows, n // block * size), dtype=np.uint8)
     fn = ggml_quantizer()
-    threads = max(1, min(threads or len(os.sched_getaffinity(0)), rows // _MIN_ROWS_PER_THREAD or 1))
+    threads = max(1, min(threads or os.cpu_count() or 1, rows // _MIN_ROWS_PER_THREAD or 1))
     bounds = np.linspace(0, rows, threads + 1).astype(int)
 
     def chunk(i: int) -> int:  # ggml places rows [r0, r1) at r0 * row size of the same output
