@@ -159,6 +159,9 @@ def format_stats(session: ChatSession) -> str:
             lines.append("p_i: none (the routers do not run in this mode)")
         lines.append(f"prompt: {rep.n_evaluated} positions evaluated this turn"
                      + (f", routed over all {rep.n_tokens}" if rep.probs is not None else ""))
+    draft = getattr(session.llm, "draft_model", None)
+    if hasattr(draft, "describe"):
+        lines.append(draft.describe() + " (since the chat began)")
     lines.append(f"answer: {s.n_decode} decode steps in {s.t_decode:.2f} s = {s.decode_tok_s:.1f} tok/s; "
                  f"end to end {s.t_total:.2f} s (prompt included)" + (" [interrupted]" if s.interrupted else ""))
     return "\n".join(lines)
@@ -380,19 +383,25 @@ def _answer(session: ChatSession, line: str, ctrl_c: _CtrlC, out: TextIO, err: T
 
 def run_chat(model: str | Path | None = None, threshold: float | None = None, max_tokens: int = 256,
              threads: int | None = None, system: str | None = None, n_ctx: int = 4096,
-             temperature: float = 0.0, gpu_layers: int = 0, point: str | None = None) -> None:
-    """Load MODEL (file, zoo name or None: the default with its routers) and chat in the terminal."""
-    from .shipped import resolve_model
+             temperature: float = 0.0, gpu_layers: int = 0, point: str | None = None,
+             draft: str | Path | None = None, draft_point: str | None = None, draft_tokens: int = 4) -> None:
+    """Load MODEL (file, zoo name or None: the default with its routers) and chat in the terminal;
+    with DRAFT (file or zoo name), a smaller model at a point drafts tokens that MODEL verifies."""
     from .runtime import FirstModel
+    from .shipped import open_draft, resolve_model
 
     path = resolve_model(model)
     # threads for the prompt too: llama-cpp-python's default there is every core
-    llm = FirstModel(path, threshold=threshold, point=point, n_ctx=n_ctx, n_threads=threads,
-                     n_threads_batch=threads, n_gpu_layers=gpu_layers)
+    common = dict(n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_gpu_layers=gpu_layers)
+    drafter = open_draft(draft, draft_point, draft_tokens, **common)
+    llm = FirstModel(path, threshold=threshold, point=point, draft_model=drafter, **common)
     if sys.stdin.isatty():
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (line editing and history for input())
     at = f", point {llm.point}" if llm.point is not None else ""
     print(f"{path.name}: {llm.n_layer} layers, mode {llm.mode}{at}; /help for commands, Ctrl-D quits",
           file=sys.stderr, flush=True)
+    if drafter is not None:
+        print(drafter.describe(), file=sys.stderr, flush=True)
     repl(ChatSession(llm, system=system, max_tokens=max_tokens, temperature=temperature))
+

@@ -319,8 +319,13 @@ def demo(model: str | None, prompt: str, max_tokens: int, threads: int | None, p
 @click.option("--temperature", default=0.0, show_default=True, help="0: greedy, reproducible.")
 @click.option("--gpu-layers", default=0, show_default=True, help="Layers to offload (-1: all; Metal/CUDA builds).")
 @click.option("--point", default=None, help="A named operating point of the file (default: its default point).")
+@click.option("--draft", default=None, help="A smaller model with the same vocabulary (file or zoo name) that drafts "
+              "tokens for MODEL to verify: MODEL's answers, faster (speculative decoding).")
+@click.option("--draft-point", default=None, help="The draft's operating point (default: its file's default point).")
+@click.option("--draft-tokens", default=4, show_default=True, help="At most this many drafted tokens per step.")
 def chat(model: str | None, threshold: float | None, max_tokens: int, threads: int | None, system: str | None,
-         n_ctx: int, temperature: float, gpu_layers: int, point: str | None) -> None:
+         n_ctx: int, temperature: float, gpu_layers: int, point: str | None, draft: str | None,
+         draft_point: str | None, draft_tokens: int) -> None:
     """Chat with MODEL in the terminal, streaming (a GGUF or zoo name; default: the default model).
 
     /help inside lists the commands (/stats, /mode, /threshold, /point, /reset).
@@ -328,7 +333,8 @@ def chat(model: str | None, threshold: float | None, max_tokens: int, threads: i
     from .chat import run_chat
 
     run_chat(model, threshold=threshold, max_tokens=max_tokens, threads=threads, system=system, n_ctx=n_ctx,
-             temperature=temperature, gpu_layers=gpu_layers, point=point)
+             temperature=temperature, gpu_layers=gpu_layers, point=point, draft=draft, draft_point=draft_point,
+             draft_tokens=draft_tokens)
 
 
 @cli.command()
@@ -343,8 +349,13 @@ def chat(model: str | None, threshold: float | None, max_tokens: int, threads: i
 @click.option("--gpu-layers", default=0, show_default=True, help="Layers to offload (-1: all; Metal/CUDA builds).")
 @click.option("--api-key", default=None, help="Require this Bearer token.")
 @click.option("--point", default=None, help="A named operating point of the file (default: its default point).")
+@click.option("--draft", default=None, help="A smaller model with the same vocabulary (file or zoo name) that drafts "
+              "tokens for MODEL to verify: MODEL's answers, faster (speculative decoding).")
+@click.option("--draft-point", default=None, help="The draft's operating point (default: its file's default point).")
+@click.option("--draft-tokens", default=4, show_default=True, help="At most this many drafted tokens per step.")
 def serve(model: str | None, host: str, port: int, alias: str | None, n_ctx: int, threads: int | None,
-          mode: str | None, threshold: float | None, gpu_layers: int, api_key: str | None, point: str | None) -> None:
+          mode: str | None, threshold: float | None, gpu_layers: int, api_key: str | None, point: str | None,
+          draft: str | None, draft_point: str | None, draft_tokens: int) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (a GGUF or zoo name; default: the default model).
 
     /v1/chat/completions, /v1/completions (streamed or not) and /v1/models; responses carry a
@@ -353,7 +364,8 @@ def serve(model: str | None, host: str, port: int, alias: str | None, n_ctx: int
     from .serve import run_server
 
     run_server(model, host=host, port=port, alias=alias, n_ctx=n_ctx, threads=threads, mode=mode,
-               threshold=threshold, gpu_layers=gpu_layers, api_key=api_key, point=point)
+               threshold=threshold, gpu_layers=gpu_layers, api_key=api_key, point=point, draft=draft,
+               draft_point=draft_point, draft_tokens=draft_tokens)
 
 
 from .cli_train import damage, fit_routers, heal, thin, train, vocab  # noqa: E402  (registered below)

@@ -103,7 +103,8 @@ class ServedModel(FirstModel):
         return {"mode": rep.mode, "point": rep.point, "threshold": rep.threshold, "n_layer": len(rep.mask),
                 "skipped": list(rep.skipped), "probs": list(rep.probs) if rep.probs is not None else None,
                 "thin": list(rep.thin), "vocab": rep.vocab is not None, "n_tokens": rep.n_tokens, "n_evaluated": rep.n_evaluated,
-                "t_start": self._t_start, "t_end": time.monotonic()}
+                "t_start": self._t_start, "t_end": time.monotonic(),
+                "draft": self.draft_model.stats.row() if hasattr(self.draft_model, "stats") else None}
 
 
 def _tag_last(chunks: Iterator[dict], fields) -> Iterator[dict]:
@@ -227,6 +228,9 @@ def _settings_classes():
         first_mode: str | None = None
         first_threshold: float | None = None
         first_point: str | None = None
+        first_draft: str | None = None
+        first_draft_point: str | None = None
+        first_draft_tokens: int = 4
         settings_customise_sources = classmethod(arguments_only)
 
     return FirstServerSettings, FirstModelSettings
@@ -245,12 +249,15 @@ def _proxy_class():
 
         @staticmethod
         def load_llama_from_model_settings(settings) -> ServedModel:
+            from .shipped import open_draft
+
+            common = dict(n_ctx=settings.n_ctx, n_threads=settings.n_threads, n_threads_batch=settings.n_threads_batch,
+                          n_gpu_layers=settings.n_gpu_layers)
+            draft = open_draft(settings.first_draft, settings.first_draft_point, settings.first_draft_tokens, **common)
             return ServedModel(settings.model, mode=settings.first_mode, threshold=settings.first_threshold,
-                               point=settings.first_point,
-                               n_ctx=settings.n_ctx, n_batch=settings.n_batch, n_ubatch=settings.n_ubatch,
-                               n_threads=settings.n_threads, n_threads_batch=settings.n_threads_batch,
-                               n_gpu_layers=settings.n_gpu_layers, seed=settings.seed,
-                               chat_format=settings.chat_format, verbose=settings.verbose)
+                               point=settings.first_point, draft_model=draft,
+                               n_batch=settings.n_batch, n_ubatch=settings.n_ubatch, seed=settings.seed,
+                               chat_format=settings.chat_format, verbose=settings.verbose, **common)
 
     return FirstProxy
 
@@ -322,7 +329,8 @@ def _routes(llm: ServedModel, alias: str):
 
 def create_app(model: str | Path | None = None, *, alias: str | None = None, n_ctx: int = 4096,
                threads: int | None = None, mode: str | None = None, threshold: float | None = None,
-               gpu_layers: int = 0, api_key: str | None = None, point: str | None = None):
+               gpu_layers: int = 0, api_key: str | None = None, point: str | None = None,
+               draft: str | Path | None = None, draft_point: str | None = None, draft_tokens: int = 4):
     """The FastAPI app: llama-cpp-python's, with a ``ServedModel`` and our generation endpoints.
 
     Args:
@@ -332,6 +340,8 @@ def create_app(model: str | Path | None = None, *, alias: str | None = None, n_c
             offloaded (-1: all; a Metal or CUDA build).
         mode, threshold: the server's FiRST defaults (None: "first" for a FiRST-GGUF; the file's).
         api_key: if set, requests need it as a Bearer token.
+        draft, draft_point, draft_tokens: a smaller model with the same vocabulary (file or zoo
+            name) at a point, drafting tokens that MODEL verifies (``FirstDraft``).
     """
     import os
 
@@ -353,7 +363,9 @@ def create_app(model: str | Path | None = None, *, alias: str | None = None, n_c
     server = server_settings(interrupt_requests=False, api_key=api_key)
     settings = model_settings(model=str(path), model_alias=alias, n_ctx=n_ctx, n_threads=threads,
                               n_threads_batch=threads, n_gpu_layers=gpu_layers, verbose=False, first_mode=mode,
-                              first_threshold=threshold, first_point=point)
+                              first_threshold=threshold, first_point=point,
+                              first_draft=None if draft is None else str(resolve_model(draft)),
+                              first_draft_point=draft_point, first_draft_tokens=draft_tokens)
     with _using_proxy(_proxy_class()):
         app = server_app.create_app(server_settings=server, model_settings=[settings])
     llm = server_app._llama_proxy(alias)  # the proxy create_app made (a module global of theirs)
@@ -375,6 +387,7 @@ def run_server(model: str | Path | None = None, host: str = "127.0.0.1", port: i
 
     threshold = llm.threshold if llm.threshold is not None else "the file's"
     how = f"point {llm.point}" if llm.point is not None else f"mode {llm.mode}, threshold {threshold}"
-    logger("serve")(f"{Path(llm.model_path).name} as {app.state.first_alias!r}: {llm.n_layer} layers, {how}; "
-                    f"http://{host}:{port}/v1")
+    drafted = f", {llm.draft_model.describe()}" if hasattr(llm.draft_model, "describe") else ""
+    logger("serve")(f"{Path(llm.model_path).name} as {app.state.first_alias!r}: {llm.n_layer} layers, {how}"
+                    f"{drafted}; http://{host}:{port}/v1")
     uvicorn.run(app, host=host, port=port, log_level=log_level)

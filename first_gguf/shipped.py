@@ -208,3 +208,14 @@ def _same_routers(have: RouterSet, routers: RouterSet) -> bool:
         np.float32(a[k]) == np.float32(b[k]) if isinstance(b[k], float) else a[k] == b[k] for k in b)
     return same and all(
         np.array_equal(have.tensors[i][role], arr) for i, layer in routers.tensors.items() for role, arr in layer.items())
+
+
+def open_draft(draft: str | Path | None, point: str | None, max_tokens: int, **kwargs):
+    """The ``FirstDraft`` of ``--draft`` (a file or zoo name) at ``point`` (its default when None), or None."""
+    if draft is None:
+        if point is not None:
+            raise FirstError("--draft-point needs --draft")
+        return None
+    from .runtime.speculative import FirstDraft
+
+    return FirstDraft.open(resolve_model(draft), point=point, max_tokens=max_tokens, **kwargs)

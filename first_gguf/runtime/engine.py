@@ -129,6 +129,7 @@ class FirstModel(KvSegments, Scoring, Healing, Llama):
         self.heals: list = []  # HealInfo of each loaded adapter
         self._healing: int | None = None  # the adapter on the context now
         self.heal_on = True
+        self._prompt_logits = bool(kwargs.get("logits_all", False))  # a draft model turns logits_all on
         super().__init__(model_path=str(path), **kwargs)
         self.n_layer = int(llama_cpp.llama_model_n_layer(self._model.model))
         heal_paths = [] if heal is None else [heal] if isinstance(heal, (str, Path)) else list(heal)
@@ -143,6 +144,8 @@ class FirstModel(KvSegments, Scoring, Healing, Llama):
             mode = mode or ("first" if self.has_routers else "full")
         self.configure(mode=mode, mask=mask, prefill=prefill, threshold=threshold, point=point, thin=thin,
                        vocab=vocab)
+        if hasattr(self.draft_model, "check"):  # a FirstDraft: the same vocabulary, a long enough context
+            self.draft_model.check(self)
 
     @property
     def has_routers(self) -> bool:
@@ -339,7 +342,11 @@ class FirstModel(KvSegments, Scoring, Healing, Llama):
                 count = sum(s.end - s.start for s in prior)
                 self._check(self._flib.add_prior(self.ctx, _f64p(sums), self.n_layer, count), "add_prior")
         start = self.n_tokens
-        super().eval(tokens)
+        all_rows, self._logits_all = self._logits_all, self._logits_all and self._prompt_logits
+        try:  # a draft's verification needs every decode row, not the prompt's
+            super().eval(tokens)
+        finally:
+            self._logits_all = all_rows
         sums = None
         if self.mode == "first":
             sums = np.zeros(self.n_layer, dtype=np.float64)
