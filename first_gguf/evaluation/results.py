@@ -9,7 +9,7 @@ import numpy as np
 from ..figures import pyplot
 from .summary import MIN_DECODE
 
-ORDER = ("full", "first", "point", "static", "static-kl", "heal", "modal", "pruned", "early-exit", "random")
+ORDER = ("full", "first", "point", "draft", "static", "static-kl", "heal", "modal", "pruned", "early-exit", "random")
 TITLES = {"humaneval": "HumanEval", "humaneval-chat": "HumanEval (chat)"}  # the scored tasks, as the report names them
 
 

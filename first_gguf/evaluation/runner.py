@@ -41,8 +41,8 @@ import numpy as np
 from ..errors import FirstError
 from . import humaneval, humaneval_chat, metrics
 from .items import Item, LlamaTokenizer, chat_items, humaneval_chat_items, humaneval_items, tf_items, training_prompts
-from .strategies import (KINDS, POINTS, Controls, Strategy, block_influence, build_strategies, static_order,
-                         strategy_from_name)
+from .strategies import (KINDS, POINTS, Controls, Strategy, block_influence, build_strategies, draft_strategy,
+                         static_order, strategy_from_name)
 from .controls import bind_points, load_controls
 from ..format.points import size_without_points
 from .summary import summarize
@@ -50,7 +50,7 @@ from .summary import summarize
 TASKS = ("humaneval", "humaneval-chat", "tf", "chat")
 DEFAULT_TASKS = ("humaneval", "tf", "chat")
 SELECTORS = ("tasks", "kinds", "ks", "thresholds", "random_seeds", "limit", "labels", "heals",
-             "points")  # which rows, not how
+             "points", "drafts", "draft_tokens")  # which rows, not how
 
 
 @dataclass
@@ -77,6 +77,8 @@ class EvalConfig:
     labels: str | None = None         # damage labels for static-kl (default: the ones shipped for the model)
     heals: tuple[str, ...] = ()       # healing adapters: one ``heal-K`` strategy each
     points: tuple[str, ...] = ()      # operating points of the file: one ``point:NAME`` strategy each
+    drafts: tuple[str, ...] = ()      # draft models (FILE or FILE@POINT): one ``draft:NAME@POINT`` strategy each
+    draft_tokens: int = 4             # at most this many drafted tokens per verification
 
     def key(self) -> dict:
         """The settings every row of a run directory shares: all but what selects rows and the threads."""
@@ -199,6 +201,8 @@ class Evaluation:
             controls = dataclasses.replace(controls, points=bind_points(self.out, self.cfg.model, llm.points, points))
             strategies = build_strategies(n_layer, protected, order, cfg.ks, cfg.thresholds, cfg.random_seeds,
                                           [k for k in cfg.kinds if k != POINTS], controls, points)
+            self.drafts = self._open_drafts(llm)
+            strategies += [draft_strategy(name) for name in self.drafts]
             tok = LlamaTokenizer(llm)
             items: dict[str, list[Item]] = {}
             for task in [t for t in SCORED_TASKS if t in cfg.tasks]:
@@ -212,6 +216,8 @@ class Evaluation:
                 items["tf"] = tf_items(tok, cfg.n_per_family, cfg.max_prompt_tokens, cfg.cont_tokens, cfg.seed)
         finally:
             llm.close()
+            for d in getattr(self, "drafts", {}).values():
+                d.model.close()
         if items.get("tf"):
             tf = self._open(n_ctx=cfg.max_prompt_tokens + max(cfg.cont_tokens, 64) + 8, logits_all=True)
             try:
@@ -271,6 +277,34 @@ class Evaluation:
     def _controls(self, llm, protected: list[int]) -> Controls:
         return load_controls(self.out, self.cfg, llm, protected, self.log)
 
+    def _open_drafts(self, llm) -> dict:
+        """Each ``--draft`` (FILE or zoo name, optionally @POINT) as a ``FirstDraft``, by strategy name."""
+        from ..runtime.speculative import FirstDraft
+        from ..shipped import resolve_model
+
+        out = {}
+        threads = self.cfg.threads or os.cpu_count() or 1
+        for spec in self.cfg.drafts:
+            model, _, point = spec.partition("@")
+            path = resolve_model(model)
+            d = FirstDraft.open(path, point=point or None, max_tokens=self.cfg.draft_tokens, n_ctx=llm.n_ctx(),
+                                n_batch=512, n_threads=threads, n_threads_batch=threads)
+            d.check(llm)
+            name = f"draft:{path.name.removesuffix('.gguf').removesuffix('.first')}@{d.model.point or d.model.mode}"
+            out[name] = d
+        return out
+
+    def _generate(self, llm, s: Strategy, prompt: list[int], max_new: int, stop):
+        from ..runtime.greedy import drafted, greedy
+
+        if not s.draft:
+            return greedy(llm, prompt, max_new, stop)
+        llm.use_draft(self.drafts[s.name])
+        try:
+            return drafted(llm, prompt, max_new, stop)
+        finally:
+            llm.use_draft(None)
+
     # tasks
 
     def _rotated(self, strategies: list[Strategy], n: int) -> list[Strategy]:
@@ -280,15 +314,13 @@ class Evaluation:
     def _generation_task(self, llm, strategies: list[Strategy], items: list[Item], max_new: int, stop) -> None:
         from tqdm import tqdm
 
-        from ..runtime.greedy import greedy
-
         todo = [it for it in items if any((it.task, it.id, s.name) not in self.done for s in strategies)]
         if not todo:
             return
         task = items[0].task
         for s in strategies:  # warm-up: every graph built and the weights paged in before timing
             s.apply(llm)
-            greedy(llm, todo[0].prompt[:16], 2)
+            self._generate(llm, s, todo[0].prompt[:16], 2, None)
         bar = tqdm(total=len(todo) * len(strategies), desc=task, file=sys.stderr)
         for n, it in enumerate(todo):
             # speeds compare within one run only: full runs again beside strategies new to this item
@@ -298,7 +330,7 @@ class Evaluation:
                     bar.update()
                     continue
                 s.apply(llm)
-                g = greedy(llm, it.prompt, max_new + it.restated, stop).row()
+                g = self._generate(llm, s, it.prompt, max_new + it.restated, stop).row()
                 if g.get("healed", False) != s.heal:
                     raise FirstError(f"{s.name}: the decode ran {'with' if g.get('healed') else 'without'} "
                                      f"a healing adapter")
@@ -336,6 +368,7 @@ class Evaluation:
 
         from ..runtime.greedy import greedy
 
+        strategies = [s for s in strategies if not s.draft]  # a draft changes how full decodes, not its logits
         todo = [it for it in items if any(("tf", it.id, s.name) not in self.done for s in strategies)]
         bar = tqdm(total=len(todo), desc="tf", file=sys.stderr)
         full = strategies[0]

@@ -22,6 +22,11 @@ Healed strategies (``heal-K``, one per healing adapter given to the run): the ad
 set as a fixed mask, decoded with the adapter on (``first-gguf heal``); compare with the same
 set unhealed (``static-kl-K`` when the adapter was trained for the measured-damage set).
 
+Speculative decoding (``draft:FILE@POINT``, one per ``--draft`` of the run): ``full``'s answers,
+decoded with a smaller model of the same vocabulary at one of its points drafting tokens that
+the file verifies (``runtime.speculative``); what it changes is speed, and the float details of
+a batched verification.
+
 Named operating points of the file (``point:NAME``, asked for by name, or every one of them
 with the kind ``points``): ``FirstModel.configure(point=NAME)``, a threshold or a fixed skip set
 (docs/FORMAT.md section 2).
@@ -77,6 +82,7 @@ class Strategy:
     point: str | None = None    # a named operating point of the file
     thin: tuple[int, ...] = ()  # layers decoded with their thin FFN (a point's)
     vocab: bool = False         # decoded with the short output vocabulary (a point's)
+    draft: bool = False         # full, with the run's draft of this name verifying its tokens
 
     @property
     def family(self) -> str:
@@ -208,6 +214,16 @@ def _point_strategy(name: str, points: dict) -> Strategy:
                     vocab=p.vocab)
 
 
+DRAFT_NAME = re.compile(r"draft:[A-Za-z0-9._-]+@[a-z0-9][a-z0-9-]*")
+
+
+def draft_strategy(name: str) -> Strategy:
+    """The strategy of a draft named ``draft:FILE@POINT`` (``FILE`` the draft's file name)."""
+    if not DRAFT_NAME.fullmatch(name):
+        raise FirstError(f"unknown strategy name {name!r}")
+    return Strategy(name, "draft", "full", draft=True)
+
+
 _NAME = re.compile(r"(?:(full)|(first|modal)(?:@([0-9.e+-]+))?|(static-kl|static|early-exit|pruned|heal)-(\d+)"
                    r"|random-(\d+)/s(\d+)|point:([a-z0-9][a-z0-9-]*))")
 
@@ -219,6 +235,8 @@ def strategy_from_name(name: str, n_layer: int, protected: Sequence[int], order:
     Raises:
         FirstError: a name ``build_strategies`` never writes.
     """
+    if name.startswith("draft:"):
+        return draft_strategy(name)
     m = _NAME.fullmatch(name)
     if not m:
         raise FirstError(f"unknown strategy name {name!r}")

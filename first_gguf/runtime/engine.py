@@ -144,8 +144,8 @@ class FirstModel(KvSegments, Scoring, Healing, Llama):
             mode = mode or ("first" if self.has_routers else "full")
         self.configure(mode=mode, mask=mask, prefill=prefill, threshold=threshold, point=point, thin=thin,
                        vocab=vocab)
-        if hasattr(self.draft_model, "check"):  # a FirstDraft: the same vocabulary, a long enough context
-            self.draft_model.check(self)
+        if self.draft_model is not None:  # a FirstDraft: the same vocabulary, a long enough context
+            self.use_draft(self.draft_model)
 
     @property
     def has_routers(self) -> bool:
@@ -319,11 +319,39 @@ class FirstModel(KvSegments, Scoring, Healing, Llama):
         self._truncate_segments(self.n_tokens)
         if not self._pending_prefill:
             start = self.n_tokens
-            super().eval(tokens)
+            if self.draft_model is not None and not self._prompt_logits:
+                self._verify(tokens)
+            else:
+                super().eval(tokens)
             self._record(start, self.n_tokens, self._decode_kv(), None)
             return
         self._pending_prefill = False
         self._prefill(list(tokens))
+
+    def _verify(self, tokens: Sequence[int]) -> None:
+        """``Llama.eval`` with every position's logits computed for the sampler but not copied into
+        ``scores`` (a draft's verification: a row per position would cost n_ctx x n_vocab floats)."""
+        self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1)
+        for i in range(0, len(tokens), self.n_batch):
+            batch = list(tokens[i:i + self.n_batch])
+            self._batch.set_batch(batch=batch, n_past=self.n_tokens, logits_all=True)
+            self._ctx.decode(self._batch)
+            self.input_ids[self.n_tokens:self.n_tokens + len(batch)] = batch
+            self.n_tokens += len(batch)
+            self._requires_eval = False
+
+    def use_draft(self, draft: Any) -> None:
+        """Decode with ``draft`` (a ``FirstDraft``, checked against this model) from the next
+        generation on, or without one (None)."""
+        if hasattr(draft, "check"):
+            draft.check(self)
+        self.draft_model = draft
+        self._logits_all = self._prompt_logits or draft is not None
+
+    def create_completion(self, prompt: Any, *args: Any, **kwargs: Any):  # noqa: D102
+        if kwargs.get("logprobs") is not None and self.draft_model is not None and not self._prompt_logits:
+            raise FirstError("logprobs with a draft model need FirstModel(..., logits_all=True)")
+        return super().create_completion(prompt, *args, **kwargs)
 
     def _prefill(self, tokens: list[int]) -> None:
         keep = self._compatible_upto(self.n_tokens)

@@ -92,6 +92,30 @@ def decode(llm, max_new: int, stop: Callable[[str], bool] | None = None,
     return tokens, text, n_decode, time.perf_counter() - t1
 
 
+def drafted(llm, prompt_tokens: Sequence[int], max_new: int, stop: Callable[[str], bool] | None = None,
+            eog: bool = True) -> Generation:
+    """``greedy`` through ``Llama.generate`` on a model with a draft (``FirstModel.use_draft``):
+    the draft proposes, the model verifies. The prefill time runs to the first token (its
+    sampling included); ``n_decode`` counts the tokens after it, however many one step verified.
+    The prompt runs whole, as ``greedy``'s does (no prefix of an earlier generation reused)."""
+    llm.reset()
+    t0 = time.perf_counter()
+    t1 = None
+    tokens: list[int] = []
+    text = ""
+    for tok in llm.generate(list(prompt_tokens), temp=0.0, reset=True):
+        if t1 is None:
+            t1 = time.perf_counter()
+        if eog and llm.is_eog(tok):
+            break
+        tokens.append(int(tok))
+        text = llm.detokenize(tokens).decode("utf-8", errors="ignore")
+        if len(tokens) >= max_new or (stop and stop(text)):
+            break
+    t2 = time.perf_counter()
+    return Generation(tokens, text, t1 - t0, t2 - t1, max(0, len(tokens) - 1), llm.last_prefill)
+
+
 class PlainModel(Llama):
     """A ``llama_cpp.Llama`` (on any build, the stock library too) that ``greedy`` can drive."""
 
