@@ -277,12 +277,16 @@ class _RecordedCommand(click.Command):
               help="A smaller model with the same vocabulary (FILE or zoo name, @POINT for one of its points) "
                    "drafting for full: adds draft:NAME@POINT (repeatable).")
 @click.option("--draft-tokens", default=4, show_default=True, help="At most this many drafted tokens per step.")
+@click.option("--draft-on", "draft_on", multiple=True,
+              help="What each --draft drafts for: full (the default) or an operating point of the file "
+                   "(adds draft:NAME@POINT+TARGET; repeatable).")
 @click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json instead of the report.")
 def eval_(model: str | None, out: Path | None, tasks: str | None, strategies: str | None, ks: str,
           thresholds: str | None, random_seeds: int, limit: int | None, n_per_family: int, n_chat: int,
           max_new_tokens: int, labels: str | None, heals: tuple[str, ...], points: tuple[str, ...],
-          drafts: tuple[str, ...], draft_tokens: int, threads: int | None, as_json: bool) -> None:
+          drafts: tuple[str, ...], draft_tokens: int, draft_on: tuple[str, ...], threads: int | None,
+          as_json: bool) -> None:
     """Compare FiRST with full, static, random, early-exit and pruned skipping on MODEL.
 
     MODEL is a FiRST-GGUF or a zoo name (default: the default model with its routers).
@@ -294,7 +298,8 @@ def eval_(model: str | None, out: Path | None, tasks: str | None, strategies: st
             "random_seeds": random_seeds, "limit": limit,
             "n_per_family": n_per_family, "n_chat": n_chat, "max_new_tokens": max_new_tokens, "threads": threads,
             "labels": labels, "heals": tuple(str(Path(h).resolve()) for h in heals) or None,
-            "points": points or None, "drafts": drafts or None, "draft_tokens": draft_tokens}
+            "points": points or None, "drafts": drafts or None, "draft_tokens": draft_tokens,
+            "draft_on": draft_on or None}
     command = " ".join(["first-gguf eval", *click.get_current_context().meta["argv"]])
     result, report = run_eval(model, out, command=command, **{k: v for k, v in opts.items() if v is not None})
     click.echo(json.dumps(result, indent=1) if as_json else report.read_text())

@@ -150,6 +150,9 @@ def request_options(raw: dict, llm: FirstModel, aliases: list[str]) -> RequestOp
             raise RequestError(400, f"first_threshold must be a number in [0, 1], not {threshold!r}",
                                "first_threshold")
         threshold = float(threshold)
+    if raw.get("logprobs") not in (None, False) and not llm.logprobs_ok:
+        raise RequestError(400, "logprobs with a draft model need FirstModel(..., logits_all=True); this server "
+                                "verifies drafts without keeping every position's logits", "logprobs")
     return RequestOptions(mode, threshold)
 
 

@@ -339,3 +339,20 @@ def test_default_point_and_the_point_command():
         assert t.exit_code() == 0
     finally:
         t.close()
+
+
+def test_a_draft_drafts_for_the_chat_and_stats_count_what_was_kept():
+    """--draft: the default model at full depth, verified drafts of itself at its default point."""
+    t = Terminal("chat", "--threads", "1", "--max-tokens", "24", "--point", "short", "--draft",
+                 "qwen2.5-coder-0.5b-instruct", "--draft-tokens", "3")
+    try:
+        t.expect(r"point short")
+        t.expect(r"draft qwen2\.5-coder-0\.5b-instruct\.first\.gguf at fast-quality-short, up to 3 tokens")
+        t.ask("Write a Python function that adds two numbers.")
+        stats = t.ask("/stats")
+        m = re.search(r"up to 3 tokens, (\d+) of (\d+) drafted tokens kept \(since the chat began\)", stats)
+        assert m and 0 < int(m.group(1)) <= int(m.group(2)), stats
+        t.type("\x04")
+        assert t.exit_code() == 0
+    finally:
+        t.close()

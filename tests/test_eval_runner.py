@@ -193,3 +193,24 @@ def test_cli_refuses_bad_options(default_first, tmp_path):
     res = CliRunner().invoke(cli, ["eval", str(default_first), "-o", str(tmp_path / "b"), "--tasks", "magic"])
     assert res.exit_code == 1 and "unknown tasks ['magic']" in res.output
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_draft_decodes_full_and_is_reported_beside_it(default_first, tmp_path):
+    """--draft: full decoded with the drafts of a smaller model (here the same file at its
+    routers' mask) verifies to full's own answers; it gets HumanEval and chat rows, no
+    teacher-forced ones (a draft changes how full decodes, not its logits), and resumes by name."""
+    opts = {**SMALL, "kinds": ("full",), "ks": (), "drafts": (str(default_first),), "max_new_tokens": 32}
+    result, report = run_eval(str(default_first), tmp_path / "run", **opts)
+    name = f"draft:{default_first.name.removesuffix('.gguf').removesuffix('.first')}@first"
+    assert set(result["summary"]) == {"full", name}
+    rows = [json.loads(x) for x in (tmp_path / "run" / "rows.jsonl").read_text().splitlines()]
+    gen = {(r["task"], r["id"], r["strategy"]): r for r in rows if "tokens" in r}
+    assert {t for t, _, s in gen if s == name} == {"humaneval", "chat"}
+    assert not [r for r in rows if r["task"] == "tf" and r["strategy"] == name]
+    for (task, pid, s), r in gen.items():
+        if s == name:
+            full = gen[(task, pid, "full")]["tokens"]
+            assert r["tokens"][:16] == full[:16] and r["skipped"] == []
+    assert result["summary"][name]["speed"]["decode_x"] > 0 and name in report.read_text()
+    again = Evaluation(EvalConfig(model=str(default_first.resolve()), **opts), tmp_path / "run").run()
+    assert again["summary"][name] == result["summary"][name]

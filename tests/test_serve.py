@@ -221,3 +221,20 @@ def test_the_files_default_point_serves_without_a_point_option(tmp_path):
         r = client.chat.completions.create(model=DEFAULT_MODEL, messages=MESSAGES, max_tokens=2,
                                            extra_body={"first_mode": "full"})
         assert r.model_extra["first"]["mode"] == "full" and r.model_extra["first"]["point"] is None
+
+
+def test_a_served_model_with_a_draft_reports_what_it_kept():
+    """create_app(draft=...): completions verify the draft's tokens; ``first.draft`` counts them;
+    logprobs, which a draft's verification does not keep, are a 4xx, not wrong numbers."""
+    from starlette.testclient import TestClient
+
+    from first_gguf.models import DEFAULT_MODEL
+    from first_gguf.serve import create_app
+
+    app = TestClient(create_app(threads=1, n_ctx=512, point="short", draft=DEFAULT_MODEL, draft_tokens=3))
+    r = app.post("/v1/completions", json={"prompt": "def add(a, b):\n", "max_tokens": 24, "temperature": 0})
+    assert r.status_code == 200, r.text
+    draft = r.json()["first"]["draft"]
+    assert draft["calls"] > 0 and 0 < draft["accepted"] <= draft["drafted"] <= 3 * draft["calls"]
+    r = app.post("/v1/completions", json={"prompt": "def add(a, b):\n", "max_tokens": 4, "logprobs": 2})
+    assert 400 <= r.status_code < 500 and "logits_all" in r.text, r.text

@@ -41,8 +41,8 @@ import numpy as np
 from ..errors import FirstError
 from . import humaneval, humaneval_chat, metrics
 from .items import Item, LlamaTokenizer, chat_items, humaneval_chat_items, humaneval_items, tf_items, training_prompts
-from .strategies import (KINDS, POINTS, Controls, Strategy, block_influence, build_strategies, draft_strategy,
-                         static_order, strategy_from_name)
+from .strategies import (KINDS, POINTS, Controls, Strategy, block_influence, build_strategies, draft_of,
+                         draft_strategy, static_order, strategy_from_name)
 from .controls import bind_points, load_controls
 from ..format.points import size_without_points
 from .summary import summarize
@@ -50,7 +50,7 @@ from .summary import summarize
 TASKS = ("humaneval", "humaneval-chat", "tf", "chat")
 DEFAULT_TASKS = ("humaneval", "tf", "chat")
 SELECTORS = ("tasks", "kinds", "ks", "thresholds", "random_seeds", "limit", "labels", "heals",
-             "points", "drafts", "draft_tokens")  # which rows, not how
+             "points", "drafts", "draft_tokens", "draft_on")  # which rows, not how
 
 
 @dataclass
@@ -79,6 +79,7 @@ class EvalConfig:
     points: tuple[str, ...] = ()      # operating points of the file: one ``point:NAME`` strategy each
     drafts: tuple[str, ...] = ()      # draft models (FILE or FILE@POINT): one ``draft:NAME@POINT`` strategy each
     draft_tokens: int = 4             # at most this many drafted tokens per verification
+    draft_on: tuple[str, ...] = ("full",)  # what the drafts draft for: full, or operating points of the file
 
     def key(self) -> dict:
         """The settings every row of a run directory shares: all but what selects rows and the threads."""
@@ -202,7 +203,12 @@ class Evaluation:
             strategies = build_strategies(n_layer, protected, order, cfg.ks, cfg.thresholds, cfg.random_seeds,
                                           [k for k in cfg.kinds if k != POINTS], controls, points)
             self.drafts = self._open_drafts(llm)
-            strategies += [draft_strategy(name) for name in self.drafts]
+            on = [t for t in cfg.draft_on if t != "full"]
+            if on:
+                controls = dataclasses.replace(controls, points=bind_points(self.out, self.cfg.model, llm.points,
+                                                                            list(dict.fromkeys([*points, *on]))))
+            strategies += [draft_strategy(name + ("" if t == "full" else f"+{t}"), controls.points)
+                           for name in self.drafts for t in cfg.draft_on]
             tok = LlamaTokenizer(llm)
             items: dict[str, list[Item]] = {}
             for task in [t for t in SCORED_TASKS if t in cfg.tasks]:
@@ -299,7 +305,7 @@ class Evaluation:
 
         if not s.draft:
             return greedy(llm, prompt, max_new, stop)
-        llm.use_draft(self.drafts[s.name])
+        llm.use_draft(self.drafts[draft_of(s.name)])
         try:
             return drafted(llm, prompt, max_new, stop)
         finally:

@@ -25,7 +25,8 @@ set unhealed (``static-kl-K`` when the adapter was trained for the measured-dama
 Speculative decoding (``draft:FILE@POINT``, one per ``--draft`` of the run): ``full``'s answers,
 decoded with a smaller model of the same vocabulary at one of its points drafting tokens that
 the file verifies (``runtime.speculative``); what it changes is speed, and the float details of
-a batched verification.
+a batched verification. ``draft:FILE@POINT+TARGET`` (``--draft-on TARGET``): the file's
+operating point TARGET's answers, verified the same way.
 
 Named operating points of the file (``point:NAME``, asked for by name, or every one of them
 with the kind ``points``): ``FirstModel.configure(point=NAME)``, a threshold or a fixed skip set
@@ -34,6 +35,7 @@ with the kind ``points``): ``FirstModel.configure(point=NAME)``, a threshold or 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Sequence
@@ -214,14 +216,23 @@ def _point_strategy(name: str, points: dict) -> Strategy:
                     vocab=p.vocab)
 
 
-DRAFT_NAME = re.compile(r"draft:[A-Za-z0-9._-]+@[a-z0-9][a-z0-9-]*")
+DRAFT_NAME = re.compile(r"(draft:[A-Za-z0-9._-]+@[a-z0-9][a-z0-9-]*)(?:\+([a-z0-9][a-z0-9-]*))?")
 
 
-def draft_strategy(name: str) -> Strategy:
-    """The strategy of a draft named ``draft:FILE@POINT`` (``FILE`` the draft's file name)."""
-    if not DRAFT_NAME.fullmatch(name):
+def draft_strategy(name: str, points: dict | None = None) -> Strategy:
+    """The strategy named ``draft:FILE@POINT`` (``FILE`` the draft's file name): the file at full
+    depth decoding with that draft; with ``+TARGET``, the file at its point TARGET instead."""
+    m = DRAFT_NAME.fullmatch(name)
+    if not m:
         raise FirstError(f"unknown strategy name {name!r}")
-    return Strategy(name, "draft", "full", draft=True)
+    if m.group(2) is None:
+        return Strategy(name, "draft", "full", draft=True)
+    return dataclasses.replace(_point_strategy(m.group(2), points or {}), name=name, kind="draft", draft=True)
+
+
+def draft_of(name: str) -> str:
+    """The draft a ``draft:`` strategy decodes with (its name without ``+TARGET``)."""
+    return name.split("+")[0]
 
 
 _NAME = re.compile(r"(?:(full)|(first|modal)(?:@([0-9.e+-]+))?|(static-kl|static|early-exit|pruned|heal)-(\d+)"
@@ -236,7 +247,7 @@ def strategy_from_name(name: str, n_layer: int, protected: Sequence[int], order:
         FirstError: a name ``build_strategies`` never writes.
     """
     if name.startswith("draft:"):
-        return draft_strategy(name)
+        return draft_strategy(name, controls.points)
     m = _NAME.fullmatch(name)
     if not m:
         raise FirstError(f"unknown strategy name {name!r}")

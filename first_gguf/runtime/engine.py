@@ -319,7 +319,7 @@ class FirstModel(KvSegments, Scoring, Healing, Llama):
         self._truncate_segments(self.n_tokens)
         if not self._pending_prefill:
             start = self.n_tokens
-            if self.draft_model is not None and not self._prompt_logits:
+            if not self.logprobs_ok:
                 self._verify(tokens)
             else:
                 super().eval(tokens)
@@ -348,8 +348,13 @@ class FirstModel(KvSegments, Scoring, Healing, Llama):
         self.draft_model = draft
         self._logits_all = self._prompt_logits or draft is not None
 
+    @property
+    def logprobs_ok(self) -> bool:
+        """False while a draft verifies tokens without keeping every position's logits (no ``logits_all``)."""
+        return self.draft_model is None or self._prompt_logits
+
     def create_completion(self, prompt: Any, *args: Any, **kwargs: Any):  # noqa: D102
-        if kwargs.get("logprobs") is not None and self.draft_model is not None and not self._prompt_logits:
+        if kwargs.get("logprobs") is not None and not self.logprobs_ok:
             raise FirstError("logprobs with a draft model need FirstModel(..., logits_all=True)")
         return super().create_completion(prompt, *args, **kwargs)
 

@@ -70,7 +70,7 @@ class Scoring:
         Needs ``logits_all=True``. Returns an array [len(prompt) + len(continuation), n_vocab];
         row t predicts token t + 1.
         """
-        if not self._logits_all:
+        if not self._prompt_logits:  # asked for (a draft alone turns _logits_all on)
             raise FirstError("teacher_forced_logits needs FirstModel(..., logits_all=True)")
         self.prefill(prompt)
         if continuation:
@@ -96,7 +96,7 @@ class Scoring:
         them all: ``router_mask`` gives the mask of any threshold.
         Needs ``logits_all=True`` (for the branches' rows).
         """
-        if not self._logits_all:
+        if not self._prompt_logits:
             raise FirstError("fork/branch_logits need FirstModel(..., logits_all=True)")
         self._fork = None
         self._logits_all = False  # the prefill: logits of the last prompt token only
