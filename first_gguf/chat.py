@@ -404,4 +404,3 @@ def run_chat(model: str | Path | None = None, threshold: float | None = None, ma
     if drafter is not None:
         print(drafter.describe(), file=sys.stderr, flush=True)
     repl(ChatSession(llm, system=system, max_tokens=max_tokens, temperature=temperature))
-
