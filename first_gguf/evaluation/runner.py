@@ -295,7 +295,7 @@ class Evaluation:
             path = resolve_model(model)
             d = FirstDraft.open(path, point=point or None, max_tokens=self.cfg.draft_tokens, n_ctx=llm.n_ctx(),
                                 n_batch=512, n_threads=threads, n_threads_batch=threads)
-            d.check(llm)
+            d.check(llm)  # before any row runs
             name = f"draft:{path.name.removesuffix('.gguf').removesuffix('.first')}@{d.model.point or d.model.mode}"
             out[name] = d
         return out

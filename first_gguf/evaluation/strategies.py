@@ -84,7 +84,7 @@ class Strategy:
     point: str | None = None    # a named operating point of the file
     thin: tuple[int, ...] = ()  # layers decoded with their thin FFN (a point's)
     vocab: bool = False         # decoded with the short output vocabulary (a point's)
-    draft: bool = False         # full, with the run's draft of this name verifying its tokens
+    draft: bool = False         # decoded with the run's draft of this name (before any +TARGET) verifying
 
     @property
     def family(self) -> str:

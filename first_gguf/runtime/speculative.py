@@ -66,6 +66,7 @@ class FirstDraft(LlamaDraftModel):
         self.prefill_above = max(prefill_above, max_tokens + 1)
         self.stats = DraftStats()
         self._proposal: tuple[int, list[int]] | None = None  # (position of its first token, tokens)
+        self._checked: Any = None  # the last target that passed ``check`` (use_draft checks at every switch)
 
     @classmethod
     def open(cls, model_path: Any, *, point: str | None = None, max_tokens: int = 4, p_min: float = 0.5,
@@ -86,6 +87,8 @@ class FirstDraft(LlamaDraftModel):
 
     def check(self, target: Any) -> None:
         """Raise ``FirstError`` unless ``target`` has the draft's vocabulary, token for token."""
+        if target is self._checked:
+            return
         a, b = self.model, target
         if a.n_vocab() != b.n_vocab():
             raise FirstError(f"the draft {a.model_path} has {a.n_vocab()} tokens, the target {b.model_path} "
@@ -99,6 +102,7 @@ class FirstDraft(LlamaDraftModel):
                                  f"{b.model_path}: a draft must share the target's vocabulary")
         if a.n_ctx() < b.n_ctx():
             raise FirstError(f"the draft's context ({a.n_ctx()}) is shorter than the target's ({b.n_ctx()})")
+        self._checked = target
 
     def reset(self) -> None:
         """Zero the statistics."""
