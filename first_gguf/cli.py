@@ -377,9 +377,9 @@ def serve(model: str | None, host: str, port: int, alias: str | None, n_ctx: int
                draft_point=draft_point, draft_tokens=draft_tokens)
 
 
-from .cli_train import damage, fit_routers, heal, thin, train, vocab  # noqa: E402  (registered below)
+from .cli_train import damage, fit_routers, heal, thin, train, tune, vocab  # noqa: E402  (registered below)
 
-for _command in (train, damage, fit_routers, heal, thin, vocab):
+for _command in (train, damage, fit_routers, heal, thin, vocab, tune):
     cli.add_command(_command)
 
 

@@ -1,4 +1,4 @@
-"""Training commands of ``first-gguf``: train, damage, fit-routers, heal, thin, vocab (registered by ``cli``)."""
+"""Training commands of ``first-gguf``: train, damage, fit-routers, heal, thin, vocab, tune (registered by ``cli``)."""
 
 from __future__ import annotations
 
@@ -215,3 +215,46 @@ def _families(value: str | None) -> tuple[str, ...] | None:
         raise click.BadParameter(f"{', '.join(bad)}: not a built-in family ({', '.join(FAMILIES)})",
                                  param_hint="--families")
     return names
+
+
+@click.command()
+@click.argument("model")
+@click.option("-o", "--output", type=PathArg, required=True,
+              help="FiRST-GGUF to write with the chosen points; work files and every measurement in OUTPUT.tune/.")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Damage labels of MODEL (`first-gguf damage`; default: measured into OUTPUT.tune/).")
+@click.option("--max-skip", default=2, show_default=True, help="Candidates skip up to this many layers.")
+@click.option("--copies", default="IQ4_NL", show_default=True, metavar="TYPE",
+              help="ggml type of the decode-only FFN copies, or 'none'.")
+@click.option("--vocab-size", default=49152, show_default=True, help="Short output vocabulary size (0: none).")
+@click.option("--text-mb", default=30.0, show_default=True, help="Megabytes of local text counted for it.")
+@click.option("--max-kl", default=0.05, show_default=True,
+              help="The default point: the fastest whose damage (KL to full on held-out prompts, plus the "
+                   "probability full puts on tokens a short vocabulary cannot write) is within this.")
+@click.option("--label-prompts", default=16, show_default=True, help="Damage labels: training prompts per family.")
+@click.option("--eval-prompts", default=8, show_default=True, help="Quality: held-out prompts per family.")
+@click.option("--repeats", default=5, show_default=True, help="Speed: interleaved repeats.")
+@click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
+def tune(model: str, output: Path, labels: Path | None, max_skip: int, copies: str, vocab_size: int, text_mb: float,
+         max_kl: float, label_prompts: int, eval_prompts: int, repeats: int, threads: int | None, as_json: bool,
+         force: bool) -> None:
+    """Give MODEL (a GGUF or FiRST-GGUF, or zoo name) operating points chosen by measurement.
+
+    Skip sets follow measured damage; every candidate (skip sets, decode-only FFN copies, short
+    output vocabulary) is measured against full for quality and decode speed on this machine;
+    the candidates nothing beats on both become points, the fastest within --max-kl the default.
+    """
+    import json
+    from dataclasses import replace
+
+    from .log import logger
+    from .shipped import resolve_model
+    from .tune import TuneConfig, table, tune as run
+
+    cfg = replace(TuneConfig(), max_skip=max_skip, copies=None if copies.lower() == "none" else copies.upper(),
+                  vocab_size=vocab_size, text_mb=text_mb, max_kl=max_kl, label_prompts=label_prompts,
+                  eval_prompts=eval_prompts, repeats=repeats)
+    report = run(resolve_model(model), output, cfg, labels=labels, threads=threads, force=force, log=logger("tune"))
+    click.echo(json.dumps(report, indent=1) if as_json else table(report))

@@ -130,7 +130,11 @@ class FirstModel(KvSegments, Scoring, Healing, Llama):
         self._healing: int | None = None  # the adapter on the context now
         self.heal_on = True
         self._prompt_logits = bool(kwargs.get("logits_all", False))  # a draft model turns logits_all on
-        super().__init__(model_path=str(path), **kwargs)
+        try:
+            super().__init__(model_path=str(path), **kwargs)
+        except ValueError as exc:  # llama-cpp-python's "Failed to load model from file" and the like
+            raise FirstError(f"{path}: llama.cpp cannot load it ({exc}; FirstModel(..., verbose=True) shows "
+                             f"the library's log)") from None
         self.n_layer = int(llama_cpp.llama_model_n_layer(self._model.model))
         heal_paths = [] if heal is None else [heal] if isinstance(heal, (str, Path)) else list(heal)
         self._adapters = self._load_heals(heal_paths)

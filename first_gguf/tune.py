@@ -1,0 +1,411 @@
+"""Operating points for any FiRST-GGUF, chosen by measurement (``first-gguf tune``).
+
+The zoo's points were chosen by hand from long HumanEval runs. ``tune`` gives a converted
+model the same kinds of points in minutes, from measurements on the machine that runs it:
+
+1. damage labels (``damage.make_labels``: what skipping each layer alone costs on training
+   prompts) order the layers, least damaging first (the ``static-kl`` order);
+2. the decode-only stand-ins are added to a working copy: IQ4_NL copies of every FFN
+   (``train.thin``) and a short output vocabulary (``train.vocab``), unless the file has them;
+3. every candidate (the first 0..``max_skip`` layers of the order skipped, with or without
+   the copies, with or without the short vocabulary) is measured against ``full``: quality
+   teacher-forced along full's own greedy continuation of held-out prompts of every family
+   (never HumanEval), decode speed as the median of interleaved repeats in one process;
+4. the candidates no other candidate beats on both counts (less KL and faster) become the
+   points, named as the zoo's are; the default is the fastest of them within ``max_kl``.
+
+The default ``max_kl`` (0.05 nats) is where the zoo's HumanEval runs put the edge: measured
+by ``tune`` on the 0.5B, the configurations that keep >= 90% of full's pass@1 lie at
+0.003-0.041, the two-layer skip set that keeps 76% at 0.072 (docs/TRAINING.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .errors import FirstError
+
+FAST, SHORT = "fast", "short"
+SKIP_NAMES = {1: "quality", 2: "balanced"}  # more layers: skipN
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """What ``tune`` measures and how it chooses (docs/FORMAT.md section 9)."""
+
+    max_skip: int = 2            # candidates skip 0..max_skip layers of the damage order
+    copies: str | None = "IQ4_NL"  # ggml type of the decode-only FFN copies (None: no copies)
+    vocab_size: int = 49152      # short output vocabulary size (0: none)
+    text_mb: float = 30.0        # megabytes of local text counted for the short vocabulary
+    label_prompts: int = 16      # damage labels: training prompts per family (when measured here)
+    label_tokens: int = 32       # damage labels: full's greedy continuation each is measured on
+    eval_prompts: int = 8        # quality: held-out prompts per family
+    cont_tokens: int = 48        # quality: full's greedy continuation scored per prompt
+    max_prompt_tokens: int = 160
+    repeats: int = 5             # speed: interleaved repeats
+    decode_tokens: int = 64      # speed: greedy tokens per repeat
+    max_kl: float = 0.05         # the default: the fastest point whose damage is within this
+    seed: int = 0
+
+
+@dataclass
+class Candidate:
+    """One configuration of the tuned file and what it measured."""
+
+    name: str
+    skip: list[int]
+    fast: bool
+    short: bool
+    thin: list[int] = field(default_factory=list)  # the layers decoded with their FFN copies
+    kl: float = float("nan")       # mean KL(full || candidate) over the candidate's possible tokens (nats)
+    top1: float = float("nan")     # fraction of positions whose argmax is full's
+    outside: float = 0.0           # full's mean probability on tokens the candidate cannot produce
+    speed: float = float("nan")    # decode x full, median of the repeats
+    spread: list[float] = field(default_factory=list)  # the repeats' 25th and 75th percentiles
+
+    @property
+    def damage(self) -> float:
+        """What the choice weighs: ``kl`` plus ``outside`` (a token the candidate cannot write
+        counts in full: greedy decoding there leaves full's answer)."""
+        return self.kl + self.outside
+
+
+def candidate_name(k: int, fast: bool, short: bool) -> str:
+    """The zoo's names: quality (1 layer), balanced (2), skipN beyond; ``fast-`` with the FFN
+    copies, ``-short`` with the short vocabulary (``fast-quality-short``, ``short``, ...)."""
+    parts = ([FAST] if fast else []) + ([SKIP_NAMES.get(k, f"skip{k}")] if k else []) + ([SHORT] if short else [])
+    return "-".join(parts)
+
+
+def front(cands: Sequence[Candidate]) -> list[Candidate]:
+    """The candidates no other beats on both counts: by damage ascending, each faster than every
+    candidate with less damage and than ``full`` (1.0)."""
+    out, best = [], 1.0
+    for c in sorted(cands, key=lambda c: (c.damage, -c.speed)):
+        if c.speed > best:
+            out.append(c)
+            best = c.speed
+    return out
+
+
+def choose_default(points: Sequence[Candidate], max_kl: float) -> Candidate | None:
+    """The fastest point whose damage is within ``max_kl`` (None when none is)."""
+    ok = [c for c in points if c.damage <= max_kl]
+    return max(ok, key=lambda c: c.speed) if ok else None
+
+
+def tune(model: str | os.PathLike, out: str | os.PathLike, cfg: TuneConfig = TuneConfig(),
+         labels: str | os.PathLike | None = None, threads: int | None = None, force: bool = False,
+         log: Callable[[str], None] | None = None) -> dict:
+    """Measure candidates on ``model`` and write it to ``out`` with the chosen operating points.
+
+    Args:
+        model: A GGUF (a plain one gets the untrained keep-every-layer routers) or a FiRST-GGUF.
+        out: The FiRST-GGUF to write (never ``model``; an existing one only with ``force``).
+            Work files, the damage labels and ``tune.json`` (every measurement) go to
+            ``<out>.tune/``, and a run there resumes: labels, copies and counts are reused.
+        cfg: What to measure and how to choose.
+        labels: Damage labels of this model (``first-gguf damage``); None: measured here.
+        threads: llama.cpp threads (default: all cores).
+
+    Returns:
+        The report written to ``<out>.tune/tune.json``.
+    """
+    from .paths import check_output_path
+
+    log = log or (lambda msg: None)
+    src, out = Path(model), Path(out)
+    if not src.is_file():
+        raise FirstError(f"{src}: no such file")
+    check_output_path(out, force=force, inputs=[src])
+    if cfg.max_skip < 0:
+        raise FirstError(f"max_skip must be >= 0, got {cfg.max_skip}")
+    if not 0.0 < cfg.max_kl:
+        raise FirstError(f"max_kl must be > 0, got {cfg.max_kl}")
+    if cfg.repeats < 1 or cfg.decode_tokens < 2 or cfg.eval_prompts < 1 or cfg.cont_tokens < 2:
+        raise FirstError("repeats, eval_prompts must be >= 1 and decode_tokens, cont_tokens >= 2")
+    run = out.parent / f"{out.name}.tune"
+    run.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    routed = _with_routers(src, run, log)
+    thin, has_short = _parts(routed)
+    if cfg.max_skip == 0 and not (cfg.copies or thin) and not (cfg.vocab_size or has_short):
+        raise FirstError(f"{src}: nothing to choose from (max_skip 0, no FFN copies, no short vocabulary)")
+    n_layer, protected = _layers(routed)
+    labels = Path(labels) if labels is not None else _measure_labels(routed, run, cfg, threads, log)
+    order = _order(labels, n_layer, protected)
+    if cfg.max_skip > len(order):
+        raise FirstError(f"{labels}: {len(order)} layers measured, fewer than max_skip {cfg.max_skip}")
+    work, made = _stand_ins(routed, run, cfg, threads, log)
+
+    cands = _candidates(work, order, cfg.max_skip)
+    log(f"{len(cands)} candidates over layers {order[:cfg.max_skip]} (damage order), "
+        f"{'with' if any(c.fast for c in cands) else 'without'} FFN copies, "
+        f"{'with' if any(c.short for c in cands) else 'without'} a short vocabulary")
+    _measure_quality(work, cands, cfg, threads, log)
+    _measure_speed(work, cands, cfg, threads, log)
+
+    chosen = front(cands)
+    default = choose_default(chosen, cfg.max_kl)
+    final = _assemble(routed, work, run, made, need_fast=any(c.fast for c in chosen),
+                      need_short=any(c.short for c in chosen), cfg=cfg, threads=threads)
+    points = _points(chosen, default)
+    from .format import stamp_points
+
+    stamp_points(final, points, out, force=force)
+    report = {"model": src.name, "out": out.name, "config": asdict(cfg), "labels": labels.name, "order": order,
+              "candidates": [asdict(c) | {"damage": c.damage} for c in cands], "points": [c.name for c in chosen],
+              "default": default.name if default else None, "seconds": round(time.perf_counter() - t0, 1)}
+    (run / "tune.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+# --- the steps -----------------------------------------------------------------------------
+
+def _with_routers(src: Path, run: Path, log) -> Path:
+    """``src`` if it is a FiRST-GGUF, else a copy with the recipe's keep-every-layer routers."""
+    from . import format as fmt
+
+    if fmt.is_first_gguf(src):
+        fmt.read_first_parts(src, deep=False)  # a clear error now for a broken one
+        return src
+    info = fmt.inspect_gguf(src)
+    dst = run / "routed.gguf"
+    if not dst.is_file():
+        log(f"{src.name} has no routers: attaching the untrained ones that keep every layer")
+        fmt.attach_routers(src, fmt.make_identity_routers(info["n_layer"], info["n_embd"]), dst, force=True)
+    return dst
+
+
+def _layers(path: Path) -> tuple[int, list[int]]:
+    from .format import read_first_parts
+
+    parts = read_first_parts(path, deep=False)
+    return parts.routers.n_layer, list(parts.routers.protected_layers)
+
+
+def _measure_labels(path: Path, run: Path, cfg: TuneConfig, threads: int | None, log) -> Path:
+    from .damage import make_labels
+
+    out = run / "damage.jsonl"
+    log(f"damage labels: {cfg.label_prompts} training prompts per family -> {out}")
+    return make_labels(path, out, n_per_family=cfg.label_prompts, max_prompt_tokens=cfg.max_prompt_tokens,
+                       cont_tokens=cfg.label_tokens, threads=threads)
+
+
+def _order(labels: Path, n_layer: int, protected: Sequence[int]) -> list[int]:
+    from .damage import damage_order, read_labels
+
+    _, rows = read_labels(labels)
+    if not rows:
+        raise FirstError(f"{labels}: no labelled prompts")
+    if len(rows[0]["kl"]) != n_layer:
+        raise FirstError(f"{labels}: labels for {len(rows[0]['kl'])} layers, the model has {n_layer}")
+    return damage_order(rows, n_layer, protected)
+
+
+def _parts(path: Path) -> tuple[tuple[int, ...], bool]:
+    """(the layers with decode-only FFN stand-ins, whether there is a short vocabulary)."""
+    from .format import read_first_parts
+
+    p = read_first_parts(path, deep=False)
+    return tuple(p.thin.layers) if p.thin is not None else (), p.vocab is not None
+
+
+def _stand_ins(path: Path, run: Path, cfg: TuneConfig, threads: int | None, log) -> tuple[Path, set[str]]:
+    """A working file with every stand-in ``cfg`` asks for; which of them were made here."""
+    from .train.thin import thin_model
+    from .train.vocab import vocab_model
+
+    thin, has_short = _parts(path)
+    made: set[str] = set()
+    work = path
+    if cfg.copies and not thin:
+        dst = run / f"copies-{cfg.copies.lower()}.gguf"
+        if not dst.is_file():
+            log(f"decode-only {cfg.copies} copies of every FFN -> {dst.name}")
+            thin_model(work, dst, None, qtype=cfg.copies, threads=threads, force=True)
+        work, made = dst, made | {FAST}
+    if cfg.vocab_size and not has_short:
+        dst = run / f"{'copies-' if FAST in made else ''}vocab-{cfg.vocab_size}.gguf"
+        if not dst.is_file():
+            log(f"short output vocabulary of {cfg.vocab_size} tokens ({cfg.text_mb:g} MB of local text) -> {dst.name}")
+            vocab_model(work, dst, cfg.vocab_size, limit_bytes=int(cfg.text_mb * 1e6),
+                        counts=run / "counts.npz", force=True)
+        work, made = dst, made | {SHORT}
+    return work, made
+
+
+def _candidates(work: Path, order: Sequence[int], max_skip: int) -> list[Candidate]:
+    thin, has_short = _parts(work)
+    out = []
+    for k in range(max_skip + 1):
+        skip = sorted(order[:k])
+        for fast in (False, True) if thin else (False,):
+            for short in (False, True) if has_short else (False,):
+                if k or fast or short:
+                    out.append(Candidate(candidate_name(k, fast, short), skip, fast, short,
+                                         thin=[i for i in thin if i not in skip] if fast else []))
+    return out
+
+
+def _configure(llm, c: Candidate | None) -> None:
+    """``full`` for None, else the candidate as a mask-mode configuration (prompt at full depth)."""
+    if c is None:
+        llm.configure(mode="full", thin=(), vocab=False)
+        return
+    llm.configure(mode="mask", mask=[i not in c.skip for i in range(llm.n_layer)], prefill="full",
+                  thin=c.thin, vocab=c.short)
+
+
+def _measure_quality(work: Path, cands: Sequence[Candidate], cfg: TuneConfig, threads: int | None, log) -> None:
+    """Teacher-forced KL and top-1 of every candidate along full's greedy continuation.
+
+    One full-depth prefill per prompt serves every candidate (``fork`` / ``branch_logits``: each
+    branch equals that configuration's own prefill and decode), the short-vocabulary candidates
+    first, while the prompt's tokens the fork gave the short vocabulary still stand."""
+    from tqdm import tqdm
+
+    from .evaluation.items import LlamaTokenizer, tf_items
+    from .runtime import FirstModel
+    from .runtime.greedy import greedy
+
+    llm = FirstModel(work, mode="full", logits_all=True, n_ctx=cfg.max_prompt_tokens + cfg.cont_tokens + 8,
+                     n_batch=512, n_threads=threads, n_threads_batch=threads)
+    short = any(c.short for c in cands)
+    ordered = sorted(cands, key=lambda c: not c.short)
+    try:
+        items = tf_items(LlamaTokenizer(llm), cfg.eval_prompts, cfg.max_prompt_tokens, 8, cfg.seed)
+        rows: dict[str, list[tuple[float, float, float]]] = {c.name: [] for c in cands}
+        for it in tqdm(items, desc="quality", file=sys.stderr):
+            _configure(llm, None)
+            cont = greedy(llm, it.prompt, cfg.cont_tokens).tokens
+            if len(cont) < 2:
+                continue
+            everything = [True] * llm.n_layer
+            llm.configure(mode="mask", mask=everything, prefill="full", thin=(), vocab=short)
+            llm.fork(it.prompt)
+            got = {}
+            for c in ordered:
+                if not c.short and llm.vocab:
+                    llm.configure(vocab=False)
+                llm.configure(thin=c.thin)
+                got[c.name] = llm.branch_logits(cont, [i not in c.skip for i in range(llm.n_layer)])
+            llm.configure(thin=(), vocab=False)
+            ref = llm.branch_logits(cont, everything)
+            for c in cands:
+                rows[c.name].append(compare(ref, got[c.name]))
+        for c in cands:
+            if not rows[c.name]:
+                raise FirstError(f"{work}: the full model ended every held-out prompt at once; nothing to score")
+            c.kl, c.top1, c.outside = (float(x) for x in np.mean(rows[c.name], axis=0))
+    finally:
+        llm.close()
+
+
+def compare(ref: np.ndarray, got: np.ndarray) -> tuple[float, float, float]:
+    """(KL, top-1, outside) of ``got`` against ``ref`` ([n, vocab] logits of the same positions).
+
+    A short-vocabulary decode gives the tokens it cannot produce a logit of -inf: the KL is
+    taken over the tokens it can produce, ``ref`` renormalised there, and ``outside`` is the
+    probability ``ref`` put on the others (mean over positions)."""
+    ref = np.asarray(ref, dtype=np.float64)
+    got = np.asarray(got, dtype=np.float64)
+    ok = np.isfinite(got)
+    if not ok.any(axis=1).all() or not np.isfinite(ref).all():
+        raise FirstError("a row of logits has no finite entry (or the reference is not finite)")
+    p = np.exp(ref - ref.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    outside = (p * ~ok).sum(axis=1)
+    q = np.where(ok, got, -np.inf)
+    lq = q - q.max(axis=1, keepdims=True)
+    lq = lq - np.log(np.exp(lq).sum(axis=1, keepdims=True))
+    pin = np.where(ok, p, 0.0) / (1.0 - outside)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(pin > 0, pin * (np.log(pin) - np.where(ok, lq, 0.0)), 0.0)
+    kl = terms.sum(axis=1)
+    top1 = (got.argmax(axis=1) == ref.argmax(axis=1))
+    return float(kl.mean()), float(top1.mean()), float(outside.mean())
+
+
+def _measure_speed(work: Path, cands: Sequence[Candidate], cfg: TuneConfig, threads: int | None, log) -> None:
+    """Decode x full per candidate: medians of interleaved repeats on one prompt, in one process."""
+    from tqdm import tqdm
+
+    from .evaluation.items import LlamaTokenizer, tf_items
+    from .runtime import FirstModel
+    from .runtime.greedy import greedy
+
+    llm = FirstModel(work, mode="full", n_ctx=cfg.max_prompt_tokens + cfg.decode_tokens + 8, n_batch=512,
+                     n_threads=threads, n_threads_batch=threads)
+    try:
+        items = tf_items(LlamaTokenizer(llm), 1, cfg.max_prompt_tokens, 8, cfg.seed + 1)
+        prompt = max((it.prompt for it in items), key=len)
+        order: list[Candidate | None] = [None, *cands]
+        rates: dict[str, list[float]] = {c.name: [] for c in cands}
+        for r in tqdm(range(cfg.repeats), desc="speed", file=sys.stderr):
+            got = {}
+            k = r % len(order)
+            for c in order[k:] + order[:k]:
+                _configure(llm, c)
+                g = greedy(llm, prompt, cfg.decode_tokens, eog=False)
+                got["" if c is None else c.name] = g.n_decode / g.t_decode
+            for c in cands:
+                rates[c.name].append(got[c.name] / got[""])
+        for c in cands:
+            v = np.array(rates[c.name])
+            c.speed = float(np.median(v))
+            c.spread = [float(np.percentile(v, 25)), float(np.percentile(v, 75))]
+    finally:
+        llm.close()
+
+
+def _assemble(routed: Path, work: Path, run: Path, made: set[str], need_fast: bool, need_short: bool,
+              cfg: TuneConfig, threads: int | None) -> Path:
+    """The file the points go into: the routed input with the stand-ins made here that a point
+    uses (stand-ins the input already had stay)."""
+    from .train.vocab import vocab_model
+
+    keep_fast, keep_short = FAST in made and need_fast, SHORT in made and need_short
+    if (FAST in made) == keep_fast and (SHORT in made) == keep_short:
+        return work
+    if keep_fast:  # the copies without the vocabulary
+        return run / f"copies-{cfg.copies.lower()}.gguf"
+    if not keep_short:
+        return routed
+    dst = run / f"vocab-{cfg.vocab_size}.gguf"  # the vocabulary without the copies (counted already)
+    if not dst.is_file():
+        vocab_model(routed, dst, cfg.vocab_size, limit_bytes=int(cfg.text_mb * 1e6), counts=run / "counts.npz",
+                    force=True)
+    return dst
+
+
+def _points(chosen: Sequence[Candidate], default: Candidate | None):
+    from .format import Point, Points
+
+    items = [Point(c.name, skip=tuple(c.skip) if c.skip else None, thin=tuple(c.thin) if c.fast else None,
+                   vocab=c.short) for c in chosen]
+    return Points(tuple(items), default.name if default else None)
+
+
+def table(report: dict) -> str:
+    """The candidates as a text table, the points marked (* the default)."""
+    lines = [f"{'candidate':<22} {'skip':<12} {'damage':>7} {'KL':>7} {'outside':>8} {'top-1':>6} "
+             f"{'decode x full':>19}  point"]
+    for c in sorted(report["candidates"], key=lambda c: c["damage"]):
+        mark = "*" if c["name"] == report["default"] else ("+" if c["name"] in report["points"] else "")
+        lines.append(f"{c['name']:<22} {str(c['skip']):<12} {c['damage']:7.4f} {c['kl']:7.4f} {c['outside']:8.4f} "
+                     f"{c['top1']:6.3f} "
+                     f"{c['speed']:6.3f} ({c['spread'][0]:.2f}-{c['spread'][1]:.2f})  {mark}")
+    lines.append(f"points: {', '.join(report['points']) or 'none'}; default: {report['default'] or 'none'} "
+                 f"(the fastest point of damage <= {report['config']['max_kl']}); {report['seconds']:.0f} s")
+    return "\n".join(lines)

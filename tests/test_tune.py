@@ -1,0 +1,142 @@
+"""first-gguf tune: candidates measured on the real default model, points chosen from them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from first_gguf.errors import FirstError
+from first_gguf.evaluation import metrics
+from first_gguf.tune import Candidate, TuneConfig, candidate_name, choose_default, compare, front, tune
+
+SMALL = TuneConfig(max_skip=1, text_mb=0.3, label_prompts=1, label_tokens=6, eval_prompts=1, cont_tokens=8,
+                   max_prompt_tokens=64, repeats=1, decode_tokens=4)
+
+
+def _cand(name, damage, speed, outside=0.0):
+    return Candidate(name, [], False, False, kl=damage - outside, outside=outside, speed=speed)
+
+
+def test_names_are_the_zoos():
+    assert candidate_name(1, True, True) == "fast-quality-short"
+    assert candidate_name(0, False, True) == "short"
+    assert candidate_name(0, True, False) == "fast"
+    assert candidate_name(2, False, False) == "balanced"
+    assert candidate_name(3, True, False) == "fast-skip3"
+
+
+def test_front_keeps_what_nothing_beats_and_the_default_is_the_fastest_within_budget():
+    cands = [_cand("a", 0.001, 1.20), _cand("b", 0.002, 1.10),  # b: slower and worse than a
+             _cand("c", 0.010, 1.50, outside=0.004), _cand("d", 0.020, 1.45), _cand("e", 0.050, 1.90),
+             _cand("f", 0.0005, 0.97)]                          # f: slower than full
+    assert [c.name for c in front(cands)] == ["a", "c", "e"]
+    assert choose_default(front(cands), 0.03).name == "c"
+    assert choose_default(front(cands), 0.0099).name == "a"  # c's damage counts its outside mass
+    assert choose_default(front(cands), 0.0001) is None
+
+
+def test_compare_is_teacher_forced_kl_and_counts_what_a_short_vocabulary_cannot_write():
+    rng = np.random.default_rng(0)
+    ref, got = rng.normal(size=(5, 40)), rng.normal(size=(5, 40))
+    kl, top1, outside = compare(ref, got)
+    q = metrics.teacher_forced(ref, got, ref.argmax(-1))
+    assert (kl, top1, outside) == (pytest.approx(q["kl"], abs=1e-12), q["top1"], 0.0)
+    cut = got.copy()
+    cut[:, 30:] = -np.inf
+    kl, top1, outside = compare(ref, cut)
+    p = np.exp(ref) / np.exp(ref).sum(1, keepdims=True)
+    assert outside == pytest.approx(p[:, 30:].sum(1).mean(), abs=1e-12)
+    inside = metrics.teacher_forced(ref[:, :30], got[:, :30], ref[:, :30].argmax(-1))  # both renormalised there
+    assert kl == pytest.approx(inside["kl"], abs=1e-12)
+    with pytest.raises(FirstError, match="no finite"):
+        compare(ref, np.full_like(got, -np.inf))
+
+
+@pytest.fixture(scope="module")
+def tuned(default_base: Path, tmp_path_factory: pytest.TempPathFactory):
+    from first_gguf.build import sha256_file
+
+    before = sha256_file(default_base)
+    out = tmp_path_factory.mktemp("tune") / "tuned.first.gguf"
+    report = tune(default_base, out, SMALL, threads=2)
+    assert sha256_file(default_base) == before  # the input is never modified
+    return out, report
+
+
+def test_tune_writes_the_front_of_its_own_measurements(tuned):
+    from first_gguf.format import read_first_parts
+
+    out, report = tuned
+    assert json.loads((out.parent / f"{out.name}.tune" / "tune.json").read_text()) == report
+    assert (out.parent / f"{out.name}.tune" / "routed.gguf").is_file()  # a plain GGUF got keep-every-layer routers
+    cands = [Candidate(**{k: v for k, v in c.items() if k != "damage"}) for c in report["candidates"]]
+    assert len(cands) == 7  # skip 0 or 1 layer x copies or not x short vocabulary or not, but full itself
+    assert all(np.isfinite(c.kl) and 0 <= c.top1 <= 1 and c.speed > 0 for c in cands)
+    assert [c.name for c in front(cands)] == report["points"]
+    best = choose_default(front(cands), SMALL.max_kl)
+    assert report["default"] == (best.name if best else None)
+    parts = read_first_parts(out, deep=False)
+    assert parts.points.names == report["points"] and parts.points.default == report["default"]
+    n_layer, first = parts.routers.n_layer, report["order"][0]
+    for p in parts.points:
+        c = next(c for c in cands if c.name == p.name)
+        assert list(p.skip or ()) == ([first] if "quality" in p.name else [])
+        assert p.vocab == p.name.endswith("short")
+        assert list(p.thin or ()) == ([i for i in range(n_layer) if i not in c.skip] if c.fast else [])
+    assert (parts.thin is not None) == any(c.fast for c in front(cands))
+    assert (parts.vocab is not None) == any(c.short for c in front(cands))
+
+
+def test_each_point_measures_in_the_written_file_what_tune_measured(tuned):
+    """The points run through their names on the output file (a prefill and decode, not tune's
+    fork and branch) give the KL and top-1 tune recorded for them."""
+    from first_gguf.evaluation.items import LlamaTokenizer, tf_items
+    from first_gguf.runtime import FirstModel
+    from first_gguf.runtime.greedy import greedy
+
+    out, report = tuned
+    llm = FirstModel(out, mode="full", logits_all=True, n_ctx=SMALL.max_prompt_tokens + SMALL.cont_tokens + 8,
+                     n_threads=2)
+    try:
+        items = tf_items(LlamaTokenizer(llm), SMALL.eval_prompts, SMALL.max_prompt_tokens, 8, SMALL.seed)
+        rows = {name: [] for name in report["points"]}
+        for it in items:
+            llm.configure(mode="full", thin=(), vocab=False)
+            cont = greedy(llm, it.prompt, SMALL.cont_tokens).tokens
+            n = len(it.prompt)
+            ref = llm.teacher_forced_logits(it.prompt, cont[:-1])[n - 1:]
+            for name in rows:
+                llm.configure(point=name)
+                rows[name].append(compare(ref, llm.teacher_forced_logits(it.prompt, cont[:-1])[n - 1:]))
+    finally:
+        llm.close()
+    for c in report["candidates"]:
+        if c["name"] in rows:
+            kl, top1, outside = np.mean(rows[c["name"]], axis=0)
+            assert (kl, top1, outside) == (pytest.approx(c["kl"], abs=1e-5), pytest.approx(c["top1"]),
+                                           pytest.approx(c["outside"], abs=1e-7)), c["name"]
+
+
+def test_bad_input_is_refused_by_name(tiny_base, tmp_path, tuned):
+    out, _ = tuned
+    with pytest.raises(FirstError, match="exists; pass --force"):
+        tune(tiny_base, out, SMALL)
+    with pytest.raises(FirstError, match="would overwrite the input"):
+        tune(tiny_base, tiny_base, SMALL, force=True)
+    with pytest.raises(FirstError, match="no such file"):
+        tune(tmp_path / "missing.gguf", tmp_path / "o.gguf", SMALL)
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(json.dumps({"version": 1, "config": {}}) + "\n" + json.dumps({"kl": [None, 0.1, None, None, None]}) + "\n")
+    with pytest.raises(FirstError, match=r"labels\.jsonl: labels for 5 layers, the model has 3"):
+        tune(tiny_base, tmp_path / "o.gguf", SMALL, labels=labels)
+    with pytest.raises(FirstError, match="max_kl"):
+        tune(tiny_base, tmp_path / "o.gguf", replace(SMALL, max_kl=0))
+    with pytest.raises(FirstError, match="base.gguf: nothing to choose from"):
+        tune(tiny_base, tmp_path / "o.gguf", replace(SMALL, max_skip=0, copies=None, vocab_size=0))
+    with pytest.raises(FirstError, match=r"routed\.gguf: llama\.cpp cannot load it"):  # tensors only, no tokenizer
+        tune(tiny_base, tmp_path / "o.gguf", SMALL)
+    assert not (tmp_path / "o.gguf").exists()
