@@ -231,6 +231,8 @@ def _families(value: str | None) -> tuple[str, ...] | None:
 @click.option("--max-kl", default=0.05, show_default=True,
               help="The default point: the fastest whose damage (KL to full on held-out prompts, plus the "
                    "probability full puts on tokens a short vocabulary cannot write) is within this.")
+@click.option("--min-gain", default=0.02, show_default=True,
+              help="A point decodes this much faster (relative) than the less damaging point before it.")
 @click.option("--label-prompts", default=16, show_default=True, help="Damage labels: training prompts per family.")
 @click.option("--eval-prompts", default=8, show_default=True, help="Quality: held-out prompts per family.")
 @click.option("--repeats", default=5, show_default=True, help="Speed: interleaved repeats.")
@@ -238,8 +240,8 @@ def _families(value: str | None) -> tuple[str, ...] | None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
 def tune(model: str, output: Path, labels: Path | None, max_skip: int, copies: str, vocab_size: int, text_mb: float,
-         max_kl: float, label_prompts: int, eval_prompts: int, repeats: int, threads: int | None, as_json: bool,
-         force: bool) -> None:
+         max_kl: float, min_gain: float, label_prompts: int, eval_prompts: int, repeats: int, threads: int | None,
+         as_json: bool, force: bool) -> None:
     """Give MODEL (a GGUF or FiRST-GGUF, or zoo name) operating points chosen by measurement.
 
     Skip sets follow measured damage; every candidate (skip sets, decode-only FFN copies, short
@@ -254,7 +256,7 @@ def tune(model: str, output: Path, labels: Path | None, max_skip: int, copies: s
     from .tune import TuneConfig, table, tune as run
 
     cfg = replace(TuneConfig(), max_skip=max_skip, copies=None if copies.lower() == "none" else copies.upper(),
-                  vocab_size=vocab_size, text_mb=text_mb, max_kl=max_kl, label_prompts=label_prompts,
+                  vocab_size=vocab_size, text_mb=text_mb, max_kl=max_kl, min_gain=min_gain, label_prompts=label_prompts,
                   eval_prompts=eval_prompts, repeats=repeats)
     report = run(resolve_model(model), output, cfg, labels=labels, threads=threads, force=force, log=logger("tune"))
     click.echo(json.dumps(report, indent=1) if as_json else table(report))

@@ -53,6 +53,7 @@ class TuneConfig:
     repeats: int = 5             # speed: interleaved repeats
     decode_tokens: int = 64      # speed: greedy tokens per repeat
     max_kl: float = 0.05         # the default: the fastest point whose damage is within this
+    min_gain: float = 0.02       # a point decodes at least this much faster (relative) than the one before
     seed: int = 0
 
 
@@ -85,12 +86,13 @@ def candidate_name(k: int, fast: bool, short: bool) -> str:
     return "-".join(parts)
 
 
-def front(cands: Sequence[Candidate]) -> list[Candidate]:
+def front(cands: Sequence[Candidate], min_gain: float = 0.0) -> list[Candidate]:
     """The candidates no other beats on both counts: by damage ascending, each faster than every
-    candidate with less damage and than ``full`` (1.0)."""
+    candidate kept before it and than ``full`` (1.0) by more than ``min_gain`` (relative: a step
+    within the noise of the speed measurement is not worth a point)."""
     out, best = [], 1.0
     for c in sorted(cands, key=lambda c: (c.damage, -c.speed)):
-        if c.speed > best:
+        if c.speed > best * (1.0 + min_gain):
             out.append(c)
             best = c.speed
     return out
@@ -130,6 +132,8 @@ def tune(model: str | os.PathLike, out: str | os.PathLike, cfg: TuneConfig = Tun
         raise FirstError(f"max_skip must be >= 0, got {cfg.max_skip}")
     if not 0.0 < cfg.max_kl:
         raise FirstError(f"max_kl must be > 0, got {cfg.max_kl}")
+    if cfg.min_gain < 0:
+        raise FirstError(f"min_gain must be >= 0, got {cfg.min_gain}")
     if cfg.repeats < 1 or cfg.decode_tokens < 2 or cfg.eval_prompts < 1 or cfg.cont_tokens < 2:
         raise FirstError("repeats, eval_prompts must be >= 1 and decode_tokens, cont_tokens >= 2")
     run = out.parent / f"{out.name}.tune"
@@ -154,7 +158,7 @@ def tune(model: str | os.PathLike, out: str | os.PathLike, cfg: TuneConfig = Tun
     _measure_quality(work, cands, cfg, threads, log)
     _measure_speed(work, cands, cfg, threads, log)
 
-    chosen = front(cands)
+    chosen = front(cands, cfg.min_gain)
     default = choose_default(chosen, cfg.max_kl)
     final = _assemble(routed, work, run, made, need_fast=any(c.fast for c in chosen),
                       need_short=any(c.short for c in chosen), cfg=cfg, threads=threads)
@@ -193,13 +197,24 @@ def _layers(path: Path) -> tuple[int, list[int]]:
     return parts.routers.n_layer, list(parts.routers.protected_layers)
 
 
+def families(path: Path) -> tuple[str, ...]:
+    """The built-in prompt families the model can be measured on: chat-templated requests
+    (``instruct``) only when its GGUF has a chat template."""
+    from .format.header import read_header
+    from .prompts import FAMILIES
+
+    has_template = "tokenizer.chat_template" in read_header(path).fields
+    return tuple(f for f in FAMILIES if f != "instruct" or has_template)
+
+
 def _measure_labels(path: Path, run: Path, cfg: TuneConfig, threads: int | None, log) -> Path:
     from .damage import make_labels
 
     out = run / "damage.jsonl"
-    log(f"damage labels: {cfg.label_prompts} training prompts per family -> {out}")
-    return make_labels(path, out, n_per_family=cfg.label_prompts, max_prompt_tokens=cfg.max_prompt_tokens,
-                       cont_tokens=cfg.label_tokens, threads=threads)
+    fams = families(path)
+    log(f"damage labels: {cfg.label_prompts} training prompts per family ({', '.join(fams)}) -> {out}")
+    return make_labels(path, out, families=fams, n_per_family=cfg.label_prompts,
+                       max_prompt_tokens=cfg.max_prompt_tokens, cont_tokens=cfg.label_tokens, threads=threads)
 
 
 def _order(labels: Path, n_layer: int, protected: Sequence[int]) -> list[int]:
@@ -284,7 +299,7 @@ def _measure_quality(work: Path, cands: Sequence[Candidate], cfg: TuneConfig, th
     short = any(c.short for c in cands)
     ordered = sorted(cands, key=lambda c: not c.short)
     try:
-        items = tf_items(LlamaTokenizer(llm), cfg.eval_prompts, cfg.max_prompt_tokens, 8, cfg.seed)
+        items = tf_items(LlamaTokenizer(llm), cfg.eval_prompts, cfg.max_prompt_tokens, 8, cfg.seed, families(work))
         rows: dict[str, list[tuple[float, float, float]]] = {c.name: [] for c in cands}
         for it in tqdm(items, desc="quality", file=sys.stderr):
             _configure(llm, None)
@@ -348,7 +363,7 @@ def _measure_speed(work: Path, cands: Sequence[Candidate], cfg: TuneConfig, thre
     llm = FirstModel(work, mode="full", n_ctx=cfg.max_prompt_tokens + cfg.decode_tokens + 8, n_batch=512,
                      n_threads=threads, n_threads_batch=threads)
     try:
-        items = tf_items(LlamaTokenizer(llm), 1, cfg.max_prompt_tokens, 8, cfg.seed + 1)
+        items = tf_items(LlamaTokenizer(llm), 1, cfg.max_prompt_tokens, 8, cfg.seed + 1, families(work))
         prompt = max((it.prompt for it in items), key=len)
         order: list[Candidate | None] = [None, *cands]
         rates: dict[str, list[float]] = {c.name: [] for c in cands}

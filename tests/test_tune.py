@@ -32,11 +32,13 @@ def test_names_are_the_zoos():
 def test_front_keeps_what_nothing_beats_and_the_default_is_the_fastest_within_budget():
     cands = [_cand("a", 0.001, 1.20), _cand("b", 0.002, 1.10),  # b: slower and worse than a
              _cand("c", 0.010, 1.50, outside=0.004), _cand("d", 0.020, 1.45), _cand("e", 0.050, 1.90),
-             _cand("f", 0.0005, 0.97)]                          # f: slower than full
-    assert [c.name for c in front(cands)] == ["a", "c", "e"]
-    assert choose_default(front(cands), 0.03).name == "c"
-    assert choose_default(front(cands), 0.0099).name == "a"  # c's damage counts its outside mass
-    assert choose_default(front(cands), 0.0001) is None
+             _cand("f", 0.0005, 0.97), _cand("g", 0.015, 1.52)]  # f: slower than full; g: barely faster than c
+    assert [c.name for c in front(cands)] == ["a", "c", "g", "e"]
+    assert [c.name for c in front(cands, min_gain=0.02)] == ["a", "c", "e"]  # g: 1.52 < 1.50 x 1.02
+    assert [c.name for c in front(cands, min_gain=0.25)] == ["c", "e"]  # a: 1.20 < 1.0 x 1.25
+    assert choose_default(front(cands, 0.02), 0.03).name == "c"
+    assert choose_default(front(cands, 0.02), 0.0099).name == "a"  # c's damage counts its outside mass
+    assert choose_default(front(cands, 0.02), 0.0001) is None
 
 
 def test_compare_is_teacher_forced_kl_and_counts_what_a_short_vocabulary_cannot_write():
@@ -76,8 +78,8 @@ def test_tune_writes_the_front_of_its_own_measurements(tuned):
     cands = [Candidate(**{k: v for k, v in c.items() if k != "damage"}) for c in report["candidates"]]
     assert len(cands) == 7  # skip 0 or 1 layer x copies or not x short vocabulary or not, but full itself
     assert all(np.isfinite(c.kl) and 0 <= c.top1 <= 1 and c.speed > 0 for c in cands)
-    assert [c.name for c in front(cands)] == report["points"]
-    best = choose_default(front(cands), SMALL.max_kl)
+    assert [c.name for c in front(cands, SMALL.min_gain)] == report["points"]
+    best = choose_default(front(cands, SMALL.min_gain), SMALL.max_kl)
     assert report["default"] == (best.name if best else None)
     parts = read_first_parts(out, deep=False)
     assert parts.points.names == report["points"] and parts.points.default == report["default"]
@@ -87,8 +89,8 @@ def test_tune_writes_the_front_of_its_own_measurements(tuned):
         assert list(p.skip or ()) == ([first] if "quality" in p.name else [])
         assert p.vocab == p.name.endswith("short")
         assert list(p.thin or ()) == ([i for i in range(n_layer) if i not in c.skip] if c.fast else [])
-    assert (parts.thin is not None) == any(c.fast for c in front(cands))
-    assert (parts.vocab is not None) == any(c.short for c in front(cands))
+    assert (parts.thin is not None) == any(c.fast for c in front(cands, SMALL.min_gain))
+    assert (parts.vocab is not None) == any(c.short for c in front(cands, SMALL.min_gain))
 
 
 def test_each_point_measures_in_the_written_file_what_tune_measured(tuned):
@@ -135,6 +137,8 @@ def test_bad_input_is_refused_by_name(tiny_base, tmp_path, tuned):
         tune(tiny_base, tmp_path / "o.gguf", SMALL, labels=labels)
     with pytest.raises(FirstError, match="max_kl"):
         tune(tiny_base, tmp_path / "o.gguf", replace(SMALL, max_kl=0))
+    with pytest.raises(FirstError, match="min_gain"):
+        tune(tiny_base, tmp_path / "o.gguf", replace(SMALL, min_gain=-0.1))
     with pytest.raises(FirstError, match="base.gguf: nothing to choose from"):
         tune(tiny_base, tmp_path / "o.gguf", replace(SMALL, max_skip=0, copies=None, vocab_size=0))
     with pytest.raises(FirstError, match=r"routed\.gguf: llama\.cpp cannot load it"):  # tensors only, no tokenizer

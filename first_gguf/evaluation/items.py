@@ -87,8 +87,9 @@ def chat_items(tok, n: int, max_prompt: int, seed: int) -> list[Item]:
     return [Item("chat", f"chat/{i}", list(ex.prompt), "chat") for i, ex in enumerate(exs)]
 
 
-def tf_items(tok, n_per_family: int, max_prompt: int, cont_tokens: int, seed: int) -> list[Item]:
-    """Held-out prompts of every family, each with the real text that follows it."""
-    exs = _heldout(tok, FAMILIES, n_per_family, max_prompt, cont_tokens, seed)
+def tf_items(tok, n_per_family: int, max_prompt: int, cont_tokens: int, seed: int,
+             families: Sequence[str] = FAMILIES) -> list[Item]:
+    """Held-out prompts of each family (every one by default), each with the real text that follows it."""
+    exs = _heldout(tok, families, n_per_family, max_prompt, cont_tokens, seed)
     return [Item("tf", f"{ex.family}/{i}", list(ex.prompt), ex.family, list(ex.response))
             for i, ex in enumerate(exs)]
