@@ -259,4 +259,4 @@ def tune(model: str, output: Path, labels: Path | None, max_skip: int, copies: s
                   vocab_size=vocab_size, text_mb=text_mb, max_kl=max_kl, min_gain=min_gain, label_prompts=label_prompts,
                   eval_prompts=eval_prompts, repeats=repeats)
     report = run(resolve_model(model), output, cfg, labels=labels, threads=threads, force=force, log=logger("tune"))
-    click.echo(json.dumps(report, indent=1) if as_json else table(report))
+    click.echo(json.dumps(report, indent=1) if as_json else f"{table(report)}\nwrote {output}")

@@ -144,3 +144,13 @@ def test_bad_input_is_refused_by_name(tiny_base, tmp_path, tuned):
     with pytest.raises(FirstError, match=r"routed\.gguf: llama\.cpp cannot load it"):  # tensors only, no tokenizer
         tune(tiny_base, tmp_path / "o.gguf", SMALL)
     assert not (tmp_path / "o.gguf").exists()
+
+
+def test_the_command_refuses_a_missing_model_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from first_gguf.cli import cli
+
+    res = CliRunner().invoke(cli, ["tune", str(tmp_path / "missing.gguf"), "-o", str(tmp_path / "o.gguf")])
+    assert res.exit_code == 1 and res.output.startswith("Error: ") and "missing.gguf: no such file" in res.output
+    assert not (tmp_path / "o.gguf").exists()
