@@ -9,10 +9,12 @@ model the same kinds of points in minutes, from measurements on the machine that
    (``train.thin``) and a short output vocabulary (``train.vocab``), unless the file has them;
 3. every candidate (the first 0..``max_skip`` layers of the order skipped, with or without
    the copies, with or without the short vocabulary) is measured against ``full``: quality
-   teacher-forced along full's own greedy continuation of held-out prompts of every family
-   (never HumanEval), decode speed as the median of interleaved repeats in one process;
-4. the candidates no other candidate beats on both counts (less KL and faster) become the
-   points, named as the zoo's are; the default is the fastest of them within ``max_kl``.
+   teacher-forced along full's own greedy continuation of held-out prompts of each family the
+   model's template allows (never HumanEval), decode speed as the median of interleaved
+   repeats in one process;
+4. the candidates no other candidate beats on both counts (less damage and faster, by at least
+   ``min_gain``) become the points, named as the zoo's are; the default is the fastest of them
+   whose damage is within ``max_kl``.
 
 The default ``max_kl`` (0.05 nats) is where the zoo's HumanEval runs put the edge: measured
 by ``tune`` on the 0.5B, the configurations that keep >= 90% of full's pass@1 lie at
@@ -138,6 +140,7 @@ def tune(model: str | os.PathLike, out: str | os.PathLike, cfg: TuneConfig = Tun
         raise FirstError("repeats, eval_prompts must be >= 1 and decode_tokens, cont_tokens >= 2")
     run = out.parent / f"{out.name}.tune"
     run.mkdir(parents=True, exist_ok=True)
+    _claim(run, src)
     t0 = time.perf_counter()
 
     routed = _with_routers(src, run, log)
@@ -174,6 +177,20 @@ def tune(model: str | os.PathLike, out: str | os.PathLike, cfg: TuneConfig = Tun
 
 
 # --- the steps -----------------------------------------------------------------------------
+
+def _claim(run: Path, src: Path) -> None:
+    """The work directory serves one input: its files are reused only for the model they came from."""
+    from .damage import model_identity
+
+    mark, me = run / "source.json", {"model": src.name, "identity": model_identity(src)}
+    if mark.is_file():
+        was = json.loads(mark.read_text())
+        if was.get("identity") != me["identity"]:
+            raise FirstError(f"{run} holds the work of another model ({was.get('model')}); remove it or write "
+                             f"the output elsewhere")
+    else:
+        mark.write_text(json.dumps(me) + "\n")
+
 
 def _with_routers(src: Path, run: Path, log) -> Path:
     """``src`` if it is a FiRST-GGUF, else a copy with the recipe's keep-every-layer routers."""
@@ -251,11 +268,11 @@ def _stand_ins(path: Path, run: Path, cfg: TuneConfig, threads: int | None, log)
             thin_model(work, dst, None, qtype=cfg.copies, threads=threads, force=True)
         work, made = dst, made | {FAST}
     if cfg.vocab_size and not has_short:
-        dst = run / f"{'copies-' if FAST in made else ''}vocab-{cfg.vocab_size}.gguf"
+        dst = run / f"{'copies-' if FAST in made else ''}vocab-{cfg.vocab_size}-{cfg.text_mb:g}mb.gguf"
         if not dst.is_file():
             log(f"short output vocabulary of {cfg.vocab_size} tokens ({cfg.text_mb:g} MB of local text) -> {dst.name}")
-            vocab_model(work, dst, cfg.vocab_size, limit_bytes=int(cfg.text_mb * 1e6),
-                        counts=run / "counts.npz", force=True)
+            vocab_model(work, dst, cfg.vocab_size, limit_bytes=int(cfg.text_mb * 1e6), counts=_counts(run, cfg),
+                        force=True)
         work, made = dst, made | {SHORT}
     return work, made
 
@@ -397,11 +414,15 @@ def _assemble(routed: Path, work: Path, run: Path, made: set[str], need_fast: bo
         return run / f"copies-{cfg.copies.lower()}.gguf"
     if not keep_short:
         return routed
-    dst = run / f"vocab-{cfg.vocab_size}.gguf"  # the vocabulary without the copies (counted already)
+    dst = run / f"vocab-{cfg.vocab_size}-{cfg.text_mb:g}mb.gguf"  # the vocabulary without the copies (counted already)
     if not dst.is_file():
-        vocab_model(routed, dst, cfg.vocab_size, limit_bytes=int(cfg.text_mb * 1e6), counts=run / "counts.npz",
+        vocab_model(routed, dst, cfg.vocab_size, limit_bytes=int(cfg.text_mb * 1e6), counts=_counts(run, cfg),
                     force=True)
     return dst
+
+
+def _counts(run: Path, cfg: TuneConfig) -> Path:
+    return run / f"counts-{cfg.text_mb:g}mb.npz"
 
 
 def _points(chosen: Sequence[Candidate], default: Candidate | None):

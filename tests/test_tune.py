@@ -127,6 +127,8 @@ def test_bad_input_is_refused_by_name(tiny_base, tmp_path, tuned):
     out, _ = tuned
     with pytest.raises(FirstError, match="exists; pass --force"):
         tune(tiny_base, out, SMALL)
+    with pytest.raises(FirstError, match=r"tuned\.first\.gguf\.tune holds the work of another model \(qwen2\.5"):
+        tune(tiny_base, out, SMALL, force=True)  # its work files are the default model's: never reused for another
     with pytest.raises(FirstError, match="would overwrite the input"):
         tune(tiny_base, tiny_base, SMALL, force=True)
     with pytest.raises(FirstError, match="no such file"):

@@ -132,7 +132,9 @@ class FirstModel(KvSegments, Scoring, Healing, Llama):
         self._prompt_logits = bool(kwargs.get("logits_all", False))  # a draft model turns logits_all on
         try:
             super().__init__(model_path=str(path), **kwargs)
-        except ValueError as exc:  # llama-cpp-python's "Failed to load model from file" and the like
+        except ValueError as exc:  # llama-cpp-python's "Failed to load model from file: ..."
+            if "Failed to load model" not in str(exc):
+                raise
             raise FirstError(f"{path}: llama.cpp cannot load it ({exc}; FirstModel(..., verbose=True) shows "
                              f"the library's log)") from None
         self.n_layer = int(llama_cpp.llama_model_n_layer(self._model.model))
