@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from .cli_args import PathArg, csv_values as _csv, gguf_path as _gguf
+from .tune import TuneConfig
 
 
 @click.command()
@@ -217,25 +218,28 @@ def _families(value: str | None) -> tuple[str, ...] | None:
     return names
 
 
+_TUNE = TuneConfig()  # tune's defaults, shown by --help
+
+
 @click.command()
 @click.argument("model")
 @click.option("-o", "--output", type=PathArg, required=True,
               help="FiRST-GGUF to write with the chosen points; work files and every measurement in OUTPUT.tune/.")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Damage labels of MODEL (`first-gguf damage`; default: measured into OUTPUT.tune/).")
-@click.option("--max-skip", default=2, show_default=True, help="Candidates skip up to this many layers.")
-@click.option("--copies", default="IQ4_NL", show_default=True, metavar="TYPE",
+@click.option("--max-skip", default=_TUNE.max_skip, show_default=True, help="Candidates skip up to this many layers.")
+@click.option("--copies", default=_TUNE.copies, show_default=True, metavar="TYPE",
               help="ggml type of the decode-only FFN copies, or 'none'.")
-@click.option("--vocab-size", default=49152, show_default=True, help="Short output vocabulary size (0: none).")
-@click.option("--text-mb", default=30.0, show_default=True, help="Megabytes of local text counted for it.")
-@click.option("--max-kl", default=0.05, show_default=True,
+@click.option("--vocab-size", default=_TUNE.vocab_size, show_default=True, help="Short output vocabulary size (0: none).")
+@click.option("--text-mb", default=_TUNE.text_mb, show_default=True, help="Megabytes of local text counted for it.")
+@click.option("--max-kl", default=_TUNE.max_kl, show_default=True,
               help="The default point: the fastest whose damage (KL to full on held-out prompts, plus the "
                    "probability full puts on tokens a short vocabulary cannot write) is within this.")
-@click.option("--min-gain", default=0.02, show_default=True,
+@click.option("--min-gain", default=_TUNE.min_gain, show_default=True,
               help="A point decodes this much faster (relative) than the less damaging point before it.")
-@click.option("--label-prompts", default=16, show_default=True, help="Damage labels: training prompts per family.")
-@click.option("--eval-prompts", default=8, show_default=True, help="Quality: held-out prompts per family.")
-@click.option("--repeats", default=5, show_default=True, help="Speed: interleaved repeats.")
+@click.option("--label-prompts", default=_TUNE.label_prompts, show_default=True, help="Damage labels: training prompts per family.")
+@click.option("--eval-prompts", default=_TUNE.eval_prompts, show_default=True, help="Quality: held-out prompts per family.")
+@click.option("--repeats", default=_TUNE.repeats, show_default=True, help="Speed: interleaved repeats.")
 @click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
@@ -253,9 +257,9 @@ def tune(model: str, output: Path, labels: Path | None, max_skip: int, copies: s
 
     from .log import logger
     from .shipped import resolve_model
-    from .tune import TuneConfig, table, tune as run
+    from .tune import table, tune as run
 
-    cfg = replace(TuneConfig(), max_skip=max_skip, copies=None if copies.lower() == "none" else copies.upper(),
+    cfg = replace(_TUNE, max_skip=max_skip, copies=None if copies.lower() == "none" else copies.upper(),
                   vocab_size=vocab_size, text_mb=text_mb, max_kl=max_kl, min_gain=min_gain, label_prompts=label_prompts,
                   eval_prompts=eval_prompts, repeats=repeats)
     report = run(resolve_model(model), output, cfg, labels=labels, threads=threads, force=force, log=logger("tune"))

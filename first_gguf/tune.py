@@ -144,10 +144,9 @@ def tune(model: str | os.PathLike, out: str | os.PathLike, cfg: TuneConfig = Tun
     t0 = time.perf_counter()
 
     routed = _with_routers(src, run, log)
-    thin, has_short = _parts(routed)
+    n_layer, protected, thin, has_short = _parts(routed)
     if cfg.max_skip == 0 and not (cfg.copies or thin) and not (cfg.vocab_size or has_short):
         raise FirstError(f"{src}: nothing to choose from (max_skip 0, no FFN copies, no short vocabulary)")
-    n_layer, protected = _layers(routed)
     labels = Path(labels) if labels is not None else _measure_labels(routed, run, cfg, threads, log)
     order = _order(labels, n_layer, protected)
     if cfg.max_skip > len(order):
@@ -158,13 +157,13 @@ def tune(model: str | os.PathLike, out: str | os.PathLike, cfg: TuneConfig = Tun
     log(f"{len(cands)} candidates over layers {order[:cfg.max_skip]} (damage order), "
         f"{'with' if any(c.fast for c in cands) else 'without'} FFN copies, "
         f"{'with' if any(c.short for c in cands) else 'without'} a short vocabulary")
-    _measure_quality(work, cands, cfg, threads, log)
-    _measure_speed(work, cands, cfg, threads, log)
+    _measure_quality(work, cands, cfg, threads)
+    _measure_speed(work, cands, cfg, threads)
 
     chosen = front(cands, cfg.min_gain)
     default = choose_default(chosen, cfg.max_kl)
     final = _assemble(routed, work, run, made, need_fast=any(c.fast for c in chosen),
-                      need_short=any(c.short for c in chosen), cfg=cfg, threads=threads)
+                      need_short=any(c.short for c in chosen), cfg=cfg)
     points = _points(chosen, default)
     from .format import stamp_points
 
@@ -207,13 +206,6 @@ def _with_routers(src: Path, run: Path, log) -> Path:
     return dst
 
 
-def _layers(path: Path) -> tuple[int, list[int]]:
-    from .format import read_first_parts
-
-    parts = read_first_parts(path, deep=False)
-    return parts.routers.n_layer, list(parts.routers.protected_layers)
-
-
 def families(path: Path) -> tuple[str, ...]:
     """The built-in prompt families the model can be measured on: chat-templated requests
     (``instruct``) only when its GGUF has a chat template."""
@@ -245,12 +237,14 @@ def _order(labels: Path, n_layer: int, protected: Sequence[int]) -> list[int]:
     return damage_order(rows, n_layer, protected)
 
 
-def _parts(path: Path) -> tuple[tuple[int, ...], bool]:
-    """(the layers with decode-only FFN stand-ins, whether there is a short vocabulary)."""
+def _parts(path: Path) -> tuple[int, list[int], tuple[int, ...], bool]:
+    """(layers, protected layers, the layers with decode-only FFN stand-ins, whether there is a
+    short vocabulary) of a FiRST-GGUF."""
     from .format import read_first_parts
 
     p = read_first_parts(path, deep=False)
-    return tuple(p.thin.layers) if p.thin is not None else (), p.vocab is not None
+    thin = tuple(p.thin.layers) if p.thin is not None else ()
+    return p.routers.n_layer, list(p.routers.protected_layers), thin, p.vocab is not None
 
 
 def _stand_ins(path: Path, run: Path, cfg: TuneConfig, threads: int | None, log) -> tuple[Path, set[str]]:
@@ -258,7 +252,7 @@ def _stand_ins(path: Path, run: Path, cfg: TuneConfig, threads: int | None, log)
     from .train.thin import thin_model
     from .train.vocab import vocab_model
 
-    thin, has_short = _parts(path)
+    _, _, thin, has_short = _parts(path)
     made: set[str] = set()
     work = path
     if cfg.copies and not thin:
@@ -278,7 +272,7 @@ def _stand_ins(path: Path, run: Path, cfg: TuneConfig, threads: int | None, log)
 
 
 def _candidates(work: Path, order: Sequence[int], max_skip: int) -> list[Candidate]:
-    thin, has_short = _parts(work)
+    _, _, thin, has_short = _parts(work)
     out = []
     for k in range(max_skip + 1):
         skip = sorted(order[:k])
@@ -299,7 +293,7 @@ def _configure(llm, c: Candidate | None) -> None:
                   thin=c.thin, vocab=c.short)
 
 
-def _measure_quality(work: Path, cands: Sequence[Candidate], cfg: TuneConfig, threads: int | None, log) -> None:
+def _measure_quality(work: Path, cands: Sequence[Candidate], cfg: TuneConfig, threads: int | None) -> None:
     """Teacher-forced KL and top-1 of every candidate along full's greedy continuation.
 
     One full-depth prefill per prompt serves every candidate (``fork`` / ``branch_logits``: each
@@ -369,7 +363,7 @@ def compare(ref: np.ndarray, got: np.ndarray) -> tuple[float, float, float]:
     return float(kl.mean()), float(top1.mean()), float(outside.mean())
 
 
-def _measure_speed(work: Path, cands: Sequence[Candidate], cfg: TuneConfig, threads: int | None, log) -> None:
+def _measure_speed(work: Path, cands: Sequence[Candidate], cfg: TuneConfig, threads: int | None) -> None:
     """Decode x full per candidate: medians of interleaved repeats on one prompt, in one process."""
     from tqdm import tqdm
 
@@ -402,7 +396,7 @@ def _measure_speed(work: Path, cands: Sequence[Candidate], cfg: TuneConfig, thre
 
 
 def _assemble(routed: Path, work: Path, run: Path, made: set[str], need_fast: bool, need_short: bool,
-              cfg: TuneConfig, threads: int | None) -> Path:
+              cfg: TuneConfig) -> Path:
     """The file the points go into: the routed input with the stand-ins made here that a point
     uses (stand-ins the input already had stay)."""
     from .train.vocab import vocab_model
