@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from .bench_files import fresh_copy, load_prompt_state, page_run, save_prompt_state
 from .errors import FirstError
 from .log import logger
@@ -41,9 +43,9 @@ def middle_layers(n_layer: int, k: int) -> list[int]:
     return list(range(start, start + k))
 
 
-def worker(spec: dict) -> dict:
-    """One timed run: prefill ``prompt_tokens`` tokens, then decode ``decode_tokens`` greedily."""
-    from .runtime.greedy import PlainModel, decode, greedy
+def _open(spec: dict):
+    """The worker's model, configured as ``spec`` says, and its prompt's tokens."""
+    from .runtime.greedy import PlainModel
 
     # the prompt runs on the same threads (llama-cpp-python's default there is every core)
     kw = dict(n_ctx=spec["prompt_tokens"] + spec["decode_tokens"] + 16, n_threads=spec["threads"],
@@ -56,7 +58,18 @@ def worker(spec: dict) -> dict:
                          thin=spec.get("thin"), vocab=spec.get("vocab"), **kw)
     else:
         llm = PlainModel(spec["path"], **kw)
-    prompt = _prompt_tokens(llm, spec["prompt_tokens"])
+    return llm, _prompt_tokens(llm, spec["prompt_tokens"])
+
+
+def _skipped(spec: dict, report) -> list[int]:
+    return list(report.skipped) if spec["engine"] == "first" else spec.get("pruned", [])
+
+
+def worker(spec: dict) -> dict:
+    """One timed run: prefill ``prompt_tokens`` tokens, then decode ``decode_tokens`` greedily."""
+    from .runtime.greedy import decode, greedy
+
+    llm, prompt = _open(spec)
     state = spec.get("state")
     if state and spec.get("save_state"):  # the one prefill whose KV every timed repeat restores
         greedy(llm, prompt[:WARMUP_PROMPT], WARMUP_DECODE + 1, eog=False)
@@ -75,9 +88,52 @@ def worker(spec: dict) -> dict:
         g = greedy(llm, prompt, spec["decode_tokens"] + 1, eog=False)
         report, tokens, n_decode, t_decode = g.report, g.tokens, g.n_decode, g.t_decode
         prefill = len(prompt) / g.t_prefill
-    skipped = list(report.skipped) if spec["engine"] == "first" else spec.get("pruned", [])
     return {"prefill_tok_s": prefill, "decode_tok_s": n_decode / t_decode, "peak_rss_mb": peak_rss_mb(),
-            "skipped_layers": skipped, "tokens": tokens}
+            "skipped_layers": _skipped(spec, report), "tokens": tokens}
+
+
+def live_worker(spec: dict, commands=None, answer=None) -> None:
+    """A worker that stays loaded for its cell (``run_bench(live=True)``): the prompt once (or its
+    restored KV cache), one untimed decode of ``decode_tokens`` greedy steps, then per line read
+    from ``commands`` (stdin) the same steps again from the same cache position, timed.
+
+    Each answer is one JSON line on ``answer`` (stdout): first ``{"prefill_tok_s", "skipped_layers"}``;
+    ``decode`` -> ``{"decode_tok_s"}``; ``stop`` -> ``{"peak_rss_mb", "tokens"}``, then it returns.
+    Every timed decode evaluates the tokens the untimed one chose (the argmax still taken per step),
+    so each repeat computes the same positions and tokens."""
+    from .runtime.greedy import decode, greedy
+
+    commands, answer = commands or sys.stdin, answer or sys.stdout
+
+    def say(obj: dict) -> None:
+        answer.write(json.dumps(obj) + "\n")
+        answer.flush()
+
+    llm, prompt = _open(spec)
+    if spec.get("state"):
+        load_prompt_state(llm, Path(spec["state"]), prompt)
+        report, prefill = llm.extend(prompt[-1:]), None
+    else:
+        greedy(llm, prompt[:WARMUP_PROMPT], WARMUP_DECODE + 1, eog=False)  # pages the weights in, builds the graphs
+        t0 = time.perf_counter()
+        report = llm.prefill(prompt)
+        prefill = len(prompt) / (time.perf_counter() - t0)
+    start = llm.n_tokens
+    tokens = decode(llm, spec["decode_tokens"] + 1, eog=False)[0]
+    say({"prefill_tok_s": prefill, "skipped_layers": _skipped(spec, report)})
+    for line in commands:
+        op = line.strip()
+        if op == "stop":
+            break
+        if op != "decode":
+            raise FirstError(f"bench worker: unknown command {op!r}")
+        llm.n_tokens = start  # back to the prompt's end: the next evaluation drops the cache beyond it
+        t0 = time.perf_counter()
+        for tok in tokens[:-1]:
+            llm.eval([tok])
+            int(np.argmax(llm.last_logits(copy=False)))
+        say({"decode_tok_s": (len(tokens) - 1) / (time.perf_counter() - t0)})
+    say({"peak_rss_mb": peak_rss_mb(), "tokens": tokens})
 
 
 def peak_rss_mb() -> float:
@@ -103,22 +159,76 @@ def _prompt_tokens(llm, n: int) -> list[int]:
     return toks[:n]
 
 
-def _run_worker(spec: dict, stock_lib: Path | None) -> dict:
-    """``worker(spec)`` in a fresh process, on the stock library when the spec names it."""
+def _worker_env(spec: dict, stock_lib: Path | None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
     if spec.get("lib") == "stock":
         env["LLAMA_CPP_LIB_PATH"] = str(stock_lib)
+    return env
+
+
+def _run_worker(spec: dict, stock_lib: Path | None) -> dict:
+    """``worker(spec)`` in a fresh process, on the stock library when the spec names it."""
     proc = subprocess.run([sys.executable, "-m", "first_gguf.bench", "--worker", json.dumps(spec)],
-                          env=env, capture_output=True, text=True)
+                          env=_worker_env(spec, stock_lib), capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"bench worker {spec['name']} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+class _Live:
+    """``live_worker(spec)`` in its own process, asked for one timed decode at a time."""
+
+    def __init__(self, spec: dict, stock_lib: Path | None, tmp: Path):
+        self.name = spec["name"]
+        self._err = open(tmp / f"{self.name}.live.log", "w+")
+        self._proc = subprocess.Popen([sys.executable, "-m", "first_gguf.bench", "--live-worker", json.dumps(spec)],
+                                      env=_worker_env(spec, stock_lib), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=self._err, text=True)
+        self.ready = self._read()
+
+    def _read(self) -> dict:
+        for line in self._proc.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+        self._proc.wait()
+        self._err.seek(0)
+        raise RuntimeError(f"bench worker {self.name} failed:\n{self._err.read()[-2000:]}")
+
+    def ask(self, op: str) -> dict:
+        self._proc.stdin.write(op + "\n")
+        self._proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        self._err.close()
+
+
+def _live_cell(specs: list[dict], stock_lib: Path | None, repeats: int, tmp: Path, log) -> dict[str, list[dict]]:
+    """Every strategy of one cell loaded at once; the repeats alternate their timed decodes (each a
+    few seconds), so a pair's two measurements lie next to each other in time."""
+    workers: list[_Live] = []
+    try:
+        for spec in specs:
+            workers.append(_Live(spec, stock_lib, tmp))
+        rates: dict[str, list[float]] = {w.name: [] for w in workers}
+        for r in range(repeats):
+            for w in workers[r % len(workers):] + workers[:r % len(workers)]:  # rotate: no strategy always first
+                rates[w.name].append(w.ask("decode")["decode_tok_s"])
+            log(r, {k: v[-1] for k, v in rates.items()})
+        ends = {w.name: w.ask("stop") for w in workers}
+    finally:
+        for w in workers:
+            w.close()
+    return {w.name: [dict(w.ready, decode_tok_s=v, **ends[w.name]) for v in rates[w.name]] for w in workers}
+
+
 def run_bench(model: Path, skip_count: int = 6, repeats: int = 5, ctx: Sequence[int] = (128,),
               decode_tokens: int = 64, threads: Sequence[int] | None = None, stock: bool = True,
               strategies: list[str] | None = None, heal: Path | None = None, fresh_files: bool = True,
-              mmap: bool = True, restore_prompt: bool = False) -> dict:
+              mmap: bool = True, restore_prompt: bool = False, live: bool = False) -> dict:
     """Measure full, first, mask, pruned (and stock) side by side, in every cell (context x threads);
     with ``heal`` (a healing adapter) also its skip set unhealed (``heal_mask``) and healed (``healed``);
     a FiRST-GGUF with thinned FFNs adds ``thin`` (every layer runs, each thinned layer decodes thin)
@@ -147,6 +257,11 @@ def run_bench(model: Path, skip_count: int = 6, repeats: int = 5, ctx: Sequence[
             strategy instead of one per repeat; the cells' prefill figures are None and
             ``setup["restored_prefill_tok_s"]`` holds the one prefill's. ``first`` and ``vocab``,
             whose decode depends on the whole prompt, still evaluate it in every repeat.
+        live: per cell, every strategy's worker stays loaded and the repeats alternate between
+            them, each a timed decode of ``decode_tokens`` steps from the prompt's end (the same
+            positions and tokens every time): a pair's two measurements lie seconds apart instead
+            of a model load and a prefill apart, so slow drifts of a shared machine cancel. The
+            prompt (or its restored cache) runs once per worker: its figure repeats in every run.
 
     Returns:
         ``{"model", "setup", "cells": [{"ctx", "threads", "strategies": {name: {decode_tok_s, decode_spread,
@@ -172,7 +287,13 @@ def run_bench(model: Path, skip_count: int = 6, repeats: int = 5, ctx: Sequence[
         runs = {cell: {s["name"]: [] for s in specs} for cell in cells}
         states, restored = _prompt_states(specs, stock_lib, ctxs, decode_tokens, max(thread_counts), mmap, Path(tmp)) \
             if restore_prompt else ({}, {})
-        for r in range(repeats):
+        for c, t in cells if live else ():
+            jobs = [dict(spec, prompt_tokens=c, decode_tokens=decode_tokens, threads=t, mmap=mmap,
+                         state=states.get((c, spec["name"]))) for spec in specs]
+            runs[(c, t)] = _live_cell(jobs, stock_lib, repeats, Path(tmp), lambda r, rates: _log(
+                f"repeat {r + 1}/{repeats}, ctx {c}, {t} threads: "
+                + ", ".join(f"{k} {v:.1f}" for k, v in rates.items()) + " decode tok/s"))
+        for r in range(0 if live else repeats):
             for c, t in cells:
                 cell = runs[(c, t)]
                 for spec in specs[r % len(specs):] + specs[:r % len(specs)]:  # rotate: no strategy always first
@@ -185,7 +306,7 @@ def run_bench(model: Path, skip_count: int = 6, repeats: int = 5, ctx: Sequence[
             layout[key]["page_run_after"] = page_run(path)
     setup = dict(ctx=ctxs, threads=thread_counts, decode_tokens=decode_tokens, repeats=repeats,
                  skip_count=skip_count, n_layer=n_layer, fresh_files=fresh_files, mmap=mmap, files=layout,
-                 restore_prompt=restore_prompt, restored_prefill_tok_s=restored,
+                 restore_prompt=restore_prompt, restored_prefill_tok_s=restored, live=live,
                  machine=_machine(), date=time.strftime("%Y-%m-%d %H:%M"))
     return {"model": str(model), "setup": setup,
             "cells": [{"ctx": c, "threads": t, "strategies": {k: _summary(v, runs[(c, t)]["full"])
@@ -330,8 +451,9 @@ def _machine() -> str:
 def format_bench(result: dict) -> str:
     """A table per cell (context x threads): one row per strategy."""
     s = result["setup"]
-    lines = [f"{result['model']}: {s['n_layer']} layers, decode {s['decode_tokens']}, {s['repeats']} interleaved "
-             f"repeats ({s['machine']}, {s['date']})"]
+    how = "alternating between loaded workers" if s.get("live") else "interleaved"
+    lines = [f"{result['model']}: {s['n_layer']} layers, decode {s['decode_tokens']}, {s['repeats']} repeats {how} "
+             f"({s['machine']}, {s['date']})"]
     runs = {k: (f["page_run_before"], f["page_run_after"]) for k, f in s.get("files", {}).items()}
     if any(v != (None, None) for v in runs.values()):
         how = ("fresh copies" if s.get("fresh_files") else "files as cached") + (
@@ -358,3 +480,5 @@ def format_bench(result: dict) -> str:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         print(json.dumps(worker(json.loads(sys.argv[2]))))
+    elif len(sys.argv) == 3 and sys.argv[1] == "--live-worker":
+        live_worker(json.loads(sys.argv[2]))

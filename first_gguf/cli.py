@@ -222,10 +222,13 @@ def version(as_json: bool) -> None:
 @click.option("--restore-prompt", is_flag=True,
               help="Evaluate each strategy's prompt once per context and restore its KV cache in every repeat "
                    "(long contexts: one prefill per strategy; decode is timed at the same context).")
+@click.option("--live", is_flag=True,
+              help="Keep every strategy's worker loaded for its cell and alternate the timed decodes between them "
+                   "(a pair's runs seconds apart: steadier ratios on a shared machine).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (every repeat's figures).")
 def bench(model: Path | None, skip_count: int, repeats: int, ctx: str, decode_tokens: int, threads: str | None,
           no_stock: bool, strategies: str | None, heal: Path | None, no_fresh_files: bool, no_mmap: bool,
-          restore_prompt: bool, as_json: bool) -> None:
+          restore_prompt: bool, live: bool, as_json: bool) -> None:
     """Decode/prefill speed and peak memory of full, first, mask, pruned and stock, side by side,
     per context length and thread count."""
     from . import bench as b
@@ -236,7 +239,8 @@ def bench(model: Path | None, skip_count: int, repeats: int, ctx: str, decode_to
                          ctx=_csv(ctx, int, "--ctx"), decode_tokens=decode_tokens,
                          threads=_csv(threads, int, "--threads"), stock=not no_stock,
                          strategies=strategies.split(",") if strategies else None, heal=heal,
-                         fresh_files=not no_fresh_files, mmap=not no_mmap, restore_prompt=restore_prompt)
+                         fresh_files=not no_fresh_files, mmap=not no_mmap, restore_prompt=restore_prompt,
+                         live=live)
     click.echo(json.dumps(result, indent=1) if as_json else b.format_bench(result))
 
 

@@ -237,6 +237,8 @@ _TUNE = TuneConfig()  # tune's defaults, shown by --help
                    "probability full puts on tokens a short vocabulary cannot write) is within this.")
 @click.option("--min-gain", default=_TUNE.min_gain, show_default=True,
               help="A point decodes this much faster (relative) than the less damaging point before it.")
+@click.option("--max-point-kl", default=_TUNE.max_point_kl, show_default=True,
+              help="No point damages more than this (faster candidates past it are not offered).")
 @click.option("--label-prompts", default=_TUNE.label_prompts, show_default=True, help="Damage labels: training prompts per family.")
 @click.option("--eval-prompts", default=_TUNE.eval_prompts, show_default=True, help="Quality: held-out prompts per family.")
 @click.option("--repeats", default=_TUNE.repeats, show_default=True, help="Speed: interleaved repeats.")
@@ -244,7 +246,7 @@ _TUNE = TuneConfig()  # tune's defaults, shown by --help
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
 def tune(model: str, output: Path, labels: Path | None, max_skip: int, copies: str, vocab_size: int, text_mb: float,
-         max_kl: float, min_gain: float, label_prompts: int, eval_prompts: int, repeats: int, threads: int | None,
+         max_kl: float, min_gain: float, max_point_kl: float, label_prompts: int, eval_prompts: int, repeats: int, threads: int | None,
          as_json: bool, force: bool) -> None:
     """Give MODEL (a GGUF or FiRST-GGUF, or zoo name) operating points chosen by measurement.
 
@@ -260,7 +262,8 @@ def tune(model: str, output: Path, labels: Path | None, max_skip: int, copies: s
     from .tune import table, tune as run
 
     cfg = replace(_TUNE, max_skip=max_skip, copies=None if copies.lower() == "none" else copies.upper(),
-                  vocab_size=vocab_size, text_mb=text_mb, max_kl=max_kl, min_gain=min_gain, label_prompts=label_prompts,
+                  vocab_size=vocab_size, text_mb=text_mb, max_kl=max_kl, min_gain=min_gain, max_point_kl=max_point_kl,
+                  label_prompts=label_prompts,
                   eval_prompts=eval_prompts, repeats=repeats)
     report = run(resolve_model(model), output, cfg, labels=labels, threads=threads, force=force, log=logger("tune"))
     click.echo(json.dumps(report, indent=1) if as_json else f"{table(report)}\nwrote {output}")

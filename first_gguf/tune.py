@@ -13,8 +13,8 @@ model the same kinds of points in minutes, from measurements on the machine that
    model's template allows (never HumanEval), decode speed as the median of interleaved
    repeats in one process;
 4. the candidates no other candidate beats on both counts (less damage and faster, by at least
-   ``min_gain``) become the points, named as the zoo's are; the default is the fastest of them
-   whose damage is within ``max_kl``.
+   ``min_gain``) and damaging at most ``max_point_kl`` become the points, named as the zoo's
+   are; the default is the fastest of them whose damage is within ``max_kl``.
 
 The default ``max_kl`` (0.05 nats) is where the zoo's HumanEval runs put the edge: measured
 by ``tune`` on the 0.5B, the configurations that keep >= 90% of full's pass@1 lie at
@@ -56,6 +56,7 @@ class TuneConfig:
     decode_tokens: int = 64      # speed: greedy tokens per repeat
     max_kl: float = 0.05         # the default: the fastest point whose damage is within this
     min_gain: float = 0.02       # a point decodes at least this much faster (relative) than the one before
+    max_point_kl: float = 0.2    # no point damages more than this (a faster point past it is not offered)
     seed: int = 0
 
 
@@ -88,13 +89,14 @@ def candidate_name(k: int, fast: bool, short: bool) -> str:
     return "-".join(parts)
 
 
-def front(cands: Sequence[Candidate], min_gain: float = 0.0) -> list[Candidate]:
+def front(cands: Sequence[Candidate], min_gain: float = 0.0, max_damage: float = float("inf")) -> list[Candidate]:
     """The candidates no other beats on both counts: by damage ascending, each faster than every
     candidate kept before it and than ``full`` (1.0) by more than ``min_gain`` (relative: a step
-    within the noise of the speed measurement is not worth a point)."""
+    within the noise of the speed measurement is not worth a point); none damaging more than
+    ``max_damage``."""
     out, best = [], 1.0
     for c in sorted(cands, key=lambda c: (c.damage, -c.speed)):
-        if c.speed > best * (1.0 + min_gain):
+        if c.damage <= max_damage and c.speed > best * (1.0 + min_gain):
             out.append(c)
             best = c.speed
     return out
@@ -136,6 +138,8 @@ def tune(model: str | os.PathLike, out: str | os.PathLike, cfg: TuneConfig = Tun
         raise FirstError(f"max_kl must be > 0, got {cfg.max_kl}")
     if cfg.min_gain < 0:
         raise FirstError(f"min_gain must be >= 0, got {cfg.min_gain}")
+    if cfg.max_point_kl < cfg.max_kl:
+        raise FirstError(f"max_point_kl ({cfg.max_point_kl}) must be >= max_kl ({cfg.max_kl})")
     if cfg.repeats < 1 or cfg.decode_tokens < 2 or cfg.eval_prompts < 1 or cfg.cont_tokens < 2:
         raise FirstError("repeats, eval_prompts must be >= 1 and decode_tokens, cont_tokens >= 2")
     run = out.parent / f"{out.name}.tune"
@@ -160,7 +164,7 @@ def tune(model: str | os.PathLike, out: str | os.PathLike, cfg: TuneConfig = Tun
     _measure_quality(work, cands, cfg, threads)
     _measure_speed(work, cands, cfg, threads)
 
-    chosen = front(cands, cfg.min_gain)
+    chosen = front(cands, cfg.min_gain, cfg.max_point_kl)
     default = choose_default(chosen, cfg.max_kl)
     final = _assemble(routed, work, run, made, need_fast=any(c.fast for c in chosen),
                       need_short=any(c.short for c in chosen), cfg=cfg)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from first_gguf.bench import format_bench, peak_rss_mb, run_bench, worker
+from first_gguf.bench import format_bench, live_worker, peak_rss_mb, run_bench, worker
 from first_gguf.bench_files import fresh_copy, page_run
 from first_gguf.cli import cli
 from first_gguf.errors import FirstError
@@ -84,6 +84,46 @@ def test_restored_prompt_decodes_as_its_prefill(tiny_first: Path, tmp_path: Path
     with pytest.raises(RuntimeError, match="does not hold this prompt"):
         worker(dict(base, prompt_tokens=16, engine="plain", name="plain", state=str(tmp_path / "plain.state")))
     assert other["prefill_tok_s"] > 0
+
+
+def test_live_worker_repeats_the_decode_a_fresh_worker_gives(tiny_first: Path, tmp_path: Path) -> None:
+    """``--live``: a loaded worker answers every ``decode`` with a timed decode of the tokens a fresh
+    worker decodes from the same prompt (the cache rewound to the prompt's end each time), also
+    from a restored prompt, under a mask and on a plain model; an unknown command is refused."""
+    import io
+
+    base = dict(path=str(tiny_first), prompt_tokens=24, decode_tokens=6, threads=1, mmap=True)
+    for spec in (dict(name="first", engine="first", mode="first"),
+                 dict(name="mask", engine="first", mode="mask", mask=[True, False, True, True]),
+                 dict(name="plain", engine="plain")):
+        job = dict(base, **spec)
+        ref = worker(job)
+        state = tmp_path / f"{spec['name']}.state"
+        worker(dict(job, state=str(state), save_state=True))
+        for live_job in (job, dict(job, state=str(state))):
+            out = io.StringIO()
+            live_worker(live_job, commands=io.StringIO("decode\ndecode\ndecode\nstop\n"), answer=out)
+            lines = [json.loads(x) for x in out.getvalue().splitlines()]
+            ready, timed, end = lines[0], lines[1:-1], lines[-1]
+            assert ready["skipped_layers"] == ref["skipped_layers"], spec["name"]
+            assert (ready["prefill_tok_s"] is None) == ("state" in live_job), spec["name"]
+            assert len(timed) == 3 and all(t["decode_tok_s"] > 0 for t in timed), spec["name"]
+            assert end["tokens"] == ref["tokens"] and end["peak_rss_mb"] > 0, spec["name"]
+    with pytest.raises(FirstError, match="unknown command"):
+        live_worker(dict(base, name="plain", engine="plain"), commands=io.StringIO("go\n"), answer=io.StringIO())
+
+
+def test_live_run(tiny_first: Path) -> None:
+    res = run_bench(tiny_first, skip_count=1, repeats=3, ctx=[8, 24], decode_tokens=3, threads=[1], stock=False,
+                    strategies=["first", "mask"], live=True)
+    assert res["setup"]["live"]
+    for cell in res["cells"]:
+        assert set(cell["strategies"]) == {"full", "first", "mask"}
+        for name, r in cell["strategies"].items():
+            assert len(r["runs"]) == 3 and r["decode_tok_s"] > 0 and r["peak_rss_mb"] > 0, name
+            assert len({run["prefill_tok_s"] for run in r["runs"]}) == 1  # one prompt per loaded worker
+        assert cell["strategies"]["mask"]["skipped_layers"] == [1]
+    assert "alternating between loaded workers" in format_bench(res)
 
 
 def test_restore_prompt_run(tiny_first: Path) -> None:

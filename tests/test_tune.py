@@ -36,6 +36,7 @@ def test_front_keeps_what_nothing_beats_and_the_default_is_the_fastest_within_bu
     assert [c.name for c in front(cands)] == ["a", "c", "g", "e"]
     assert [c.name for c in front(cands, min_gain=0.02)] == ["a", "c", "e"]  # g: 1.52 < 1.50 x 1.02
     assert [c.name for c in front(cands, min_gain=0.25)] == ["c", "e"]  # a: 1.20 < 1.0 x 1.25
+    assert [c.name for c in front(cands, min_gain=0.02, max_damage=0.02)] == ["a", "c"]  # e damages too much
     assert choose_default(front(cands, 0.02), 0.03).name == "c"
     assert choose_default(front(cands, 0.02), 0.0099).name == "a"  # c's damage counts its outside mass
     assert choose_default(front(cands, 0.02), 0.0001) is None
@@ -78,8 +79,8 @@ def test_tune_writes_the_front_of_its_own_measurements(tuned):
     cands = [Candidate(**{k: v for k, v in c.items() if k != "damage"}) for c in report["candidates"]]
     assert len(cands) == 7  # skip 0 or 1 layer x copies or not x short vocabulary or not, but full itself
     assert all(np.isfinite(c.kl) and 0 <= c.top1 <= 1 and c.speed > 0 for c in cands)
-    assert [c.name for c in front(cands, SMALL.min_gain)] == report["points"]
-    best = choose_default(front(cands, SMALL.min_gain), SMALL.max_kl)
+    assert [c.name for c in front(cands, SMALL.min_gain, SMALL.max_point_kl)] == report["points"]
+    best = choose_default(front(cands, SMALL.min_gain, SMALL.max_point_kl), SMALL.max_kl)
     assert report["default"] == (best.name if best else None)
     parts = read_first_parts(out, deep=False)
     assert parts.points.names == report["points"] and parts.points.default == report["default"]
@@ -89,8 +90,8 @@ def test_tune_writes_the_front_of_its_own_measurements(tuned):
         assert list(p.skip or ()) == ([first] if "quality" in p.name else [])
         assert p.vocab == p.name.endswith("short")
         assert list(p.thin or ()) == ([i for i in range(n_layer) if i not in c.skip] if c.fast else [])
-    assert (parts.thin is not None) == any(c.fast for c in front(cands, SMALL.min_gain))
-    assert (parts.vocab is not None) == any(c.short for c in front(cands, SMALL.min_gain))
+    assert (parts.thin is not None) == any(c.fast for c in front(cands, SMALL.min_gain, SMALL.max_point_kl))
+    assert (parts.vocab is not None) == any(c.short for c in front(cands, SMALL.min_gain, SMALL.max_point_kl))
 
 
 def test_each_point_measures_in_the_written_file_what_tune_measured(tuned):
@@ -141,6 +142,8 @@ def test_bad_input_is_refused_by_name(tiny_base, tmp_path, tuned):
         tune(tiny_base, tmp_path / "o.gguf", replace(SMALL, max_kl=0))
     with pytest.raises(FirstError, match="min_gain"):
         tune(tiny_base, tmp_path / "o.gguf", replace(SMALL, min_gain=-0.1))
+    with pytest.raises(FirstError, match="max_point_kl"):
+        tune(tiny_base, tmp_path / "o.gguf", replace(SMALL, max_point_kl=0.01))
     with pytest.raises(FirstError, match="base.gguf: nothing to choose from"):
         tune(tiny_base, tmp_path / "o.gguf", replace(SMALL, max_skip=0, copies=None, vocab_size=0))
     with pytest.raises(FirstError, match=r"routed\.gguf: llama\.cpp cannot load it"):  # tensors only, no tokenizer
