@@ -228,6 +228,8 @@ _TUNE = TuneConfig()  # tune's defaults, shown by --help
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Damage labels of MODEL (`first-gguf damage`; default: measured into OUTPUT.tune/).")
 @click.option("--max-skip", default=_TUNE.max_skip, show_default=True, help="Candidates skip up to this many layers.")
+@click.option("--thresholds", default=",".join(f"{t:g}" for t in _TUNE.thresholds), show_default=True,
+              help="Routed candidates: a FiRST-GGUF's own routers at these thresholds ('none': no routed candidates).")
 @click.option("--copies", default=_TUNE.copies, show_default=True, metavar="TYPE",
               help="ggml type of the decode-only FFN copies, or 'none'.")
 @click.option("--vocab-size", default=_TUNE.vocab_size, show_default=True, help="Short output vocabulary size (0: none).")
@@ -245,7 +247,7 @@ _TUNE = TuneConfig()  # tune's defaults, shown by --help
 @click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
-def tune(model: str, output: Path, labels: Path | None, max_skip: int, copies: str, vocab_size: int, text_mb: float,
+def tune(model: str, output: Path, labels: Path | None, max_skip: int, thresholds: str, copies: str, vocab_size: int, text_mb: float,
          max_kl: float, min_gain: float, max_point_kl: float, label_prompts: int, eval_prompts: int, repeats: int, threads: int | None,
          as_json: bool, force: bool) -> None:
     """Give MODEL (a GGUF or FiRST-GGUF, or zoo name) operating points chosen by measurement.
@@ -261,9 +263,9 @@ def tune(model: str, output: Path, labels: Path | None, max_skip: int, copies: s
     from .shipped import resolve_model
     from .tune import table, tune as run
 
-    cfg = replace(_TUNE, max_skip=max_skip, copies=None if copies.lower() == "none" else copies.upper(),
+    levels = () if thresholds.strip().lower() == "none" else _csv(thresholds, float, "--thresholds") or ()
+    cfg = replace(_TUNE, max_skip=max_skip, thresholds=levels, copies=None if copies.lower() == "none" else copies.upper(),
                   vocab_size=vocab_size, text_mb=text_mb, max_kl=max_kl, min_gain=min_gain, max_point_kl=max_point_kl,
-                  label_prompts=label_prompts,
-                  eval_prompts=eval_prompts, repeats=repeats)
+                  label_prompts=label_prompts, eval_prompts=eval_prompts, repeats=repeats)
     report = run(resolve_model(model), output, cfg, labels=labels, threads=threads, force=force, log=logger("tune"))
     click.echo(json.dumps(report, indent=1) if as_json else f"{table(report)}\nwrote {output}")

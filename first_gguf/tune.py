@@ -7,8 +7,9 @@ model the same kinds of points in minutes, from measurements on the machine that
    prompts) order the layers, least damaging first (the ``static-kl`` order);
 2. the decode-only stand-ins are added to a working copy: IQ4_NL copies of every FFN
    (``train.thin``) and a short output vocabulary (``train.vocab``), unless the file has them;
-3. every candidate (the first 0..``max_skip`` layers of the order skipped, with or without
-   the copies, with or without the short vocabulary) is measured against ``full``: quality
+3. every candidate (the first 0..``max_skip`` layers of the order skipped, or a FiRST-GGUF's
+   own routers at each of ``thresholds``; with or without the copies, with or without the short
+   vocabulary) is measured against ``full``: quality
    teacher-forced along full's own greedy continuation of held-out prompts of each family the
    model's template allows (never HumanEval), decode speed as the median of interleaved
    repeats in one process;
@@ -44,6 +45,7 @@ class TuneConfig:
     """What ``tune`` measures and how it chooses (docs/FORMAT.md section 9)."""
 
     max_skip: int = 2            # candidates skip 0..max_skip layers of the damage order
+    thresholds: tuple[float, ...] = (0.25, 0.5)  # routed candidates: the file's own routers at these thresholds
     copies: str | None = "IQ4_NL"  # ggml type of the decode-only FFN copies (None: no copies)
     vocab_size: int = 49152      # short output vocabulary size (0: none)
     text_mb: float = 30.0        # megabytes of local text counted for the short vocabulary
@@ -56,7 +58,7 @@ class TuneConfig:
     decode_tokens: int = 64      # speed: greedy tokens per repeat
     max_kl: float = 0.05         # the default: the fastest point whose damage is within this
     min_gain: float = 0.02       # a point decodes at least this much faster (relative) than the one before
-    max_point_kl: float = 0.2    # no point damages more than this (a faster point past it is not offered)
+    max_point_kl: float = 0.1    # no point damages more than this (a faster point past it is not offered)
     seed: int = 0
 
 
@@ -69,6 +71,8 @@ class Candidate:
     fast: bool
     short: bool
     thin: list[int] = field(default_factory=list)  # the layers decoded with their FFN copies
+    threshold: float | None = None  # a routed candidate: the routers choose the skip set per prompt
+    mean_skip: float = float("nan")  # layers skipped, mean over the held-out prompts
     kl: float = float("nan")       # mean KL(full || candidate) over the candidate's possible tokens (nats)
     top1: float = float("nan")     # fraction of positions whose argmax is full's
     outside: float = 0.0           # full's mean probability on tokens the candidate cannot produce
@@ -87,6 +91,11 @@ def candidate_name(k: int, fast: bool, short: bool) -> str:
     copies, ``-short`` with the short vocabulary (``fast-quality-short``, ``short``, ...)."""
     parts = ([FAST] if fast else []) + ([SKIP_NAMES.get(k, f"skip{k}")] if k else []) + ([SHORT] if short else [])
     return "-".join(parts)
+
+
+def routed_name(threshold: float, fast: bool, short: bool) -> str:
+    """``routed25`` for the routers at 0.25, with ``fast-`` and ``-short`` as ``candidate_name``'s."""
+    return "-".join(([FAST] if fast else []) + [f"routed{round(threshold * 100):02d}"] + ([SHORT] if short else []))
 
 
 def front(cands: Sequence[Candidate], min_gain: float = 0.0, max_damage: float = float("inf")) -> list[Candidate]:
@@ -134,6 +143,8 @@ def tune(model: str | os.PathLike, out: str | os.PathLike, cfg: TuneConfig = Tun
     check_output_path(out, force=force, inputs=[src])
     if cfg.max_skip < 0:
         raise FirstError(f"max_skip must be >= 0, got {cfg.max_skip}")
+    if any(not 0.0 < t < 1.0 for t in cfg.thresholds):
+        raise FirstError(f"thresholds must lie in (0, 1), got {list(cfg.thresholds)}")
     if not 0.0 < cfg.max_kl:
         raise FirstError(f"max_kl must be > 0, got {cfg.max_kl}")
     if cfg.min_gain < 0:
@@ -157,11 +168,16 @@ def tune(model: str | os.PathLike, out: str | os.PathLike, cfg: TuneConfig = Tun
         raise FirstError(f"{labels}: {len(order)} layers measured, fewer than max_skip {cfg.max_skip}")
     work, made = _stand_ins(routed, run, cfg, threads, log)
 
-    cands = _candidates(work, order, cfg.max_skip)
-    log(f"{len(cands)} candidates over layers {order[:cfg.max_skip]} (damage order), "
+    cands = _candidates(work, order, cfg.max_skip, cfg.thresholds if routed == src else ())
+    log(f"{len(cands)} candidates over layers {order[:cfg.max_skip]} (damage order)"
+        f"{', the routers at ' + ', '.join(map(str, cfg.thresholds)) if routed == src and cfg.thresholds else ''}, "
         f"{'with' if any(c.fast for c in cands) else 'without'} FFN copies, "
         f"{'with' if any(c.short for c in cands) else 'without'} a short vocabulary")
     _measure_quality(work, cands, cfg, threads)
+    idle = [c.name for c in cands if c.threshold is not None and c.mean_skip == 0]
+    if idle:  # routers that keep every layer there: the candidate is the one without routers
+        log(f"the routers skip nothing at these thresholds on the held-out prompts: dropped {', '.join(idle)}")
+        cands = [c for c in cands if c.name not in idle]
     _measure_speed(work, cands, cfg, threads)
 
     chosen = front(cands, cfg.min_gain, cfg.max_point_kl)
@@ -172,7 +188,7 @@ def tune(model: str | os.PathLike, out: str | os.PathLike, cfg: TuneConfig = Tun
     from .format import stamp_points
 
     stamp_points(final, points, out, force=force)
-    report = {"model": src.name, "out": out.name, "config": asdict(cfg), "labels": labels.name, "order": order,
+    report = {"model": src.name, "out": out.name, "config": asdict(cfg) | {"thresholds": list(cfg.thresholds)}, "labels": labels.name, "order": order,
               "candidates": [asdict(c) | {"damage": c.damage} for c in cands], "points": [c.name for c in chosen],
               "default": default.name if default else None, "seconds": round(time.perf_counter() - t0, 1)}
     (run / "tune.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -275,7 +291,9 @@ def _stand_ins(path: Path, run: Path, cfg: TuneConfig, threads: int | None, log)
     return work, made
 
 
-def _candidates(work: Path, order: Sequence[int], max_skip: int) -> list[Candidate]:
+def _candidates(work: Path, order: Sequence[int], max_skip: int, thresholds: Sequence[float] = ()) -> list[Candidate]:
+    """Skip sets of 0..``max_skip`` layers of ``order`` and the routers at ``thresholds``, each with
+    and without the FFN copies and the short vocabulary the file has (not ``full`` itself)."""
     _, _, thin, has_short = _parts(work)
     out = []
     for k in range(max_skip + 1):
@@ -284,7 +302,12 @@ def _candidates(work: Path, order: Sequence[int], max_skip: int) -> list[Candida
             for short in (False, True) if has_short else (False,):
                 if k or fast or short:
                     out.append(Candidate(candidate_name(k, fast, short), skip, fast, short,
-                                         thin=[i for i in thin if i not in skip] if fast else []))
+                                         thin=[i for i in thin if i not in skip] if fast else [], mean_skip=k))
+    for t in thresholds:
+        for fast in (False, True) if thin else (False,):
+            for short in (False, True) if has_short else (False,):
+                out.append(Candidate(routed_name(t, fast, short), [], fast, short, thin=list(thin) if fast else [],
+                                     threshold=float(t)))
     return out
 
 
@@ -292,9 +315,11 @@ def _configure(llm, c: Candidate | None) -> None:
     """``full`` for None, else the candidate as a mask-mode configuration (prompt at full depth)."""
     if c is None:
         llm.configure(mode="full", thin=(), vocab=False)
-        return
-    llm.configure(mode="mask", mask=[i not in c.skip for i in range(llm.n_layer)], prefill="full",
-                  thin=c.thin, vocab=c.short)
+    elif c.threshold is not None:
+        llm.configure(mode="first", threshold=c.threshold, prefill="full", thin=c.thin, vocab=c.short)
+    else:
+        llm.configure(mode="mask", mask=[i not in c.skip for i in range(llm.n_layer)], prefill="full",
+                      thin=c.thin, vocab=c.short)
 
 
 def _measure_quality(work: Path, cands: Sequence[Candidate], cfg: TuneConfig, threads: int | None) -> None:
@@ -302,7 +327,9 @@ def _measure_quality(work: Path, cands: Sequence[Candidate], cfg: TuneConfig, th
 
     One full-depth prefill per prompt serves every candidate (``fork`` / ``branch_logits``: each
     branch equals that configuration's own prefill and decode), the short-vocabulary candidates
-    first, while the prompt's tokens the fork gave the short vocabulary still stand."""
+    first, while the prompt's tokens the fork gave the short vocabulary still stand. With routed
+    candidates the fork runs in ``first`` mode (the same prompt KV) and each takes the mask its
+    routers choose there at its threshold (``router_mask``)."""
     from tqdm import tqdm
 
     from .evaluation.items import LlamaTokenizer, tf_items
@@ -312,24 +339,32 @@ def _measure_quality(work: Path, cands: Sequence[Candidate], cfg: TuneConfig, th
     llm = FirstModel(work, mode="full", logits_all=True, n_ctx=cfg.max_prompt_tokens + cfg.cont_tokens + 8,
                      n_batch=512, n_threads=threads, n_threads_batch=threads)
     short = any(c.short for c in cands)
+    routed = any(c.threshold is not None for c in cands)
     ordered = sorted(cands, key=lambda c: not c.short)
     try:
         items = tf_items(LlamaTokenizer(llm), cfg.eval_prompts, cfg.max_prompt_tokens, 8, cfg.seed, families(work))
         rows: dict[str, list[tuple[float, float, float]]] = {c.name: [] for c in cands}
+        skips: dict[str, list[int]] = {c.name: [] for c in cands}
         for it in tqdm(items, desc="quality", file=sys.stderr):
             _configure(llm, None)
             cont = greedy(llm, it.prompt, cfg.cont_tokens).tokens
             if len(cont) < 2:
                 continue
             everything = [True] * llm.n_layer
-            llm.configure(mode="mask", mask=everything, prefill="full", thin=(), vocab=short)
+            if routed:
+                llm.configure(mode="first", prefill="full", thin=(), vocab=short)
+            else:
+                llm.configure(mode="mask", mask=everything, prefill="full", thin=(), vocab=short)
             llm.fork(it.prompt)
             got = {}
             for c in ordered:
                 if not c.short and llm.vocab:
                     llm.configure(vocab=False)
                 llm.configure(thin=c.thin)
-                got[c.name] = llm.branch_logits(cont, [i not in c.skip for i in range(llm.n_layer)])
+                run = (list(llm.router_mask(c.threshold)) if c.threshold is not None
+                       else [i not in c.skip for i in range(llm.n_layer)])
+                skips[c.name].append(run.count(False))
+                got[c.name] = llm.branch_logits(cont, run)
             llm.configure(thin=(), vocab=False)
             ref = llm.branch_logits(cont, everything)
             for c in cands:
@@ -338,6 +373,7 @@ def _measure_quality(work: Path, cands: Sequence[Candidate], cfg: TuneConfig, th
             if not rows[c.name]:
                 raise FirstError(f"{work}: the full model ended every held-out prompt at once; nothing to score")
             c.kl, c.top1, c.outside = (float(x) for x in np.mean(rows[c.name], axis=0))
+            c.mean_skip = float(np.mean(skips[c.name]))
     finally:
         llm.close()
 
@@ -368,7 +404,8 @@ def compare(ref: np.ndarray, got: np.ndarray) -> tuple[float, float, float]:
 
 
 def _measure_speed(work: Path, cands: Sequence[Candidate], cfg: TuneConfig, threads: int | None) -> None:
-    """Decode x full per candidate: medians of interleaved repeats on one prompt, in one process."""
+    """Decode x full per candidate: medians of interleaved repeats in one process, each repeat on
+    one held-out prompt (a family's each in turn: routed candidates skip what the routers choose there)."""
     from tqdm import tqdm
 
     from .evaluation.items import LlamaTokenizer, tf_items
@@ -378,13 +415,13 @@ def _measure_speed(work: Path, cands: Sequence[Candidate], cfg: TuneConfig, thre
     llm = FirstModel(work, mode="full", n_ctx=cfg.max_prompt_tokens + cfg.decode_tokens + 8, n_batch=512,
                      n_threads=threads, n_threads_batch=threads)
     try:
-        items = tf_items(LlamaTokenizer(llm), 1, cfg.max_prompt_tokens, 8, cfg.seed + 1, families(work))
-        prompt = max((it.prompt for it in items), key=len)
+        prompts = [it.prompt for it in tf_items(LlamaTokenizer(llm), 1, cfg.max_prompt_tokens, 8, cfg.seed + 1,
+                                               families(work))]
         order: list[Candidate | None] = [None, *cands]
         rates: dict[str, list[float]] = {c.name: [] for c in cands}
         for r in tqdm(range(cfg.repeats), desc="speed", file=sys.stderr):
             got = {}
-            k = r % len(order)
+            k, prompt = r % len(order), prompts[r % len(prompts)]
             for c in order[k:] + order[:k]:
                 _configure(llm, c)
                 g = greedy(llm, prompt, cfg.decode_tokens, eog=False)
@@ -426,8 +463,8 @@ def _counts(run: Path, cfg: TuneConfig) -> Path:
 def _points(chosen: Sequence[Candidate], default: Candidate | None):
     from .format import Point, Points
 
-    items = [Point(c.name, skip=tuple(c.skip) if c.skip else None, thin=tuple(c.thin) if c.fast else None,
-                   vocab=c.short) for c in chosen]
+    items = [Point(c.name, threshold=c.threshold, skip=tuple(c.skip) if c.skip else None,
+                   thin=tuple(c.thin) if c.fast else None, vocab=c.short) for c in chosen]
     return Points(tuple(items), default.name if default else None)
 
 
@@ -437,7 +474,8 @@ def table(report: dict) -> str:
              f"{'decode x full':>19}  point"]
     for c in sorted(report["candidates"], key=lambda c: c["damage"]):
         mark = "*" if c["name"] == report["default"] else ("+" if c["name"] in report["points"] else "")
-        lines.append(f"{c['name']:<22} {str(c['skip']):<12} {c['damage']:7.4f} {c['kl']:7.4f} {c['outside']:8.4f} "
+        skip = str(c["skip"]) if c.get("threshold") is None else f"p<{c['threshold']:g}: {c['mean_skip']:.1f}"
+        lines.append(f"{c['name']:<22} {skip:<12} {c['damage']:7.4f} {c['kl']:7.4f} {c['outside']:8.4f} "
                      f"{c['top1']:6.3f} "
                      f"{c['speed']:6.3f} ({c['spread'][0]:.2f}-{c['spread'][1]:.2f})  {mark}")
     lines.append(f"points: {', '.join(report['points']) or 'none'}; default: {report['default'] or 'none'} "

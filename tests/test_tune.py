@@ -124,6 +124,60 @@ def test_each_point_measures_in_the_written_file_what_tune_measured(tuned):
                                            pytest.approx(c["outside"], abs=1e-7)), c["name"]
 
 
+@pytest.fixture(scope="module")
+def tuned_routed(default_first: Path, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("tune-routed") / "routed.first.gguf"
+    return out, tune(default_first, out, replace(SMALL, max_skip=0, thresholds=(0.5,)), threads=2)
+
+
+def test_routed_candidates_measure_what_the_routers_choose(default_first, tuned_routed):
+    """A FiRST-GGUF's own routers are candidates too: each routed candidate measures what a
+    prefill in ``first`` mode at its threshold and the decode under the mask it chose give (a
+    prefill and decode per prompt, not tune's fork and branch), and it skips what they skip."""
+    from first_gguf.evaluation.items import LlamaTokenizer, tf_items
+    from first_gguf.format import read_first_parts
+    from first_gguf.runtime import FirstModel
+    from first_gguf.runtime.greedy import greedy
+
+    out, report = tuned_routed
+    routed = [c for c in report["candidates"] if c["threshold"] is not None]
+    assert {c["name"] for c in routed} == {"routed50", "routed50-short", "fast-routed50", "fast-routed50-short"}
+    work = out.parent / f"{out.name}.tune"
+    made = max(work.glob("copies-*vocab*.gguf"), key=lambda p: p.stat().st_mtime)  # the working file: routers, copies, vocab
+    llm = FirstModel(made, mode="full", logits_all=True, n_ctx=SMALL.max_prompt_tokens + SMALL.cont_tokens + 8,
+                     n_threads=2)
+    try:
+        items = tf_items(LlamaTokenizer(llm), SMALL.eval_prompts, SMALL.max_prompt_tokens, 8, SMALL.seed)
+        rows, skips = {c["name"]: [] for c in routed}, {c["name"]: [] for c in routed}
+        for it in items:
+            llm.configure(mode="full", thin=(), vocab=False)
+            cont = greedy(llm, it.prompt, SMALL.cont_tokens).tokens
+            n = len(it.prompt)
+            ref = llm.teacher_forced_logits(it.prompt, cont[:-1])[n - 1:]
+            for c in routed:
+                llm.configure(mode="first", threshold=c["threshold"], prefill="full", thin=c["thin"], vocab=c["short"])
+                got = llm.teacher_forced_logits(it.prompt, cont[:-1])[n - 1:]
+                skips[c["name"]].append(len(llm.last_prefill.skipped))
+                rows[c["name"]].append(compare(ref, got))
+    finally:
+        llm.close()
+    for c in routed:
+        assert c["mean_skip"] == pytest.approx(np.mean(skips[c["name"]])) and c["mean_skip"] > 0, c["name"]
+        kl, top1, outside = np.mean(rows[c["name"]], axis=0)
+        assert (kl, top1, outside) == (pytest.approx(c["kl"], abs=1e-5), pytest.approx(c["top1"]),
+                                       pytest.approx(c["outside"], abs=1e-7)), c["name"]
+    parts = read_first_parts(out, deep=False)
+    for p in parts.points:  # a routed point is a threshold point
+        c = next(c for c in report["candidates"] if c["name"] == p.name)
+        assert p.threshold == c["threshold"] and p.vocab == c["short"], p.name
+
+
+def test_a_plain_gguf_gets_no_routed_candidates(tuned):
+    """The keep-every-layer routers a plain GGUF gets are not candidates (they would run ``full``)."""
+    _, report = tuned
+    assert all(c["threshold"] is None for c in report["candidates"])
+
+
 def test_bad_input_is_refused_by_name(tiny_base, tmp_path, tuned):
     out, _ = tuned
     with pytest.raises(FirstError, match="exists; pass --force"):
@@ -144,6 +198,8 @@ def test_bad_input_is_refused_by_name(tiny_base, tmp_path, tuned):
         tune(tiny_base, tmp_path / "o.gguf", replace(SMALL, min_gain=-0.1))
     with pytest.raises(FirstError, match="max_point_kl"):
         tune(tiny_base, tmp_path / "o.gguf", replace(SMALL, max_point_kl=0.01))
+    with pytest.raises(FirstError, match="thresholds must lie in"):
+        tune(tiny_base, tmp_path / "o.gguf", replace(SMALL, thresholds=(1.0,)))
     with pytest.raises(FirstError, match="base.gguf: nothing to choose from"):
         tune(tiny_base, tmp_path / "o.gguf", replace(SMALL, max_skip=0, copies=None, vocab_size=0))
     with pytest.raises(FirstError, match=r"routed\.gguf: llama\.cpp cannot load it"):  # tensors only, no tokenizer
