@@ -145,6 +145,8 @@ def tune(model: str | os.PathLike, out: str | os.PathLike, cfg: TuneConfig = Tun
         raise FirstError(f"max_skip must be >= 0, got {cfg.max_skip}")
     if any(not 0.0 < t < 1.0 for t in cfg.thresholds):
         raise FirstError(f"thresholds must lie in (0, 1), got {list(cfg.thresholds)}")
+    if len({routed_name(t, False, False) for t in cfg.thresholds}) < len(cfg.thresholds):
+        raise FirstError(f"thresholds {list(cfg.thresholds)} give two candidates one name (names keep two decimals)")
     if not 0.0 < cfg.max_kl:
         raise FirstError(f"max_kl must be > 0, got {cfg.max_kl}")
     if cfg.min_gain < 0:
@@ -188,7 +190,8 @@ def tune(model: str | os.PathLike, out: str | os.PathLike, cfg: TuneConfig = Tun
     from .format import stamp_points
 
     stamp_points(final, points, out, force=force)
-    report = {"model": src.name, "out": out.name, "config": asdict(cfg) | {"thresholds": list(cfg.thresholds)}, "labels": labels.name, "order": order,
+    config = asdict(cfg) | {"thresholds": list(cfg.thresholds)}  # as JSON gives it back
+    report = {"model": src.name, "out": out.name, "config": config, "labels": labels.name, "order": order,
               "candidates": [asdict(c) | {"damage": c.damage} for c in cands], "points": [c.name for c in chosen],
               "default": default.name if default else None, "seconds": round(time.perf_counter() - t0, 1)}
     (run / "tune.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -312,7 +315,8 @@ def _candidates(work: Path, order: Sequence[int], max_skip: int, thresholds: Seq
 
 
 def _configure(llm, c: Candidate | None) -> None:
-    """``full`` for None, else the candidate as a mask-mode configuration (prompt at full depth)."""
+    """``full`` for None, else the candidate: ``first`` mode at its threshold (routed) or ``mask``
+    mode (its skip set), the prompt at full depth either way."""
     if c is None:
         llm.configure(mode="full", thin=(), vocab=False)
     elif c.threshold is not None:

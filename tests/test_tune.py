@@ -11,7 +11,8 @@ import pytest
 
 from first_gguf.errors import FirstError
 from first_gguf.evaluation import metrics
-from first_gguf.tune import Candidate, TuneConfig, candidate_name, choose_default, compare, front, tune
+from first_gguf.tune import (Candidate, TuneConfig, candidate_name, choose_default, compare, front, routed_name,
+                             tune)
 
 SMALL = TuneConfig(max_skip=1, text_mb=0.3, label_prompts=1, label_tokens=6, eval_prompts=1, cont_tokens=8,
                    max_prompt_tokens=64, repeats=1, decode_tokens=4)
@@ -27,6 +28,7 @@ def test_names_are_the_zoos():
     assert candidate_name(0, True, False) == "fast"
     assert candidate_name(2, False, False) == "balanced"
     assert candidate_name(3, True, False) == "fast-skip3"
+    assert routed_name(0.25, True, True) == "fast-routed25-short" and routed_name(0.5, False, False) == "routed50"
 
 
 def test_front_keeps_what_nothing_beats_and_the_default_is_the_fastest_within_budget():
@@ -143,7 +145,8 @@ def test_routed_candidates_measure_what_the_routers_choose(default_first, tuned_
     routed = [c for c in report["candidates"] if c["threshold"] is not None]
     assert {c["name"] for c in routed} == {"routed50", "routed50-short", "fast-routed50", "fast-routed50-short"}
     work = out.parent / f"{out.name}.tune"
-    made = max(work.glob("copies-*vocab*.gguf"), key=lambda p: p.stat().st_mtime)  # the working file: routers, copies, vocab
+    # the working file: the input's routers, the copies and the vocabulary tune added
+    made = max(work.glob("copies-*vocab*.gguf"), key=lambda p: p.stat().st_mtime)
     llm = FirstModel(made, mode="full", logits_all=True, n_ctx=SMALL.max_prompt_tokens + SMALL.cont_tokens + 8,
                      n_threads=2)
     try:
@@ -200,6 +203,8 @@ def test_bad_input_is_refused_by_name(tiny_base, tmp_path, tuned):
         tune(tiny_base, tmp_path / "o.gguf", replace(SMALL, max_point_kl=0.01))
     with pytest.raises(FirstError, match="thresholds must lie in"):
         tune(tiny_base, tmp_path / "o.gguf", replace(SMALL, thresholds=(1.0,)))
+    with pytest.raises(FirstError, match="one name"):
+        tune(tiny_base, tmp_path / "o.gguf", replace(SMALL, thresholds=(0.25, 0.251)))
     with pytest.raises(FirstError, match="base.gguf: nothing to choose from"):
         tune(tiny_base, tmp_path / "o.gguf", replace(SMALL, max_skip=0, copies=None, vocab_size=0))
     with pytest.raises(FirstError, match=r"routed\.gguf: llama\.cpp cannot load it"):  # tensors only, no tokenizer
