@@ -195,8 +195,11 @@ class _Live:
         raise RuntimeError(f"bench worker {self.name} failed:\n{self._err.read()[-2000:]}")
 
     def ask(self, op: str) -> dict:
-        self._proc.stdin.write(op + "\n")
-        self._proc.stdin.flush()
+        try:
+            self._proc.stdin.write(op + "\n")
+            self._proc.stdin.flush()
+        except BrokenPipeError:  # the worker is gone: _read reports why
+            pass
         return self._read()
 
     def close(self) -> None:

@@ -113,6 +113,24 @@ def test_live_worker_repeats_the_decode_a_fresh_worker_gives(tiny_first: Path, t
         live_worker(dict(base, name="plain", engine="plain"), commands=io.StringIO("go\n"), answer=io.StringIO())
 
 
+def test_a_live_worker_that_dies_is_reported_by_name(tiny_first: Path, tmp_path: Path) -> None:
+    from first_gguf.bench import _Live
+
+    spec = dict(name="mask", engine="first", path=str(tiny_first), mode="mask", mask=[True, False, True, True],
+                prompt_tokens=16, decode_tokens=3, threads=1, mmap=True)
+    w = _Live(spec, None, tmp_path)
+    try:
+        assert w.ask("decode")["decode_tok_s"] > 0
+        w._proc.kill()
+        w._proc.wait()
+        with pytest.raises(RuntimeError, match="bench worker mask failed"):
+            w.ask("decode")
+    finally:
+        w.close()
+    with pytest.raises(RuntimeError, match="bench worker gone failed"):
+        _Live(dict(spec, name="gone", path=str(tmp_path / "missing.gguf")), None, tmp_path)
+
+
 def test_live_run(tiny_first: Path) -> None:
     res = run_bench(tiny_first, skip_count=1, repeats=3, ctx=[8, 24], decode_tokens=3, threads=[1], stock=False,
                     strategies=["first", "mask"], live=True)
