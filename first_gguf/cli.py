@@ -257,15 +257,19 @@ class _RecordedCommand(click.Command):
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run directory (rows, results, report; an existing run resumes). Default eval/<model>.")
 @click.option("--tasks", default=None,
-              help="Comma-separated subset of humaneval,humaneval-chat,tf,chat (default humaneval,tf,chat).")
+              help="Comma-separated subset of humaneval,humaneval-chat,doctest,tf,chat (default "
+                   "humaneval,tf,chat).")
 @click.option("--strategies", default=None,
               help="Comma-separated kinds: full,first,static,random,early-exit,pruned (default), "
                    "static-kl,modal,heal (controls), points (every operating point of the file).")
 @click.option("--ks", default="4", show_default=True, help="Skip counts of the input-agnostic strategies.")
+@click.option("--mask", "masks", multiple=True,
+              help="A fixed skip set, comma-separated layers: adds mask:A+B (repeatable).")
 @click.option("--thresholds", default=None, help="FiRST thresholds (default: the file's own).")
 @click.option("--random-seeds", default=2, show_default=True)
 @click.option("--limit", default=None, type=int,
-              help="First N HumanEval problems only, for both HumanEval tasks (default all 164).")
+              help="First N problems only, for each scored task (HumanEval, HumanEval chat, doctests; "
+                   "default all).")
 @click.option("--n-per-family", default=16, show_default=True, help="Held-out prompts per family (tf).")
 @click.option("--n-chat", default=16, show_default=True, help="Chat prompts.")
 @click.option("--max-new-tokens", default=384, show_default=True,
@@ -287,7 +291,7 @@ class _RecordedCommand(click.Command):
 @click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json instead of the report.")
 def eval_(model: str | None, out: Path | None, tasks: str | None, strategies: str | None, ks: str,
-          thresholds: str | None, random_seeds: int, limit: int | None, n_per_family: int, n_chat: int,
+          masks: tuple[str, ...], thresholds: str | None, random_seeds: int, limit: int | None, n_per_family: int, n_chat: int,
           max_new_tokens: int, labels: str | None, heals: tuple[str, ...], points: tuple[str, ...],
           drafts: tuple[str, ...], draft_tokens: int, draft_on: tuple[str, ...], threads: int | None,
           as_json: bool) -> None:
@@ -298,7 +302,8 @@ def eval_(model: str | None, out: Path | None, tasks: str | None, strategies: st
     from .evaluation.runner import run_eval
 
     opts = {"tasks": _csv(tasks, str, "--tasks"), "kinds": _csv(strategies, str, "--strategies"),
-            "ks": _csv(ks, int, "--ks"), "thresholds": _csv(thresholds, float, "--thresholds"),
+            "ks": _csv(ks, int, "--ks"), "masks": tuple(_csv(m, int, "--mask") for m in masks) or None,
+            "thresholds": _csv(thresholds, float, "--thresholds"),
             "random_seeds": random_seeds, "limit": limit,
             "n_per_family": n_per_family, "n_chat": n_chat, "max_new_tokens": max_new_tokens, "threads": threads,
             "labels": labels, "heals": tuple(str(Path(h).resolve()) for h in heals) or None,

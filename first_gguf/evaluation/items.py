@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 from ..errors import FirstError
 from ..prompts import FAMILIES, Example, Limits, builtin_examples
-from . import humaneval, humaneval_chat
+from . import doctests, humaneval, humaneval_chat
 
 
 @dataclass
@@ -63,6 +63,12 @@ def humaneval_items(llm, limit: int | None) -> list[Item]:
     """The first ``limit`` HumanEval problems (all when None), prompts tokenized by ``llm``."""
     return [Item("humaneval", p.task_id, llm.tokenize(p.prompt.encode(), add_bos=True), "humaneval", problem=p)
             for p in humaneval.load_problems(limit)]
+
+
+def doctest_items(llm, limit: int | None) -> list[Item]:
+    """The first ``limit`` checked standard-library doctest problems (all when None; ``doctests``)."""
+    return [Item("doctest", p.task_id, llm.tokenize(p.prompt.encode(), add_bos=True), "doctest", problem=p)
+            for p in doctests.load_problems(limit)]
 
 
 def humaneval_chat_items(llm, limit: int | None) -> list[Item]:

@@ -9,8 +9,8 @@ import numpy as np
 from ..figures import pyplot
 from .summary import MIN_DECODE
 
-ORDER = ("full", "first", "point", "draft", "static", "static-kl", "heal", "modal", "pruned", "early-exit", "random")
-TITLES = {"humaneval": "HumanEval", "humaneval-chat": "HumanEval (chat)"}  # the scored tasks, as the report names them
+ORDER = ("full", "first", "point", "draft", "static", "static-kl", "mask", "heal", "modal", "pruned", "early-exit", "random")
+TITLES = {"humaneval": "HumanEval", "humaneval-chat": "HumanEval (chat)", "doctest": "Standard-library doctests"}  # the scored tasks, as the report names them
 
 
 def _kind(name: str, result: dict) -> str:
@@ -28,6 +28,7 @@ def rows(result: dict) -> list[dict]:
         he = s.get("humaneval", {})
         row = {"strategy": name, "kind": _kind(name, result), "skipped": s.get("skipped"),
                **_pass(s, full, "humaneval", ""), **_pass(s, full, "humaneval-chat", "_chat"),
+               **_pass(s, full, "doctest", "_doctest"),
                "skipped_he": he.get("skipped"),
                "top1": s.get("tf", {}).get("top1"), "kl": s.get("tf", {}).get("kl"), "ppl": s.get("tf", {}).get("ppl"),
                "chat_prefix": s.get("chat", {}).get("prefix_fraction"), "chat_exact": s.get("chat", {}).get("exact"),
@@ -59,15 +60,19 @@ def _passed(r: dict, suffix: str) -> str:
 
 
 def format_table(result: dict) -> str:
-    """The main table as Markdown."""
+    """The main table as Markdown (a doctest column pair only when the run has that task)."""
+    rs = rows(result)
+    doc = any(r["pass@1_doctest"] is not None for r in rs)
     lines = ["| strategy | mean skipped (all / HumanEval) | HumanEval pass@1 | of full | pass@1 (chat) | of full "
-             "| top-1 | KL | ppl | chat prefix / exact | decode tok/s | x full (IQR) | prefill tok/s | x full (IQR) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows(result):
+             + ("| doctests pass@1 | of full " if doc else "")
+             + "| top-1 | KL | ppl | chat prefix / exact | decode tok/s | x full (IQR) | prefill tok/s | x full (IQR) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if doc else "")]
+    for r in rs:
         lines.append(f"| {r['strategy']} | {_f(r['skipped'], '.2f')} / {_f(r['skipped_he'], '.2f')} | "
                      f"{_passed(r, '')} | {_f(r['pass_rel'], '.0%')} | "
                      f"{_passed(r, '_chat')} | {_f(r['pass_rel_chat'], '.0%')} | "
-                     f"{_f(r['top1'], '.3f')} | {_f(r['kl'], '.3f')} | {_f(r['ppl'], '.2f')} | "
+                     + (f"{_passed(r, '_doctest')} | {_f(r['pass_rel_doctest'], '.0%')} | " if doc else "")
+                     + f"{_f(r['top1'], '.3f')} | {_f(r['kl'], '.3f')} | {_f(r['ppl'], '.2f')} | "
                      f"{_f(r['chat_prefix'], '.2f')} / {_f(r['chat_exact'], '.2f')} | "
                      f"{_f(r['decode_tok_s'], '.1f')} | {_x(r['decode_x'], r['decode_x_iqr'])} | "
                      f"{_f(r['prefill_tok_s'], '.1f')} | {_x(r['prefill_x'], r['prefill_x_iqr'])} |")
@@ -190,14 +195,18 @@ def _tasks_line(result: dict) -> str:
     cfg, rs = result["config"], rows(result)
     he_n = next((r["n_humaneval"] for r in rs if r["n_humaneval"]), None)
     chat_n = next((r["n_humaneval_chat"] for r in rs if r["n_humaneval_chat"]), None)
+    doc_n = next((r["n_humaneval_doctest"] for r in rs if r["n_humaneval_doctest"]), None)
     seeds = sorted({len(s["members"]) for s in result["summary"].values()
                     if result["strategies"][s["members"][0]]["kind"] == "random"})
     he = (f"HumanEval: {he_n or 0} problems, greedy raw completion, at most {cfg['max_new_tokens']} new tokens. "
-          if he_n or not chat_n else "")
+          if he_n or not (chat_n or doc_n) else "")
     if chat_n:
         he += (f"HumanEval (chat): {chat_n} problems asked through the model's chat template (evalplus's "
                f"instruction), greedy, the code of the answer's first Python block, at most {cfg['max_new_tokens']} "
                f"new tokens beyond the prompt's own, which the answer restates. ")
+    if doc_n:
+        he += (f"Doctests: {doc_n} functions of the standard library rewritten from their signature and docstring "
+               f"(raw completion, HumanEval's stops), passing when every example of the docstring does. ")
     return (he + f"Programs sandboxed ({cfg['timeout']:g} s each). Teacher-forced: {cfg['n_per_family']} held-out "
             f"prompts per family ({cfg['max_prompt_tokens']} tokens at most), {cfg['cont_tokens']} tokens of the "
             f"full model's greedy continuation; ppl on the real text after the prompt. Chat: {cfg['n_chat']} "

@@ -39,17 +39,18 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from ..errors import FirstError
-from . import humaneval, humaneval_chat, metrics
-from .items import Item, LlamaTokenizer, chat_items, humaneval_chat_items, humaneval_items, tf_items, training_prompts
+from . import doctests, humaneval, humaneval_chat, metrics
+from .items import (Item, LlamaTokenizer, chat_items, doctest_items, humaneval_chat_items, humaneval_items, tf_items,
+                    training_prompts)
 from .strategies import (KINDS, POINTS, Controls, Strategy, block_influence, build_strategies, draft_of,
                          draft_strategy, static_order, strategy_from_name)
 from .controls import bind_points, load_controls
 from ..format.points import size_without_points
 from .summary import summarize
 
-TASKS = ("humaneval", "humaneval-chat", "tf", "chat")
+TASKS = ("humaneval", "humaneval-chat", "doctest", "tf", "chat")
 DEFAULT_TASKS = ("humaneval", "tf", "chat")
-SELECTORS = ("tasks", "kinds", "ks", "thresholds", "random_seeds", "limit", "labels", "heals",
+SELECTORS = ("tasks", "kinds", "ks", "masks", "thresholds", "random_seeds", "limit", "labels", "heals",
              "points", "drafts", "draft_tokens", "draft_on")  # which rows, not how
 
 
@@ -61,9 +62,10 @@ class EvalConfig:
     tasks: tuple[str, ...] = DEFAULT_TASKS
     kinds: tuple[str, ...] = KINDS
     ks: tuple[int, ...] = (4,)
+    masks: tuple[tuple[int, ...], ...] = ()  # fixed skip sets given by hand: one ``mask:A+B`` strategy each
     thresholds: tuple[float | None, ...] = (None,)
     random_seeds: int = 2
-    limit: int | None = None          # HumanEval problems, both tasks (default all 164)
+    limit: int | None = None          # first problems of each scored task (default all)
     n_per_family: int = 16            # held-out prompts per family for ``tf``
     n_chat: int = 16                  # chat prompts
     n_static: int = 8                 # training prompts per family for the block influence
@@ -98,18 +100,21 @@ def _stop_humaneval(text: str) -> bool:
 
 
 class _Scored(NamedTuple):
-    """A task the sandbox scores: its items, stop rule, answer -> scored code, (problem, code) -> program."""
+    """A task the sandbox scores: its items, stop rule, answer -> scored code, (problem, code) -> program, problems."""
 
     items: Callable[..., list[Item]]
     stop: Callable[[str], bool]
     completion: Callable[[str], str]
     program: Callable[[humaneval.Problem, str], str]
+    problems: Callable[[], list[humaneval.Problem]] = humaneval.load_problems
 
 
 SCORED_TASKS = {"humaneval": _Scored(humaneval_items, _stop_humaneval, humaneval.truncate_completion,
                                      humaneval.program),
                 "humaneval-chat": _Scored(humaneval_chat_items, humaneval_chat.block_closed,
-                                          humaneval_chat.extract_code, humaneval_chat.program)}
+                                          humaneval_chat.extract_code, humaneval_chat.program),
+                "doctest": _Scored(doctest_items, _stop_humaneval, humaneval.truncate_completion, doctests.program,
+                                   doctests.load_problems)}
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -201,7 +206,7 @@ class Evaluation:
             points = list(dict.fromkeys((*(llm.points.names if POINTS in cfg.kinds else ()), *cfg.points)))
             controls = dataclasses.replace(controls, points=bind_points(self.out, self.cfg.model, llm.points, points))
             strategies = build_strategies(n_layer, protected, order, cfg.ks, cfg.thresholds, cfg.random_seeds,
-                                          [k for k in cfg.kinds if k != POINTS], controls, points)
+                                          [k for k in cfg.kinds if k != POINTS], controls, points, cfg.masks)
             self.drafts = self._open_drafts(llm)
             on = [t for t in cfg.draft_on if t != "full"]
             if on:
@@ -355,7 +360,7 @@ class Evaluation:
         rows = [r for r in self.done.values() if r["task"] == task and "status" not in r]
         if not rows:
             return
-        problems = {p.task_id: p for p in humaneval.load_problems(None)}
+        problems = {p.task_id: p for p in SCORED_TASKS[task].problems()}
         self.log(f"running {len(rows)} {task} programs in the sandbox")
         outcomes = humaneval.score([problems[r["id"]] for r in rows], [r["completion"] for r in rows],
                                    timeout=self.cfg.timeout, build=SCORED_TASKS[task].program)

@@ -18,6 +18,9 @@ Controls that credit input adaptivity (``CONTROL_KINDS``, asked for by name):
 - ``modal`` / ``modal@T``: the routers' most frequent mask on training prompts at the file's
   threshold (or T), used as one fixed mask for every input.
 
+Fixed sets given by hand (``mask:A+B``, one per ``--mask A,B`` of the run): those layers skipped
+in decode for every input, the prompt at full depth, as ``static-K`` does with its own set.
+
 Healed strategies (``heal-K``, one per healing adapter given to the run): the adapter's skip
 set as a fixed mask, decoded with the adapter on (``first-gguf heal``); compare with the same
 set unhealed (``static-kl-K`` when the adapter was trained for the measured-damage set).
@@ -149,7 +152,8 @@ def early_exit_skip(n_layer: int, protected: Sequence[int], k: int) -> tuple[int
 
 def build_strategies(n_layer: int, protected: Sequence[int], order: Sequence[int], ks: Sequence[int],
                      thresholds: Sequence[float | None], random_seeds: int, kinds: Sequence[str] = KINDS,
-                     controls: Controls = Controls(), points: Sequence[str] = ()) -> list[Strategy]:
+                     controls: Controls = Controls(), points: Sequence[str] = (),
+                     masks: Sequence[Sequence[int]] = ()) -> list[Strategy]:
     """Every strategy of a run, ``full`` first.
 
     Args:
@@ -162,6 +166,7 @@ def build_strategies(n_layer: int, protected: Sequence[int], order: Sequence[int
         kinds: Which kinds to include (``full`` always is).
         controls: What ``static-kl``, ``modal``, ``heal`` and the points are built from.
         points: Operating points to include (``point:NAME``), by name (``controls.points``).
+        masks: Fixed skip sets to include (``mask:A+B``).
     """
     unknown = set(kinds) - set(ALL_KINDS)
     if unknown:
@@ -204,7 +209,22 @@ def build_strategies(n_layer: int, protected: Sequence[int], order: Sequence[int
     if "heal" in kinds:
         out += [Strategy(f"heal-{k}", "heal", "mask", tuple(skip), heal=True)
                 for k, skip in sorted(controls.heal.items())]
+    out += [mask_strategy(skip, n_layer, protected) for skip in masks]
     return out + [_point_strategy(name, controls.points or {}) for name in points]
+
+
+def mask_strategy(skip: Sequence[int], n_layer: int, protected: Sequence[int]) -> Strategy:
+    """``mask:A+B``: the layers ``skip`` skipped in decode for every input.
+
+    Raises:
+        FirstError: an empty set, a repeated layer, or a layer that is protected or out of range.
+    """
+    free = set(candidates(n_layer, protected))
+    layers = tuple(sorted(int(i) for i in skip))
+    if not layers or len(set(layers)) != len(layers) or not free.issuperset(layers):
+        raise FirstError(f"mask {list(skip)}: give distinct layers among the non-protected ones "
+                         f"({min(free)}..{max(free)} but not {sorted(protected)})")
+    return Strategy("mask:" + "+".join(map(str, layers)), "mask", "mask", layers)
 
 
 def _point_strategy(name: str, points: dict) -> Strategy:
@@ -236,7 +256,7 @@ def draft_of(name: str) -> str:
 
 
 _NAME = re.compile(r"(?:(full)|(first|modal)(?:@([0-9.e+-]+))?|(static-kl|static|early-exit|pruned|heal)-(\d+)"
-                   r"|random-(\d+)/s(\d+)|point:([a-z0-9][a-z0-9-]*))")
+                   r"|random-(\d+)/s(\d+)|point:([a-z0-9][a-z0-9-]*)|mask:(\d+(?:\+\d+)*))")
 
 
 def strategy_from_name(name: str, n_layer: int, protected: Sequence[int], order: Sequence[int],
@@ -251,7 +271,9 @@ def strategy_from_name(name: str, n_layer: int, protected: Sequence[int], order:
     m = _NAME.fullmatch(name)
     if not m:
         raise FirstError(f"unknown strategy name {name!r}")
-    full, by_threshold, threshold, kind, k, rk, seed, point = m.groups()
+    full, by_threshold, threshold, kind, k, rk, seed, point, mask = m.groups()
+    if mask:
+        return mask_strategy([int(i) for i in mask.split("+")], n_layer, protected)
     if full:
         return build_strategies(n_layer, protected, order, (), (), 0, ("full",))[0]
     if point:

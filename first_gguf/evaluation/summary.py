@@ -14,7 +14,7 @@ from . import metrics
 from .strategies import Strategy
 
 MIN_DECODE = 8  # decode speeds of items where both sides generated at least this many tokens
-SCORED = ("humaneval", "humaneval-chat")  # tasks whose rows the sandbox scores (pass@1)
+SCORED = ("humaneval", "humaneval-chat", "doctest")  # tasks whose rows the sandbox scores (pass@1)
 GENERATION = SCORED + ("chat",)           # tasks whose rows are timed greedy generations
 
 
