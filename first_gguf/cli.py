@@ -291,8 +291,8 @@ class _RecordedCommand(click.Command):
 @click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json instead of the report.")
 def eval_(model: str | None, out: Path | None, tasks: str | None, strategies: str | None, ks: str,
-          masks: tuple[str, ...], thresholds: str | None, random_seeds: int, limit: int | None, n_per_family: int, n_chat: int,
-          max_new_tokens: int, labels: str | None, heals: tuple[str, ...], points: tuple[str, ...],
+          masks: tuple[str, ...], thresholds: str | None, random_seeds: int, limit: int | None, n_per_family: int,
+          n_chat: int, max_new_tokens: int, labels: str | None, heals: tuple[str, ...], points: tuple[str, ...],
           drafts: tuple[str, ...], draft_tokens: int, draft_on: tuple[str, ...], threads: int | None,
           as_json: bool) -> None:
     """Compare FiRST with full, static, random, early-exit and pruned skipping on MODEL.

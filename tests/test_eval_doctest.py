@@ -76,4 +76,4 @@ def test_eval_doctest_task_with_a_mask(default_first, tmp_path):
     scored = {(r["id"], r["strategy"]): r for r in rows if "status" in r}
     assert set(scored) == {(p.task_id, s) for p in two for s in ("full", "mask:4")}
     assert all(r["skipped"] == ([4] if s == "mask:4" else []) for (_, s), r in scored.items())
-    assert "| doctests pass@1 | of full |" in res.output and "Doctests: 2 functions" in res.output
+    assert "| doctests pass@1 | of full |" in res.output and f"Doctests: 2 functions of {doctests.SOURCE}" in res.output

@@ -15,7 +15,7 @@ A problem is kept only when its original body passes the same program (checked o
 process in the sandbox), so a failure is the completion's. Modules with side effects on import
 (a browser, a window, the Zen) are left out, and at most ``PER_MODULE`` problems come from one
 module (the first in file order), so one module's many small methods do not make the score.
-The set depends on the interpreter's version (``SOURCE`` names it in every report); rows of one
+The set depends on the interpreter's version (``SOURCE``, which the report names); rows of one
 run directory compare only on one interpreter.
 """
 

@@ -7,10 +7,13 @@ from pathlib import Path
 import numpy as np
 
 from ..figures import pyplot
+from .doctests import SOURCE
 from .summary import MIN_DECODE
 
-ORDER = ("full", "first", "point", "draft", "static", "static-kl", "mask", "heal", "modal", "pruned", "early-exit", "random")
-TITLES = {"humaneval": "HumanEval", "humaneval-chat": "HumanEval (chat)", "doctest": "Standard-library doctests"}  # the scored tasks, as the report names them
+ORDER = ("full", "first", "point", "draft", "static", "static-kl", "mask", "heal", "modal", "pruned", "early-exit",
+         "random")
+# the scored tasks, as the report names them
+TITLES = {"humaneval": "HumanEval", "humaneval-chat": "HumanEval (chat)", "doctest": "Standard-library doctests"}
 
 
 def _kind(name: str, result: dict) -> str:
@@ -205,7 +208,7 @@ def _tasks_line(result: dict) -> str:
                f"instruction), greedy, the code of the answer's first Python block, at most {cfg['max_new_tokens']} "
                f"new tokens beyond the prompt's own, which the answer restates. ")
     if doc_n:
-        he += (f"Doctests: {doc_n} functions of the standard library rewritten from their signature and docstring "
+        he += (f"Doctests: {doc_n} functions of {SOURCE} rewritten from their signature and docstring "
                f"(raw completion, HumanEval's stops), passing when every example of the docstring does. ")
     return (he + f"Programs sandboxed ({cfg['timeout']:g} s each). Teacher-forced: {cfg['n_per_family']} held-out "
             f"prompts per family ({cfg['max_prompt_tokens']} tokens at most), {cfg['cont_tokens']} tokens of the "

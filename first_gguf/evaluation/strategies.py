@@ -222,8 +222,8 @@ def mask_strategy(skip: Sequence[int], n_layer: int, protected: Sequence[int]) -
     free = set(candidates(n_layer, protected))
     layers = tuple(sorted(int(i) for i in skip))
     if not layers or len(set(layers)) != len(layers) or not free.issuperset(layers):
-        raise FirstError(f"mask {list(skip)}: give distinct layers among the non-protected ones "
-                         f"({min(free)}..{max(free)} but not {sorted(protected)})")
+        raise FirstError(f"mask {list(skip)}: give distinct non-protected layers of the model's {n_layer} "
+                         f"(protected: {sorted(protected)})")
     return Strategy("mask:" + "+".join(map(str, layers)), "mask", "mask", layers)
 
 
