@@ -317,7 +317,7 @@ def test_default_point_and_the_point_command():
     try:
         t.expect(r"24 layers, mode mask, point fast-quality-short")
         listing = t.ask("/point")
-        assert re.search(r"\* fast-quality-short: ", listing) and "balanced: skip [4, 9]" in listing
+        assert re.search(r"\* fast-quality-short: ", listing) and "balanced: skip [3, 4]" in listing
         assert re.search(r"(?m)^\s+quality: skip \[4\]\s*$", listing)
         assert re.search(r"(?m)^\s+quality-short: skip \[4\], short vocabulary\s*$", listing)
         assert "fast: thin [0, 1, 2" in listing

@@ -374,7 +374,7 @@ def test_the_shipped_points_file_is_valid_for_its_model():
     tokens, _, _ = shipped.shipped_vocab(models.DEFAULT_MODEL)
     assert len(tokens) == 49445 and tokens == sorted(set(tokens))
     assert points.as_json() == {"default": "fast-quality-short", "points": {
-        "quality": {"skip": [4]}, "balanced": {"skip": [4, 9]}, "fast": {"thin": list(range(24))},
+        "quality": {"skip": [4]}, "balanced": {"skip": [3, 4]}, "fast": {"thin": list(range(24))},
         "short": {"vocab": True}, "quality-short": {"skip": [4], "vocab": True},
         "fast-short": {"thin": list(range(24)), "vocab": True},
         "fast-quality-short": {"skip": [4], "thin": [i for i in range(24) if i != 4], "vocab": True}}}
@@ -742,7 +742,7 @@ def test_default_model_carries_the_shipped_points():
         assert g.report.point == "quality-short" and g.report.skipped == (4,) and g.report.mode == "mask"
         assert g.report.vocab is not None and g.report.thin == ()
         llm.configure(point="balanced")
-        assert greedy(llm, llm.tokenize(b"def fibonacci(n):"), 2).report.skipped == (4, 9)
+        assert greedy(llm, llm.tokenize(b"def fibonacci(n):"), 2).report.skipped == (3, 4)
         llm.configure(point="fast")
         report = greedy(llm, llm.tokenize(b"def fibonacci(n):"), 2).report
         assert report.skipped == () and report.thin == tuple(range(24)) and report.point == "fast"
