@@ -114,14 +114,18 @@ def fit_routers(model: str, labels: Path, output: Path, d_ref: float | None, epo
 @click.option("--targets", default=None, help="Comma-separated module names (default: every linear map).")
 @click.option("--layers", default=None, help="Layers that get adapters, e.g. 5,10 (default: the first kept "
               "layer after each skipped run).")
+@click.option("--max-prompt-tokens", default=None, type=int, help="Longest prompt drawn (default 96).")
 @click.option("--max-response-tokens", default=None, type=int)
 @click.option("--families", default=None, help="Built-in families to train on, e.g. instruct (default: code,instruct,prose).")
+@click.option("--own", is_flag=True, help="Train along the model's own greedy continuations (written by the "
+              "runtime, kept in the run directory) instead of the families' reference text.")
 @click.option("--outtype", default="f16", show_default=True, help="f32, f16, bf16 or q8_0.")
 @click.option("--threads", default=None, type=int, help="torch threads (default: all cores).")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
 def heal(model: str, skip: str, output: Path, run_dir: Path | None, examples: int | None, epochs: int | None,
-         rank: int | None, lr: float | None, targets: str | None, layers: str | None, max_response_tokens: int | None, families: str | None, outtype: str,
-         threads: int | None, force: bool) -> None:
+         rank: int | None, lr: float | None, targets: str | None, layers: str | None, max_prompt_tokens: int | None,
+         max_response_tokens: int | None, families: str | None, own: bool, outtype: str, threads: int | None,
+         force: bool) -> None:
     """Train a decode-only healing adapter for one skip set of MODEL (GGUF file or zoo name).
 
     `full` stays bit-identical: the runtime applies the adapter only while that set decodes
@@ -133,6 +137,7 @@ def heal(model: str, skip: str, output: Path, run_dir: Path | None, examples: in
     from .train.heal import HealConfig, heal_gguf
 
     opts = {"examples": examples, "epochs": epochs, "rank": rank, "lr": lr, "max_response": max_response_tokens,
+            "max_prompt": max_prompt_tokens, "own": own or None,
             "targets": tuple(_csv(targets, str, "--targets")) if targets else None,
             "layers": tuple(sorted(parse_layers(layers))) if layers else None,
             "families": _families(families)}

@@ -204,8 +204,60 @@ def test_cli_trains_on_the_families_given(tiny, tmp_path):
             "--max-response-tokens", "8", "--outtype", "f32", "--threads", "1"]
     bad = CliRunner().invoke(cli, [*args, "--families", "code,poetry"])
     assert bad.exit_code == 2 and "poetry: not a built-in family" in bad.output and not out.exists()
+    own = CliRunner().invoke(cli, [*args, "--families", "code", "--own"])
+    assert own.exit_code != 0 and "own continuations are written by the runtime and need a GGUF file" in own.output
+    assert not out.exists()
     res = CliRunner().invoke(cli, [*args, "--families", "code"])
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "h.gguf.run" / "heal.json").read_text())
     assert summary["config"]["families"] == ["code"] and read_heal(out).skip == SKIP
 
+
+
+def test_own_continuations_are_the_models_greedy_text_and_resume(tiny, tmp_path):
+    """`own` replaces each response with the full model's greedy continuation, written by the
+    runtime: every token is the reference's argmax (or within a near tie of it); the cache
+    resumes, a line cut by an interrupted run is written again, a damaged one is refused."""
+    from first_gguf.prompts import Example
+    from first_gguf.train.heal import own_continuations
+
+    model, _, gguf, prompt, _ = tiny
+    examples = [Example(tuple(prompt), (1, 2), "code", "a"), Example(tuple(prompt[:5]), (3, 4), "code", "b")]
+    cache = tmp_path / "own.jsonl"
+    got = own_continuations(gguf, examples, 10, cache, threads=1)
+    assert [ex.source for ex in got] == ["a", "b"] and [ex.prompt for ex in got] == [ex.prompt for ex in examples]
+    for ex in got:
+        assert len(ex.response) == 10  # a random tiny model does not stop
+        with torch.no_grad():
+            logits = model(torch.tensor([list(ex.prompt) + list(ex.response)])).logits[0, len(ex.prompt) - 1:-1]
+        top = logits.max(-1).values
+        chosen = logits[torch.arange(len(ex.response)), torch.tensor(ex.response)]
+        assert torch.all(top - chosen < 1e-3), (top - chosen).tolist()
+    lines = cache.read_text().splitlines()
+    assert len(lines) == 2
+    cache.write_text(lines[0] + "\n" + lines[1][:7])  # an interrupted write
+    assert own_continuations(gguf, examples, 10, cache, threads=1) == got
+    assert len(cache.read_text().splitlines()) == 2 and cache.read_text().endswith("\n")
+    cache.write_text("not json\n" + cache.read_text())
+    with pytest.raises(FirstError, match=r"own.jsonl:1: not a line of own continuations"):
+        own_continuations(gguf, examples, 10, cache, threads=1)
+    with pytest.raises(FirstError, match="need a GGUF file"):
+        own_continuations(tmp_path, examples, 10, tmp_path / "other.jsonl")
+
+
+def test_training_along_own_continuations(tiny, tmp_path):
+    """`first-gguf heal --own`: the run trains along the runtime's continuations (kept in the run
+    directory, the fingerprint binds them) and lowers the held-out KL."""
+    _, hf_dir, gguf, _, _ = tiny
+    cfg = HealConfig(skip=SKIP, rank=4, lr=1e-2, examples=8, batch=2, heldout=4, max_prompt=24, max_response=12,
+                     families=("code",), own=True)
+    out = heal_gguf(str(hf_dir), cfg, tmp_path / "h.gguf", threads=1, outtype="f32", writer=gguf)
+    run = tmp_path / "h.gguf.run"
+    summary = json.loads((run / "heal.json").read_text())
+    assert summary["config"]["own"] is True
+    assert summary["heldout_after"][1] < summary["heldout_before"][0]
+    assert len((run / "own.jsonl").read_text().splitlines()) == 12  # 8 training and 4 held-out prompts
+    assert read_heal(out).skip == SKIP
+    plain = HealConfig(**{**cfg.__dict__, "own": False})
+    with pytest.raises(FirstError, match="another run"):  # the reference text is another run's data
+        heal_gguf(str(hf_dir), plain, tmp_path / "h2.gguf", run_dir=run, threads=1)

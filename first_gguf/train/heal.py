@@ -12,6 +12,12 @@ The adapters are saved in PEFT's format (``adapter/``) and converted to a LoRA G
 llama.cpp's own ``convert_lora_to_gguf.py`` (``heal_gguf.py``). A run directory holds the
 adapter, a resumable checkpoint and ``heal.json`` (configuration, held-out KL before and
 after); the same command resumes an interrupted run.
+
+With ``own`` the responses are not the families' reference text but the full model's own greedy
+continuation of each prompt (up to ``max_response`` tokens, its end-of-generation token kept),
+written by the runtime on the GGUF (the weights that run) and kept in the run directory
+(``own.jsonl``, resumed): the adapters then learn along the text the reduced decode will
+actually follow, e.g. a chat answer with its prose and fenced code.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ log = logger("heal")
 # Every linear map of a decoder block in the HF architectures we convert (attention and MLP).
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CHECKPOINT = "checkpoint.pt"
+OWN = "own.jsonl"
 ADAPTER = "adapter"
 SUMMARY = "heal.json"
 
@@ -54,6 +61,7 @@ class HealConfig:
     examples: training examples (built-in families, train split), visited ``epochs`` times.
     batch: examples per optimizer step (gradient accumulation).
     heldout: held-out examples on which KL to full is measured before and after.
+    own: the responses are the full model's own greedy continuations (made by the runtime).
     """
 
     skip: tuple[int, ...]
@@ -71,6 +79,7 @@ class HealConfig:
     seed: int = 0
     families: tuple[str, ...] = FAMILIES
     checkpoint_every: int = 10
+    own: bool = False
 
     def check(self, n_layer: int) -> None:
         if not self.skip:
@@ -160,20 +169,25 @@ def _fingerprint(cfg: HealConfig, base: str, examples: list[Example]) -> dict:
     return {"config": asdict(cfg), "base": Path(base).name, "data": h}
 
 
-def train(base: str, cfg: HealConfig, run_dir: str | Path, threads: int | None = None) -> dict:
+def train(base: str, cfg: HealConfig, run_dir: str | Path, threads: int | None = None,
+          writer: str | Path | None = None) -> dict:
     """Train (or resume) decode-only adapters for ``cfg.skip``; returns the run summary.
 
     Args:
         base: A GGUF file or zoo name (the weights the runtime runs, dequantized).
         cfg: The run.
         run_dir: Directory for the checkpoint, the PEFT adapter, the base config and heal.json.
-        threads: torch threads.
+        threads: torch threads (and the runtime's, for ``cfg.own``).
+        writer: The GGUF whose runtime writes the own continuations (default: ``base``).
     """
     from .base import context_length, load_base, set_threads
     from .data import build_examples
 
     set_threads(threads)
     run = Path(run_dir)
+    writer = Path(writer if writer is not None else base)
+    if cfg.own and (writer.suffix != ".gguf" or not writer.is_file()):
+        raise FirstError(f"{writer}: own continuations are written by the runtime and need a GGUF file")
     model, tokenizer = load_base(base)
     n_layer = model.config.get_text_config().num_hidden_layers
     cfg.check(n_layer)
@@ -181,6 +195,12 @@ def train(base: str, cfg: HealConfig, run_dir: str | Path, threads: int | None =
     train_ex = build_examples(tokenizer, limits, tasks=cfg.families, n_examples=cfg.examples, seed=cfg.seed)
     held = build_examples(tokenizer, limits, tasks=cfg.families, n_examples=cfg.heldout, seed=cfg.seed,
                           split="heldout")
+    if cfg.own:
+        _check_run_dir(run)  # before the continuations are written into it
+        n = len(train_ex)
+        own = own_continuations(writer, train_ex + held, cfg.max_response, run / OWN, threads)
+        # an answer of one token leaves nothing to decode (the first comes from the full-depth prompt)
+        train_ex, held = ([ex for ex in part if len(ex.response) >= 2] for part in (own[:n], own[n:]))
     keep = keep_mask(n_layer, cfg.skip)
     peft_model = attach_adapters(model, cfg, n_layer)
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -227,6 +247,58 @@ def train(base: str, cfg: HealConfig, run_dir: str | Path, threads: int | None =
     return _write_summary(run, fp, state, before, after)
 
 
+def own_continuations(gguf: str | Path, examples: list[Example], max_new: int, cache: Path,
+                      threads: int | None = None) -> list[Example]:
+    """Each example with its response replaced by the full model's greedy continuation of its prompt.
+
+    The runtime writes them on ``gguf`` (``full``, greedy, at most ``max_new`` tokens, the
+    end-of-generation token kept when it comes); ``cache`` (JSONL, one line per prompt) keeps
+    them, so an interrupted run goes on where it stopped and a resumed run trains on the same text.
+    """
+    import hashlib
+
+    from tqdm import tqdm
+
+    path = Path(gguf)
+    if path.suffix != ".gguf" or not path.is_file():
+        raise FirstError(f"{gguf}: own continuations are written by the runtime and need a GGUF file")
+    def key(ex: Example) -> str:
+        return hashlib.sha256(json.dumps([list(ex.prompt), max_new]).encode()).hexdigest()[:24]
+    done: dict[str, list[int]] = {}
+    lines = cache.read_text().splitlines() if cache.is_file() else []
+    for lineno, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+            done[row["key"]] = [int(t) for t in row["response"]]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            if lineno < len(lines):  # the last line may be cut by an interrupted run: written again
+                raise FirstError(f"{cache}:{lineno}: not a line of own continuations; delete the file") from None
+    if lines and lines[-1] and not cache.read_bytes().endswith(b"\n"):
+        cache.write_text("".join(line + "\n" for line in lines[:-1]))  # drop the cut line
+    todo = [ex for ex in examples if key(ex) not in done]
+    if todo:
+        from ..runtime import FirstModel
+
+        longest = max(len(ex.prompt) for ex in todo)
+        llm = FirstModel(path, mode="full", n_ctx=longest + max_new + 8, n_threads=threads)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with cache.open("a") as f:
+            for ex in tqdm(todo, desc="own continuations", file=sys.stderr):
+                llm.prefill(list(ex.prompt))
+                tokens: list[int] = []
+                while len(tokens) < max_new:
+                    tok = int(np.argmax(llm.last_logits(copy=False)))
+                    tokens.append(tok)
+                    if llm.is_eog(tok) or len(tokens) == max_new:
+                        break
+                    llm.eval([tok])
+                done[key(ex)] = tokens
+                f.write(json.dumps({"key": key(ex), "source": ex.source, "response": tokens}) + "\n")
+                f.flush()
+        llm.close()
+    return [Example(ex.prompt, tuple(done[key(ex)]), ex.family, ex.source) for ex in examples]
+
+
 def _write_summary(run: Path, fp: dict, state: HealState, before, after) -> dict:
     run.mkdir(parents=True, exist_ok=True)
     summary = {**fp, "steps_done": state.step, "seconds": round(state.seconds, 1),
@@ -245,13 +317,17 @@ def _save(run: Path, fp: dict, state: HealState, peft_model, optimizer) -> None:
     tmp.replace(run / CHECKPOINT)
 
 
+def _check_run_dir(run: Path) -> None:
+    if run.is_dir() and any(run.iterdir()) and not any((run / f).is_file() for f in (SUMMARY, OWN)):
+        raise FirstError(f"{run}: exists and is not a healing run directory; choose another")
+
+
 def _resume(run: Path, fp: dict, peft_model, optimizer) -> HealState:
     from peft import set_peft_model_state_dict
 
     path = run / CHECKPOINT
     if not path.is_file():
-        if run.is_dir() and any(run.iterdir()) and not (run / SUMMARY).is_file():
-            raise FirstError(f"{run}: exists and is not a healing run directory; choose another")
+        _check_run_dir(run)
         return HealState()
     ck = torch.load(path, weights_only=False)
     if ck["fingerprint"] != fp:
@@ -265,7 +341,8 @@ def _resume(run: Path, fp: dict, peft_model, optimizer) -> HealState:
 
 
 def heal_gguf(base: str, cfg: HealConfig, out: str | Path, run_dir: str | Path | None = None,
-              threads: int | None = None, outtype: str = "f16", force: bool = False, source: str = "") -> Path:
+              threads: int | None = None, outtype: str = "f16", force: bool = False, source: str = "",
+              writer: str | Path | None = None) -> Path:
     """Train (or resume) the adapters for ``cfg.skip`` and write the healing adapter GGUF ``out``.
 
     The run directory (default ``OUT.run``) keeps the checkpoint and the PEFT adapter; the
@@ -278,7 +355,7 @@ def heal_gguf(base: str, cfg: HealConfig, out: str | Path, run_dir: str | Path |
     out = Path(out)
     check_output_path(out, force, (Path(base),))
     run = Path(run_dir) if run_dir is not None else out.with_name(out.name + ".run")
-    summary = train(base, cfg, run, threads=threads)
+    summary = train(base, cfg, run, threads=threads, writer=writer)
     n_layer = _n_layer(run)
     with ScratchFiles(out) as scratch:
         raw = convert_lora(run / ADAPTER, run / "base-config", scratch.path("lora"), outtype)
