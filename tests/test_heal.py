@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -238,6 +239,13 @@ def test_own_continuations_are_the_models_greedy_text_and_resume(tiny, tmp_path)
     cache.write_text(lines[0] + "\n" + lines[1][:7])  # an interrupted write
     assert own_continuations(gguf, examples, 10, cache, threads=1) == got
     assert len(cache.read_text().splitlines()) == 2 and cache.read_text().endswith("\n")
+    cache.write_text(cache.read_text().rstrip("\n"))  # a whole last line without its newline: kept
+    assert own_continuations(gguf, examples, 10, cache, threads=1) == got
+    assert len(cache.read_text().splitlines()) == 2 and cache.read_text().endswith("\n")
+    other = tmp_path / "other.gguf"  # another model file: its own lines, not this one's
+    shutil.copyfile(gguf, other)
+    assert own_continuations(other, examples, 10, cache, threads=1) == got
+    assert len(cache.read_text().splitlines()) == 4
     cache.write_text("not json\n" + cache.read_text())
     with pytest.raises(FirstError, match=r"own.jsonl:1: not a line of own continuations"):
         own_continuations(gguf, examples, 10, cache, threads=1)

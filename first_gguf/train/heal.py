@@ -22,6 +22,7 @@ actually follow, e.g. a chat answer with its prose and fenced code.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -163,8 +164,6 @@ def _order(cfg: HealConfig, n: int) -> list[int]:
 
 
 def _fingerprint(cfg: HealConfig, base: str, examples: list[Example]) -> dict:
-    import hashlib
-
     h = hashlib.sha256(json.dumps([[e.prompt, e.response] for e in examples]).encode()).hexdigest()[:16]
     return {"config": asdict(cfg), "base": Path(base).name, "data": h}
 
@@ -255,26 +254,32 @@ def own_continuations(gguf: str | Path, examples: list[Example], max_new: int, c
     end-of-generation token kept when it comes); ``cache`` (JSONL, one line per prompt) keeps
     them, so an interrupted run goes on where it stopped and a resumed run trains on the same text.
     """
-    import hashlib
-
     from tqdm import tqdm
 
     path = Path(gguf)
     if path.suffix != ".gguf" or not path.is_file():
         raise FirstError(f"{gguf}: own continuations are written by the runtime and need a GGUF file")
-    def key(ex: Example) -> str:
-        return hashlib.sha256(json.dumps([list(ex.prompt), max_new]).encode()).hexdigest()[:24]
+    model_id = [path.name, path.stat().st_size]
+
+    def key(ex: Example) -> str:  # binds each line to the model file, the prompt and the length
+        return hashlib.sha256(json.dumps([model_id, list(ex.prompt), max_new]).encode()).hexdigest()[:24]
+
     done: dict[str, list[int]] = {}
     lines = cache.read_text().splitlines() if cache.is_file() else []
+    cut = False
     for lineno, line in enumerate(lines, start=1):
         try:
             row = json.loads(line)
             done[row["key"]] = [int(t) for t in row["response"]]
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            if lineno < len(lines):  # the last line may be cut by an interrupted run: written again
+            if lineno < len(lines):
                 raise FirstError(f"{cache}:{lineno}: not a line of own continuations; delete the file") from None
-    if lines and lines[-1] and not cache.read_bytes().endswith(b"\n"):
-        cache.write_text("".join(line + "\n" for line in lines[:-1]))  # drop the cut line
+            cut = True  # the last line, cut by an interrupted run: written again below
+    if cut:
+        cache.write_text("".join(line + "\n" for line in lines[:-1]))
+    elif lines and not cache.read_bytes().endswith(b"\n"):
+        with cache.open("a") as f:
+            f.write("\n")
     todo = [ex for ex in examples if key(ex) not in done]
     if todo:
         from ..runtime import FirstModel
