@@ -214,7 +214,6 @@ def test_cli_trains_on_the_families_given(tiny, tmp_path):
     assert summary["config"]["families"] == ["code"] and read_heal(out).skip == SKIP
 
 
-
 def test_own_continuations_are_the_models_greedy_text_and_resume(tiny, tmp_path):
     """`own` replaces each response with the full model's greedy continuation, written by the
     runtime: every token is the reference's argmax (or within a near tie of it); the cache
