@@ -185,8 +185,8 @@ def train(base: str, cfg: HealConfig, run_dir: str | Path, threads: int | None =
     set_threads(threads)
     run = Path(run_dir)
     writer = Path(writer if writer is not None else base)
-    if cfg.own and (writer.suffix != ".gguf" or not writer.is_file()):
-        raise FirstError(f"{writer}: own continuations are written by the runtime and need a GGUF file")
+    if cfg.own:
+        _check_writer(writer)  # before the model loads
     model, tokenizer = load_base(base)
     n_layer = model.config.get_text_config().num_hidden_layers
     cfg.check(n_layer)
@@ -246,6 +246,12 @@ def train(base: str, cfg: HealConfig, run_dir: str | Path, threads: int | None =
     return _write_summary(run, fp, state, before, after)
 
 
+def _check_writer(path: Path) -> Path:
+    if path.suffix != ".gguf" or not path.is_file():
+        raise FirstError(f"{path}: own continuations are written by the runtime and need a GGUF file")
+    return path
+
+
 def own_continuations(gguf: str | Path, examples: list[Example], max_new: int, cache: Path,
                       threads: int | None = None) -> list[Example]:
     """Each example with its response replaced by the full model's greedy continuation of its prompt.
@@ -256,9 +262,7 @@ def own_continuations(gguf: str | Path, examples: list[Example], max_new: int, c
     """
     from tqdm import tqdm
 
-    path = Path(gguf)
-    if path.suffix != ".gguf" or not path.is_file():
-        raise FirstError(f"{gguf}: own continuations are written by the runtime and need a GGUF file")
+    path = _check_writer(Path(gguf))
     model_id = [path.name, path.stat().st_size]
 
     def key(ex: Example) -> str:  # binds each line to the model file, the prompt and the length
@@ -283,20 +287,16 @@ def own_continuations(gguf: str | Path, examples: list[Example], max_new: int, c
     todo = [ex for ex in examples if key(ex) not in done]
     if todo:
         from ..runtime import FirstModel
+        from ..runtime.greedy import greedy
 
         longest = max(len(ex.prompt) for ex in todo)
         llm = FirstModel(path, mode="full", n_ctx=longest + max_new + 8, n_threads=threads)
         cache.parent.mkdir(parents=True, exist_ok=True)
         with cache.open("a") as f:
             for ex in tqdm(todo, desc="own continuations", file=sys.stderr):
-                llm.prefill(list(ex.prompt))
-                tokens: list[int] = []
-                while len(tokens) < max_new:
-                    tok = int(np.argmax(llm.last_logits(copy=False)))
-                    tokens.append(tok)
-                    if llm.is_eog(tok) or len(tokens) == max_new:
-                        break
-                    llm.eval([tok])
+                tokens = greedy(llm, ex.prompt, max_new).tokens
+                if len(tokens) < max_new:  # it stopped at an end-of-generation token: the last logits chose it
+                    tokens.append(int(np.argmax(llm.last_logits(copy=False))))
                 done[key(ex)] = tokens
                 f.write(json.dumps({"key": key(ex), "source": ex.source, "response": tokens}) + "\n")
                 f.flush()
