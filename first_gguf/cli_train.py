@@ -15,7 +15,7 @@ from .tune import TuneConfig
 @click.argument("base")
 @click.option("-o", "--output", required=True, help="Router file to write (.safetensors).")
 @click.option("--data", multiple=True, help="Text/JSONL files or directories (repeatable).")
-@click.option("--task", "tasks", multiple=True, help="Built-in family: code, instruct, prose (repeatable).")
+@click.option("--task", "tasks", multiple=True, help="Built-in family: code, instruct, prose, stub (repeatable).")
 @click.option("--steps", default=None, type=int, help="Optimizer steps (default: the recipe's).")
 @click.option("--examples", default=None, type=int, help="Training examples drawn (default: the recipe's).")
 @click.option("--batch-size", default=None, type=int, help="Examples per optimizer step.")
@@ -116,7 +116,7 @@ def fit_routers(model: str, labels: Path, output: Path, d_ref: float | None, epo
               "layer after each skipped run).")
 @click.option("--max-prompt-tokens", default=None, type=int, help="Longest prompt drawn (default 96).")
 @click.option("--max-response-tokens", default=None, type=int)
-@click.option("--families", default=None, help="Built-in families to train on, e.g. instruct (default: code,instruct,prose).")
+@click.option("--families", default=None, help="Built-in families to train on, e.g. instruct or stub (default: code,instruct,prose).")
 @click.option("--own", is_flag=True, help="Train along the model's own greedy continuations (written by the "
               "runtime, kept in the run directory) instead of the families' reference text.")
 @click.option("--outtype", default="f16", show_default=True, help="f32, f16, bf16 or q8_0.")
@@ -213,12 +213,12 @@ def vocab(model: str, output: Path, size: int, text: tuple[Path, ...], limit_mb:
 
 
 def _families(value: str | None) -> tuple[str, ...] | None:
-    from .prompts import FAMILIES
+    from .prompts import KNOWN_FAMILIES
 
     names = _csv(value, str, "--families")
-    bad = [n for n in names or () if n not in FAMILIES]
+    bad = [n for n in names or () if n not in KNOWN_FAMILIES]
     if bad:
-        raise click.BadParameter(f"{', '.join(bad)}: not a built-in family ({', '.join(FAMILIES)})",
+        raise click.BadParameter(f"{', '.join(bad)}: not a built-in family ({', '.join(KNOWN_FAMILIES)})",
                                  param_hint="--families")
     return names
 

@@ -1,11 +1,15 @@
 """Built-in prompts: training and evaluation examples made from the standard library (no torch, no hub).
 
-Three families (``FAMILIES``), from what every Python installation has: ``code`` (a window of
-a standard-library ``.py`` file, from a random line: the code before, then its continuation),
-``instruct`` (a chat-formatted request to write a standard-library function from its
-signature and docstring, with the tokenizer's chat template; the response is that function's
-source in a fenced block) and ``prose`` (English documentation: the language reference text
-of ``pydoc_data.topics`` and long module docstrings).
+Three default families (``FAMILIES``), from what every Python installation has: ``code`` (a
+window of a standard-library ``.py`` file, from a random line: the code before, then its
+continuation), ``instruct`` (a chat-formatted request to write a standard-library function from
+its signature and docstring, with the tokenizer's chat template; the response is that
+function's source in a fenced block) and ``prose`` (English documentation: the language
+reference text of ``pydoc_data.topics`` and long module docstrings). One more family is drawn
+only when asked for by name (``EXTRA_FAMILIES``): ``stub`` (a chat-formatted request to complete
+a function stub pasted in a fenced block, its signature and docstring without the body, under
+one of a few instructions; the response restates the stub and goes on with the body, so it
+holds the point where an answer stops copying the request and starts its own code).
 
 They are split into train and held-out by file (``is_heldout``: sha256 of the file's path
 relative to the standard library, or of the pydoc topic name), so held-out prompts never
@@ -31,7 +35,16 @@ import numpy as np
 
 from .errors import FirstError
 
-FAMILIES = ("code", "instruct", "prose")
+FAMILIES = ("code", "instruct", "prose")  # the default set
+EXTRA_FAMILIES = ("stub",)  # drawn only when named
+KNOWN_FAMILIES = FAMILIES + EXTRA_FAMILIES
+# The ``stub`` family's requests: one drawn per example (none is a benchmark's wording).
+STUB_REQUESTS = (
+    "Complete the following Python function.\n\n```python\n{stub}\n```",
+    "Please implement this function:\n```python\n{stub}\n```",
+    "Fill in the body of this function.\n\n```python\n{stub}\n```",
+    "Here is a function stub. Write its implementation.\n\n```python\n{stub}\n```",
+)
 SPLITS = ("train", "heldout")
 HELDOUT_PERCENT = 10
 MIN_RESPONSE = 2  # the first response token comes from the full-depth prompt: one more is needed to train
@@ -108,8 +121,8 @@ def check_request(tasks: Sequence[str], split: str) -> None:
     if split not in SPLITS:
         raise FirstError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     for task in tasks:
-        if task not in FAMILIES:
-            raise FirstError(f"unknown task family {task!r}; built-in families are {', '.join(FAMILIES)}")
+        if task not in KNOWN_FAMILIES:
+            raise FirstError(f"unknown task family {task!r}; built-in families are {', '.join(KNOWN_FAMILIES)}")
 
 
 def rng_for(seed: int, family: str, split: str) -> np.random.Generator:
@@ -151,7 +164,8 @@ def stdlib_files(split: str) -> list[tuple[str, Path]]:
 def family_examples(family: str, tokenizer, limits: Limits, n: int, seed: int, split: str) -> list[Example]:
     """Up to ``n`` examples of one built-in family from ``split``, drawn with ``seed``."""
     rng = rng_for(seed, family, split)
-    make = {"code": _code_examples, "instruct": _instruct_examples, "prose": _prose_examples}[family]
+    make = {"code": _code_examples, "instruct": _instruct_examples, "prose": _prose_examples,
+            "stub": _stub_examples}[family]
     out: list[Example] = []
     for _ in range(MAX_PASSES):  # a small split (held-out prose) gives more windows per file
         before = len(out)
@@ -244,9 +258,13 @@ def _prose_examples(tokenizer, limits: Limits, rng: np.random.Generator, split: 
 
 def instruct_prompt(tokenizer, signature: str, docstring: str) -> list[int]:
     """The chat-formatted request to write a function (the tokenizer's own chat template)."""
+    return _chat_prompt(tokenizer, f"Write a Python function `{signature}` that does the following.\n\n{docstring}",
+                        "instruct")
+
+
+def _chat_prompt(tokenizer, request: str, family: str) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError("the 'instruct' family needs a tokenizer with a chat template; this one has none")
-    request = f"Write a Python function `{signature}` that does the following.\n\n{docstring}"
+        raise DataError(f"the {family!r} family needs a tokenizer with a chat template; this one has none")
     text = tokenizer.apply_chat_template([{"role": "user", "content": request}], tokenize=False,
                                          add_generation_prompt=True)
     return encode(tokenizer, text)
@@ -286,3 +304,32 @@ def _instruct_examples(tokenizer, limits: Limits, rng: np.random.Generator, spli
         response = encode(tokenizer, f"```python\n{_without_docstring(text, node)}")[: limits.max_response]
         if len(prompt) <= limits.max_prompt and len(response) >= limits.max_response:
             yield Example(tuple(prompt), tuple(response), "instruct", f"{rel}:{node.lineno}:{node.name}")
+
+
+def _from_def(text: str, node: ast.FunctionDef, end: int) -> str:
+    """The function's source lines from its ``def`` line to line ``end``, less the ``def`` line's indent.
+
+    A line that does not start with that indent (inside a string) is kept as it is, so the stub and
+    the whole function are cut alike whatever their strings hold.
+    """
+    lines = text.splitlines(keepends=True)[node.lineno - 1:end]
+    indent = lines[0][:len(lines[0]) - len(lines[0].lstrip())]
+    return "".join(line[len(indent):] if line.startswith(indent) else line for line in lines)
+
+
+def _stub_examples(tokenizer, limits: Limits, rng: np.random.Generator, split: str) -> Iterable[Example]:
+    for rel, path in _shuffled(stdlib_files(split), rng):
+        text = _read_stdlib(path)
+        funcs = _functions(text) if text else []
+        if not funcs:
+            continue
+        node = funcs[int(rng.integers(len(funcs)))]
+        if node.decorator_list:  # the stub starts at the def line: a decorated function would lose them
+            continue
+        stub = _from_def(text, node, node.body[0].end_lineno).rstrip()
+        request = STUB_REQUESTS[int(rng.integers(len(STUB_REQUESTS)))].format(stub=stub)
+        prompt = _chat_prompt(tokenizer, request, "stub")
+        source = _from_def(text, node, node.end_lineno)
+        response = encode(tokenizer, f"```python\n{source}```")[: limits.max_response]
+        if len(prompt) <= limits.max_prompt and len(response) >= limits.max_response:
+            yield Example(tuple(prompt), tuple(response), "stub", f"{rel}:{node.lineno}:{node.name}")

@@ -284,6 +284,30 @@ def test_builtin_families_are_deterministic_and_split_by_file():
     assert all("humaneval" not in ex.source.lower() for ex in train + held)
 
 
+def test_stub_family_restates_a_bodiless_stub_and_is_drawn_only_by_name():
+    import ast
+
+    from first_gguf.prompts import FAMILIES, KNOWN_FAMILIES, STUB_REQUESTS
+
+    assert "stub" in KNOWN_FAMILIES and "stub" not in FAMILIES  # the default families stay as they were
+    tok, limits = byte_tokenizer(), D.Limits(max_prompt=700, max_response=900, context=2048)
+    train = D.build_examples(tok, limits, tasks=["stub"], n_examples=6, seed=1)
+    assert train == D.build_examples(tok, limits, tasks=["stub"], n_examples=6, seed=1)
+    held = D.build_examples(tok, limits, tasks=["stub"], n_examples=3, seed=1, split="heldout")
+    assert len(train) == 6 and len(held) == 3 and {ex.family for ex in train + held} == {"stub"}
+    assert {ex.source.split(":")[0] for ex in train}.isdisjoint({ex.source.split(":")[0] for ex in held})
+    heads = {r.split("{stub}")[0] for r in STUB_REQUESTS}
+    for ex in train + held:
+        prompt, response = tok.decode(list(ex.prompt)), tok.decode(list(ex.response))
+        request = prompt.split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
+        head = next(h for h in heads if request.startswith(h))
+        stub = request[len(head):].removesuffix("\n```")
+        fn = ast.parse(stub).body[0]
+        assert isinstance(fn, ast.FunctionDef) and len(fn.body) == 1 and ast.get_docstring(fn)  # no body
+        assert response.startswith(f"```python\n{stub}\n")  # restates the stub, then its own code
+        assert "humaneval" not in ex.source.lower()
+
+
 # --- evaluation and LoRA ---------------------------------------------------------------------------
 
 def test_evaluation_runs_and_matches_first_generate_logits(tiny_dir, text_file, tmp_path, loaded, monkeypatch):
