@@ -303,7 +303,8 @@ def test_stub_family_restates_a_bodiless_stub_and_is_drawn_only_by_name():
         head = next(h for h in heads if request.startswith(h))
         stub = request[len(head):].removesuffix("\n```")
         fn = ast.parse(stub).body[0]
-        assert isinstance(fn, ast.FunctionDef) and len(fn.body) == 1 and ast.get_docstring(fn)  # no body
+        assert isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) and len(fn.body) == 1  # no body
+        assert ast.get_docstring(fn)
         assert response.startswith(f"```python\n{stub}\n")  # restates the stub, then its own code
         assert "humaneval" not in ex.source.lower()
 
