@@ -292,13 +292,18 @@ def _without_docstring(text: str, node: ast.FunctionDef) -> str:
     return textwrap.dedent("".join(keep))
 
 
-def _instruct_examples(tokenizer, limits: Limits, rng: np.random.Generator, split: str) -> Iterable[Example]:
+def _drawn_functions(rng: np.random.Generator, split: str) -> Iterable[tuple[str, str, ast.FunctionDef]]:
+    """(path relative to the standard library, its text, one function drawn) per file of ``split``
+    that has a documented function, the files in an order drawn with ``rng``."""
     for rel, path in _shuffled(stdlib_files(split), rng):
         text = _read_stdlib(path)
         funcs = _functions(text) if text else []
-        if not funcs:
-            continue
-        node = funcs[int(rng.integers(len(funcs)))]
+        if funcs:
+            yield rel, text, funcs[int(rng.integers(len(funcs)))]
+
+
+def _instruct_examples(tokenizer, limits: Limits, rng: np.random.Generator, split: str) -> Iterable[Example]:
+    for rel, text, node in _drawn_functions(rng, split):
         signature = f"{node.name}({ast.unparse(node.args)})"
         prompt = instruct_prompt(tokenizer, signature, ast.get_docstring(node))
         response = encode(tokenizer, f"```python\n{_without_docstring(text, node)}")[: limits.max_response]
@@ -318,12 +323,7 @@ def _from_def(text: str, node: ast.FunctionDef, end: int) -> str:
 
 
 def _stub_examples(tokenizer, limits: Limits, rng: np.random.Generator, split: str) -> Iterable[Example]:
-    for rel, path in _shuffled(stdlib_files(split), rng):
-        text = _read_stdlib(path)
-        funcs = _functions(text) if text else []
-        if not funcs:
-            continue
-        node = funcs[int(rng.integers(len(funcs)))]
+    for rel, text, node in _drawn_functions(rng, split):
         if node.decorator_list:  # the stub starts at the def line: a decorated function would lose them
             continue
         stub = _from_def(text, node, node.body[0].end_lineno).rstrip()
