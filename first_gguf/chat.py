@@ -151,7 +151,8 @@ def format_stats(session: ChatSession) -> str:
         head = f"mode {rep.mode}" + (f", threshold {rep.threshold:.3g}" if rep.threshold is not None else "")
         lines.append(f"{head}; layers skipped this turn: {len(rep.skipped)} of {len(rep.mask)} ({skipped})"
                      + (f"; {len(rep.thin)} FFNs decoded by their stand-ins" if rep.thin else "")
-                     + ("; short output vocabulary" if rep.vocab is not None else ""))
+                     + ("; short output vocabulary" if rep.vocab is not None else "")
+                     + (f"; the first {rep.warmup} decode steps at full depth" if rep.warmup else ""))
         if rep.probs is not None:
             lines.append("p_i: " + " ".join(f"{i}:{p:.2f}{'*' if not rep.mask[i] else ''}"
                                             for i, p in enumerate(rep.probs)) + "   (* skipped)")

@@ -91,12 +91,15 @@ PREFILL_VALUES = (PREFILL_FULL,)
 # optionally followed by ";thin:<i>,<j>,..." (layers decoded with their thinned FFN), a skip
 # point without thin by ";heal:<file>" (a healing adapter beside the GGUF); any point but a healed
 # one may end in ";vocab" (decode with the short output vocabulary), and "<name>=vocab" alone is
-# mask mode skipping nothing with the short vocabulary.
+# mask mode skipping nothing with the short vocabulary. Any but "<name>=vocab" may carry
+# ";warmup:<n>" before ";vocab": its first n decode steps after each prefill run every layer.
 POINT_THRESHOLD = "threshold"
 POINT_SKIP = "skip"
 POINT_THIN = "thin"
 POINT_HEAL = "heal"
 POINT_VOCAB = "vocab"
+POINT_WARMUP = "warmup"
+MAX_WARMUP = 4096  # decode steps at full depth a point may ask for
 
 # --- Defaults ----------------------------------------------------------------------------
 DEFAULT_HIDDEN_SIZE = 64

@@ -288,7 +288,7 @@ def forward_masked(model: nn.Module, input_ids: torch.Tensor, mask: Sequence[boo
 @torch.no_grad()
 def first_generate_logits(model: nn.Module, routers: FirstRouters | None, prompt_ids: torch.Tensor,
                           cont_ids: torch.Tensor, mode: str = "first", mask: Sequence[bool] | None = None,
-                          prefill: str = "full") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                          prefill: str = "full", warmup: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Logits of one sequence under a runtime mode of docs/FORMAT.md section 3 (teacher-forced).
 
     Args:
@@ -300,6 +300,8 @@ def first_generate_logits(model: nn.Module, routers: FirstRouters | None, prompt
         mask: (n_layer,) 1 = run, for ``mode="mask"``.
         prefill: ``full`` (the prompt at full depth) or ``masked`` (``mode="mask"`` only: the
             mask in the prompt too).
+        warmup: decode steps after the prompt that run every layer (their KV complete) before
+            the mask applies (``prefill="full"`` only); the routers still read the prompt alone.
 
     Returns:
         logits (T_cont, vocab): row j is the distribution cont_ids[j] is drawn from (row 0
@@ -318,6 +320,8 @@ def first_generate_logits(model: nn.Module, routers: FirstRouters | None, prompt
         raise FirstError(f"prefill='masked' applies to mode 'mask' only, not {mode!r}")
     if mode == "first" and routers is None:
         raise FirstError("mode 'first' needs routers")
+    if warmup < 0 or (warmup and prefill == "masked"):
+        raise FirstError(f"warmup {warmup} must be >= 0, and 0 with prefill='masked'")
     prompt, cont = _batch(prompt_ids), _batch(cont_ids)
     if prompt.shape[0] != 1 or cont.shape[0] != 1:
         raise FirstError(f"expected one prompt and one continuation, got shapes "
@@ -328,14 +332,21 @@ def first_generate_logits(model: nn.Module, routers: FirstRouters | None, prompt
         logits = forward_masked(model, torch.cat([prompt, cont[:, :-1]], dim=1), keep)[0, prompt.shape[1] - 1:]
         return logits, keep, None
     pre = _prefill(model, routers, prompt)
+    p = pre.p[0] if pre.p is not None else None
     if mode == "first":
         keep = pre.mask[0]
     else:
         keep = torch.tensor(_mask_list(mask, n_layer) if mode == "mask" else [True] * n_layer)
     rows = [pre.last_logits[0, None]]
-    if cont.shape[1] > 1:
-        rows.append(decode_hard(model, pre, cont[:, :-1], keep)[0])
-    return torch.cat(rows), keep, pre.p[0] if pre.p is not None else None
+    steps = cont[:, :-1]  # the decode steps: each evaluates one continuation token
+    warm = min(warmup, steps.shape[1])
+    if warm:
+        every = [True] * n_layer
+        rows.append(decode_hard(model, pre, steps[:, :warm], every)[0])
+        pre = _prefill(model, None, steps[:, :warm], past=pre)  # the same positions' KV, every layer
+    if steps.shape[1] > warm:
+        rows.append(decode_hard(model, pre, steps[:, warm:], keep)[0])
+    return torch.cat(rows), keep, p
 
 
 def _batch(ids: torch.Tensor) -> torch.Tensor:

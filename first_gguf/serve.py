@@ -6,7 +6,8 @@ chunk). What this module adds:
 
 - the model is a ``ServedModel``, a ``FirstModel`` whose completions carry a ``first`` object
   (mode, point, threshold, skipped layers, p_i per layer, the layers decoded with thinned FFNs,
-  whether the short output vocabulary decoded, the prompt positions routed over and
+  whether the short output vocabulary decoded, the decode steps run at full depth first
+  (``warmup``), the prompt positions routed over and
   evaluated, and t_start/t_end of the generation on the server's monotonic clock):
   at the top level of a non-streamed response, in the last chunk of a stream (the one with
   a ``finish_reason``);
@@ -102,7 +103,7 @@ class ServedModel(FirstModel):
         rep = self.last_prefill
         return {"mode": rep.mode, "point": rep.point, "threshold": rep.threshold, "n_layer": len(rep.mask),
                 "skipped": list(rep.skipped), "probs": list(rep.probs) if rep.probs is not None else None,
-                "thin": list(rep.thin), "vocab": rep.vocab is not None, "n_tokens": rep.n_tokens, "n_evaluated": rep.n_evaluated,
+                "thin": list(rep.thin), "vocab": rep.vocab is not None, "warmup": rep.warmup, "n_tokens": rep.n_tokens, "n_evaluated": rep.n_evaluated,
                 "t_start": self._t_start, "t_end": time.monotonic(),
                 "draft": self.draft_model.stats.row() if hasattr(self.draft_model, "stats") else None}
 

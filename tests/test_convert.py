@@ -153,7 +153,8 @@ def parity_table():
     yield
     _vocab.cache_clear()  # free the llama.cpp vocabularies while the library is still loaded
     if TABLE:
-        checks = ["full vs HF", "first", "mask, prefill=full", "mask, prefill=masked"]
+        checks = ["full vs HF", "first", "mask, prefill=full", "mask, prefill=masked", "first, warm-up 3",
+                  "mask, warm-up 3"]
         print("\n\nparity (f32 GGUF, patched runtime vs HF / PyTorch reference): max abs diff / NMSE / mask")
         print("arch         " + "".join(f"| {c:34s}" for c in checks))
         for arch, row in TABLE.items():
@@ -267,6 +268,32 @@ def test_mask_mode_matches_reference(case: Case, kind: str):
         worst = max(worst, (diff, nmse), key=lambda x: x[1])
         assert nmse < NMSE_MAX
     _record(case, f"mask, prefill={kind}", *worst, f"skip {rep.skipped}")
+
+
+@pytest.mark.parametrize("mode", ["first", "mask"])
+def test_warmup_matches_reference(case: Case, mode: str):
+    """A warm-up of 3 decode steps at full depth, then the decode mask (docs/FORMAT.md section 3):
+    the runtime splits the teacher-forced continuation at the warm-up's end; the reference runs
+    those 3 steps through every layer (their KV complete) and the rest under the mask."""
+    warmup = 3
+    kw = dict(mode="mask", mask=_skip_mask(case)) if mode == "mask" else dict(mode="first")
+    worst = (0.0, 0.0)
+    for prompt in case.prompts:
+        got, rep = _runtime(case, prompt, warmup=warmup, **kw)
+        want, used, _ = first_generate_logits(case.model, case.first_routers, torch.tensor(prompt),
+                                              torch.tensor(case.cont), warmup=warmup, **kw)
+        full, _, _ = first_generate_logits(case.model, None, torch.tensor(prompt), torch.tensor(case.cont),
+                                           mode="full")
+        assert rep.warmup == warmup and list(rep.mask) == used.tolist()
+        # the reference: full depth up to the warm-up's end (another batch split: float rounding only)
+        assert torch.allclose(want[:warmup + 1], full[:warmup + 1], atol=1e-4)
+        diff, nmse = compare(f"{case.model_type} {mode} skip {rep.skipped}, warm-up {warmup} vs reference",
+                             _aligned(got, len(prompt), len(case.cont)), want.numpy())
+        worst = max(worst, (diff, nmse), key=lambda x: x[1])
+        assert nmse < NMSE_MAX
+        if rep.skipped:  # the mask takes over after the warm-up
+            assert not torch.allclose(want[warmup + 1:], full[warmup + 1:], atol=1e-3)
+    _record(case, f"{mode}, warm-up {warmup}", *worst, f"skip {rep.skipped}")
 
 
 # --- quantization ------------------------------------------------------------------------------

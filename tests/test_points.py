@@ -10,6 +10,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from gguf import GGUFValueType as T
@@ -57,6 +58,10 @@ def _first_file(path: Path, points: list[str] | None = None, default: str | None
     ("fast=threshold:0.5;thin:0,1,2", Point("fast", threshold=0.5, thin=(0, 1, 2))),
     ("lean=thin:" + ",".join(map(str, range(24))), Point("lean", thin=tuple(range(24)))),
     ("mid=skip:4;thin:0,1,2,3,5", Point("mid", skip=(4,), thin=(0, 1, 2, 3, 5))),
+    ("warm=skip:3,4;warmup:3", Point("warm", skip=(3, 4), warmup=3)),
+    ("w=threshold:0.5;thin:1,2;warmup:12;vocab", Point("w", threshold=0.5, thin=(1, 2), warmup=12, vocab=True)),
+    ("h=skip:4;heal:h.gguf;warmup:1", Point("h", skip=(4,), heal="h.gguf", warmup=1)),
+    ("t=thin:0,1;warmup:4096", Point("t", thin=(0, 1), warmup=4096)),
 ])
 def test_spec_parses_and_writes_back_the_same_string(spec, point):
     assert parse_spec(spec, "f") == point and point.spec() == spec
@@ -126,6 +131,16 @@ BAD_SPECS = {  # entry of a 3-layer file, protected layers 0 and 2 -> message af
     "thin without thin FFNs": ("q=thin:1", r"point 'q=thin:1': thin layers \[1\] carry no thinned FFN "
                                            r"\(first\.thin\.layers absent\)$"),
     "unknown suffix": ("q=skip:1;foo:h.gguf", r"unexpected 'foo:h\.gguf': the main part may be followed by ';thin:"),
+    "warmup 0": ("q=skip:1;warmup:0", r"warmup '0' is not a whole number of decode steps from 1 \(e\.g\. 3\)$"),
+    "warmup leading zero": ("q=skip:1;warmup:03", r"warmup '03' is not a whole number"),
+    "warmup empty": ("q=skip:1;warmup:", r"warmup '' is not a whole number"),
+    "warmup too long": ("q=skip:1;warmup:4097", r"point 'q=skip:1;warmup:4097': warmup 4097 must be a whole number "
+                                               r"of decode steps in 1\.\.4096$"),
+    "warmup after vocab": ("q=skip:1;vocab;warmup:2", r"unexpected 'vocab'"),
+    "warmup before thin": ("q=threshold:0.5;warmup:2;thin:1", r"unexpected 'thin:1'"),
+    "warmup before heal": ("q=skip:1;warmup:2;heal:h.gguf", r"unexpected 'heal:h\.gguf'"),
+    "warmup twice": ("q=skip:1;warmup:2;warmup:3", r"unexpected 'warmup:3'"),
+    "warmup alone": ("q=warmup:2", r"entry 'q=warmup:2': expected NAME=threshold:T"),
     "heal with a directory": ("q=skip:1;heal:../h.gguf", r"heal '\.\./h\.gguf' is not a file name ending in \.gguf"),
     "heal not gguf": ("q=skip:1;heal:h.bin", r"heal 'h\.bin' is not a file name ending in \.gguf"),
     "heal empty": ("q=skip:1;heal:", r"heal '' is not a file name"),
@@ -195,6 +210,13 @@ BAD_JSON = {  # the JSON object -> message after "<file>: "
     "thin with heal": ({"points": {"q": {"skip": [4], "thin": [5], "heal": "h.gguf"}}}, r"point 'q': expected"),
     "thin not a list": ({"points": {"q": {"thin": 1}}}, r"point 'q': thin 1 is not a list of layer numbers$"),
     "thin empty": ({"points": {"q": {"thin": []}}}, r"point 'q=thin:': thins no layer; leave thin out instead$"),
+    "warmup alone": ({"points": {"q": {"warmup": 3}}}, r"point 'q': a point is a threshold, a skip set, thin layers"),
+    "warmup with vocab alone": ({"points": {"q": {"vocab": True, "warmup": 3}}},
+                                r"point 'q=warmup:3;vocab': a warm-up needs a threshold, skip set or thin layers"),
+    "warmup a string": ({"points": {"q": {"skip": [4], "warmup": "3"}}},
+                        r"point 'q': warmup '3' is not a whole number of decode steps from 1 \(or left out\)$"),
+    "warmup 0": ({"points": {"q": {"skip": [4], "warmup": 0}}}, r"point 'q': warmup 0 is not a whole number"),
+    "warmup true": ({"points": {"q": {"skip": [4], "warmup": True}}}, r"point 'q': warmup True is not a whole"),
     "thin overlaps skip": ({"points": {"q": {"skip": [4], "thin": [4, 5]}}},
                            r"point 'q=skip:4;thin:4,5': layers \[4\] are both skipped and thinned$"),
     "bad name": ({"points": {"Fast": {"threshold": 0.5}}}, r"point 'Fast=threshold:0\.5': name 'Fast' must match"),
@@ -630,6 +652,92 @@ def test_bad_point_requests_are_clear_errors(tiny, tmp_path, tiny_base):
     try:
         with pytest.raises(FirstError, match=r"point 'healed' names .*, but .*other\.heal\.gguf heals skip set \[1\]"):
             llm.configure(point="healed")
+    finally:
+        llm.close()
+
+
+WARM = 2  # decode steps at full depth in the warm-up points below
+
+
+@pytest.fixture(scope="module")
+def warm_file(tiny) -> Path:
+    """The tiny FiRST-GGUF with warm-up points, beside the healing adapter of ``tiny``."""
+    plain, path, _, threshold = tiny
+    points = {"points": {"two-warm": {"skip": [1, 2], "warmup": WARM}, "fast-warm": {"threshold": threshold,
+                                                                                       "warmup": WARM},
+                         "one-warm": {"skip": [1], "warmup": WARM},
+                         "healed-warm": {"skip": [1], "heal": HEAL_FILE, "warmup": WARM}}}
+    return fmt.stamp_points(plain, points, path.parent / "tiny-warm.first.gguf")
+
+
+def _switched(path: Path, tokens, first: dict, after: dict) -> np.ndarray:
+    """Teacher-forced logits by hand: the prompt under ``first``, the first WARM continuation tokens
+    in ``full`` mode, the rest under ``after`` (the mode switched between two decode steps)."""
+    prompt, cont = tokens
+    llm = _model(path, **first)
+    try:
+        llm.prefill(prompt)
+        llm.configure(mode="full")
+        llm.eval(cont[:WARM])
+        llm.configure(**after)
+        llm.eval(cont[WARM:])
+        return np.array(llm.scores[:llm.n_tokens], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+def test_a_warmup_point_decodes_its_first_steps_at_full_depth(tiny, warm_file):
+    _, _, tokens, threshold = tiny
+    n_prompt = len(tokens[0])
+    two = [True, False, False, True]
+    got, rep = _logits(warm_file, tokens, point="two-warm")
+    assert (rep.mode, rep.skipped, rep.warmup, rep.point) == ("mask", (1, 2), WARM, "two-warm")
+    assert np.array_equal(got, _switched(warm_file, tokens, dict(mode="mask", mask=two), dict(mode="mask", mask=two)))
+    assert np.array_equal(got, _logits(warm_file, tokens, mode="mask", mask=two, warmup=WARM)[0])  # the same by setting
+    plain_two = _logits(warm_file, tokens, mode="mask", mask=two)[0]
+    full = _logits(warm_file, tokens, mode="full")[0]
+    assert not np.allclose(got[n_prompt + WARM:], plain_two[n_prompt + WARM:], atol=1e-3)  # the warm-up changed them
+    assert np.allclose(got[:n_prompt + WARM], full[:n_prompt + WARM], atol=1e-5)  # full depth, another batch split
+
+    fast, rep = _logits(warm_file, tokens, point="fast-warm")
+    assert rep.mode == "first" and rep.warmup == WARM and len(rep.skipped) == 1  # the routers read the prompt alone
+    assert np.array_equal(fast, _switched(warm_file, tokens, dict(mode="first", threshold=threshold),
+                                          dict(mode="first")))
+
+    healed, rep = _logits(warm_file, tokens, point="healed-warm")
+    one, _ = _logits(warm_file, tokens, point="one-warm")
+    assert rep.healed and rep.warmup == WARM
+    assert np.array_equal(healed[:n_prompt + WARM], one[:n_prompt + WARM])  # no adapter in the warm-up
+    assert not np.allclose(healed[n_prompt + WARM:], one[n_prompt + WARM:], atol=1e-3)  # the adapter after it
+
+
+def test_warmup_positions_keep_their_kv_for_the_next_prefill(tiny, warm_file):
+    """Positions decoded in the warm-up ran every layer, so a later prefill reuses them; those
+    decoded under the mask after it are evaluated again."""
+    prompt, cont = tiny[2]
+    llm = _model(warm_file, point="two-warm")
+    try:
+        llm.teacher_forced_logits(prompt, cont)
+        more = llm.tokenize(b" Next.", add_bos=False)
+        rep = llm.extend(more)
+        assert rep.n_evaluated == len(cont) - WARM + len(more)
+        llm.configure(warmup=0)  # a setting leaves the point, and the warm-up goes
+        assert llm.point is None and llm.warmup == 0 and llm.prefill(prompt).warmup == 0
+        llm.configure(mode="full", warmup=3)
+        assert llm.prefill(prompt).warmup == 0  # full mode has nothing to warm up
+    finally:
+        llm.close()
+
+
+def test_bad_warmup_requests_are_clear_errors(warm_file):
+    for bad in (-1, 4097, 1.5, True, "3"):
+        with pytest.raises(FirstError, match=r"^warmup .* must be a whole number of decode steps in 0\.\.4096$"):
+            _model(warm_file, mode="full", warmup=bad)
+    llm = _model(warm_file, mode="full")
+    try:
+        with pytest.raises(FirstError, match=r"give either the point or warmup$"):
+            llm.configure(point="two-warm", warmup=1)
+        assert llm.warmup == 0 and llm.point is None
     finally:
         llm.close()
 

@@ -75,6 +75,27 @@ def test_the_draft_follows_the_targets_tokens_in_its_cache(pair):
     assert m.last_prefill is not None and m.last_prefill.mode == "first"
 
 
+def test_a_warmup_under_a_draft_ends_at_a_verified_batch(pair, default_first):
+    """A target with a warm-up verifies drafts too: llama.cpp's sampler reads a batch's logits from
+    one evaluation, so a batch that crosses the warm-up's end runs at full depth whole; every
+    position from the prompt to there has complete KV, the positions after it the mask's."""
+    from first_gguf.runtime import FirstModel
+    from first_gguf.runtime.kvcache import _kv_key
+
+    _, draft, _ = pair
+    mask = [i != 4 for i in range(24)]
+    target = FirstModel(default_first, mode="mask", mask=mask, warmup=3, n_ctx=1024, n_threads=2, draft_model=draft)
+    try:
+        prompt = target.tokenize(PROMPTS[1].encode(), add_bos=True)
+        answer = _generate(target, prompt, 32)
+        assert len(answer) >= 16 and target.last_prefill.warmup == 3
+        first, *rest = target._segments
+        assert first.start == 0 and first.kv is None and len(prompt) + 3 <= first.end <= len(prompt) + 3 + 4
+        assert rest and all(seg.kv == _kv_key(mask) for seg in rest)
+    finally:
+        target.close()
+
+
 def test_a_draft_with_another_vocabulary_is_refused(default_base):
     from first_gguf import models
     from first_gguf.runtime import FirstModel

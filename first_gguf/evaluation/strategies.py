@@ -103,7 +103,7 @@ class Strategy:
             llm.configure(point=self.point)
             return
         llm.configure(mode=self.mode, mask=self.mask(llm.n_layer), prefill=self.prefill,
-                      threshold=self.threshold, heal=self.heal, thin=(), vocab=False)  # nothing left from a point
+                      threshold=self.threshold, heal=self.heal, thin=(), vocab=False, warmup=0)  # nothing left from a point
         if self.mode == "first" and self.threshold is None:
             llm.reset_threshold()
 

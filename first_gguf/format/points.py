@@ -5,7 +5,8 @@ decode skip set (``mask`` mode, the prompt at full depth), the latter optionally
 adapter file that lives beside the GGUF; either, or neither (``mask`` mode skipping nothing),
 may decode some layers with their thinned FFN (first.version 2, section 7), and any but a healed
 one with the short output vocabulary (first.version 3, section 8; ``vocab`` alone is ``mask`` mode
-skipping nothing). The GGUF stores each point as one string of ``first.points`` and the
+skipping nothing); any but ``vocab`` alone may run its first decode steps at full depth
+(``warmup``, section 3). The GGUF stores each point as one string of ``first.points`` and the
 default's name in ``first.points.default``; a JSON file (``first-gguf attach --points``,
 ``first-gguf points --set``; read by ``points_json.load_points``) says the same as an object.
 Every path checks the same rules here, and messages name the file and the entry.
@@ -20,17 +21,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from ..constants import (KEY_POINTS, KEY_POINTS_DEFAULT, KEY_THIN_LAYERS, KEY_VOCAB_TOKENS, POINT_HEAL, POINT_KEYS,
-                         POINT_SKIP, POINT_THIN, POINT_THRESHOLD, POINT_VOCAB)
+from ..constants import (KEY_POINTS, KEY_POINTS_DEFAULT, KEY_THIN_LAYERS, KEY_VOCAB_TOKENS, MAX_WARMUP, POINT_HEAL,
+                         POINT_KEYS, POINT_SKIP, POINT_THIN, POINT_THRESHOLD, POINT_VOCAB, POINT_WARMUP)
 from ..errors import FormatError
 
 NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 _THRESHOLD = re.compile(r"[01](\.[0-9]+)?")
 _LAYERS = re.compile(r"(0|[1-9][0-9]*)(,(0|[1-9][0-9]*))*")
 _HEAL_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*\.gguf")
+_COUNT = re.compile(r"[1-9][0-9]*")
 GRAMMAR = ("NAME=threshold:T or NAME=skip:I,J,... or NAME=thin:I,J,... (the first two optionally followed by "
-           ";thin:I,J,..., a skip without thin by ;heal:FILE.gguf), any but a healed one ending in ;vocab, "
-           "or NAME=vocab")
+           ";thin:I,J,..., a skip without thin by ;heal:FILE.gguf), then optionally ;warmup:N, any but a healed "
+           "one ending in ;vocab, or NAME=vocab")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,8 @@ class Point:
         heal: file name of a healing adapter for ``skip``, in the GGUF's directory.
         vocab: decode with the file's short output vocabulary (first.vocab.tokens); alone:
             ``mask`` mode skipping nothing.
+        warmup: decode steps after each prefill that run every layer (full depth, no thin FFN,
+            adapter or short vocabulary) before the point's decode takes over; 0: none.
     """
 
     name: str
@@ -55,6 +59,7 @@ class Point:
     heal: str | None = None
     thin: tuple[int, ...] | None = None
     vocab: bool = False
+    warmup: int = 0
 
     @property
     def kind(self) -> str:
@@ -72,7 +77,8 @@ class Point:
         parts += [f"skip {list(self.skip)}"] if self.skip else []
         parts += [f"thin {list(self.thin)}"] if self.thin else []
         parts += ["short vocabulary"] if self.vocab else []
-        return ", ".join(parts) + (" healed" if self.heal else "")
+        text = ", ".join(parts) + (" healed" if self.heal else "")
+        return text + (f", first {self.warmup} decode steps at full depth" if self.warmup else "")
 
     def spec(self) -> str:
         """The ``first.points`` entry (canonical: ``parse_spec(p.spec()) == p``)."""
@@ -85,6 +91,8 @@ class Point:
             parts.append(f"{POINT_THIN}:{_layers_text(self.thin)}")
         if self.heal:
             parts.append(f"{POINT_HEAL}:{self.heal}")
+        if self.warmup:
+            parts.append(f"{POINT_WARMUP}:{self.warmup}")
         if self.vocab:
             parts.append(POINT_VOCAB)
         return f"{self.name}={';'.join(parts)}"
@@ -109,6 +117,7 @@ class Point:
         if self.thin is not None:
             out[POINT_THIN] = list(self.thin)
         out |= {POINT_HEAL: self.heal} if self.heal else {}
+        out |= {POINT_WARMUP: self.warmup} if self.warmup else {}
         return out | ({POINT_VOCAB: True} if self.vocab else {})
 
 
@@ -180,12 +189,12 @@ def parse_spec(spec: str, where: str) -> Point:
         tag, colon, value = part.partition(":")
         if tag == POINT_HEAL and colon and kind != POINT_SKIP:
             raise FormatError(f"{at}: only a skip point takes ';{POINT_HEAL}:FILE.gguf'")
-        order, last = [POINT_THIN, POINT_HEAL], list(values)[-1]  # thin, then heal, each once, in this order
+        order, last = [POINT_THIN, POINT_HEAL, POINT_WARMUP], list(values)[-1]  # each once, in this order
         allowed = order[order.index(last) + 1:] if last in order else order
         if not colon or tag not in allowed or (tag == POINT_HEAL and POINT_THIN in values):
             raise FormatError(f"{at}: unexpected {part!r}: the main part may be followed by ';{POINT_THIN}:I,J,...'"
                               f" (not after thin:) or, for a skip point without thin, ';{POINT_HEAL}:FILE.gguf', "
-                              f"then ';{POINT_VOCAB}' last")
+                              f"then ';{POINT_WARMUP}:N', then ';{POINT_VOCAB}' last")
         values[tag] = value
     threshold = None
     if POINT_THRESHOLD in values:
@@ -199,8 +208,14 @@ def parse_spec(spec: str, where: str) -> Point:
                 raise FormatError(f"{at}: {tag} {values[tag]!r} is not a comma-separated list of layer numbers "
                                   f"(e.g. 4,9)")
             layers[tag] = tuple(int(i) for i in values[tag].split(","))
+    warmup = 0
+    if POINT_WARMUP in values:
+        if not _COUNT.fullmatch(values[POINT_WARMUP]):
+            raise FormatError(f"{at}: warmup {values[POINT_WARMUP]!r} is not a whole number of decode steps "
+                              f"from 1 (e.g. 3)")
+        warmup = int(values[POINT_WARMUP])
     return Point(name, threshold=threshold, skip=layers.get(POINT_SKIP), heal=values.get(POINT_HEAL),
-                 thin=layers.get(POINT_THIN), vocab=vocab)
+                 thin=layers.get(POINT_THIN), vocab=vocab, warmup=warmup)
 
 
 def check_points(points: Points, where: str, n_layer: int, protected: Sequence[int],
@@ -214,6 +229,7 @@ def check_points(points: Points, where: str, n_layer: int, protected: Sequence[i
     non-empty, ascending, distinct, in range, none skipped, and (``thin_layers`` given: the
     file's first.thin.layers) each carries a thinned FFN; a vocab point is not healed and
     (``has_vocab`` given: whether the file carries first.vocab.tokens) needs a short vocabulary;
+    a warm-up is 1..MAX_WARMUP steps on a point that is more than the short vocabulary alone;
     the default names a point.
     """
     seen: set[str] = set()
@@ -239,6 +255,8 @@ def check_points(points: Points, where: str, n_layer: int, protected: Sequence[i
             _check_thin(at, p, n_layer, thin_layers)
         if p.vocab:
             _check_vocab(at, p, has_vocab)
+        if p.warmup:
+            _check_warmup(at, p)
     if points.default is not None and points.default not in seen:
         raise FormatError(f"{where}: {KEY_POINTS_DEFAULT} is {points.default!r}, not one of the points "
                           f"({', '.join(points.names) or 'none'})")
@@ -284,6 +302,13 @@ def _check_vocab(at: str, p: Point, has_vocab: bool | None) -> None:
     if has_vocab is False:
         raise FormatError(f"{at}: decodes with the short vocabulary but the file has none "
                           f"({KEY_VOCAB_TOKENS} absent)")
+
+
+def _check_warmup(at: str, p: Point) -> None:
+    if isinstance(p.warmup, bool) or not isinstance(p.warmup, int) or not 1 <= p.warmup <= MAX_WARMUP:
+        raise FormatError(f"{at}: warmup {p.warmup!r} must be a whole number of decode steps in 1..{MAX_WARMUP}")
+    if p.threshold is None and p.skip is None and p.thin is None:
+        raise FormatError(f"{at}: a warm-up needs a threshold, skip set or thin layers to follow it")
 
 
 def points_from_metadata(meta: dict[str, object], where: str, n_layer: int, protected: Sequence[int],

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from ..constants import POINT_HEAL, POINT_SKIP, POINT_THIN, POINT_THRESHOLD, POINT_VOCAB
+from ..constants import POINT_HEAL, POINT_SKIP, POINT_THIN, POINT_THRESHOLD, POINT_VOCAB, POINT_WARMUP
 from ..errors import FormatError
 from .points import Point, Points, check_points
 
@@ -59,7 +59,7 @@ def _from_json(data: object, where: str) -> Points:
     return Points(tuple(_point_from_json(name, body, where) for name, body in data["points"].items()), default)
 
 
-# The key sets of a point's JSON object, each also with "vocab" (and "vocab" alone).
+# The key sets of a point's JSON object, each also with "vocab" and / or "warmup" (and "vocab" alone).
 _JSON_KEYS = ({POINT_THRESHOLD}, {POINT_SKIP}, {POINT_SKIP, POINT_HEAL}, {POINT_THIN}, {POINT_THRESHOLD, POINT_THIN},
               {POINT_SKIP, POINT_THIN}, set())
 
@@ -67,10 +67,10 @@ _JSON_KEYS = ({POINT_THRESHOLD}, {POINT_SKIP}, {POINT_SKIP, POINT_HEAL}, {POINT_
 def _point_from_json(name: str, body: object, where: str) -> Point:
     at = f"{where}: point {name!r}"
     keys = set(body) if isinstance(body, dict) else None
-    if not keys or keys - {POINT_VOCAB} not in _JSON_KEYS:
+    if not keys or keys - {POINT_VOCAB, POINT_WARMUP} not in _JSON_KEYS:
         raise FormatError(f'{at}: expected {{"threshold": T}} or {{"skip": [I, J, ...]}} (optionally with '
                           f'"heal": FILE.gguf), either optionally with "thin": [I, J, ...], or {{"thin": [I, J, ...]}}, '
-                          f'each optionally with "vocab": true, or {{"vocab": true}}, got {body!r}')
+                          f'each optionally with "warmup": N and "vocab": true, or {{"vocab": true}}, got {body!r}')
     threshold = None
     if POINT_THRESHOLD in body:
         t = body[POINT_THRESHOLD]
@@ -91,5 +91,8 @@ def _point_from_json(name: str, body: object, where: str) -> Point:
         raise FormatError(f"{at}: heal {heal!r} is not a file name")
     if POINT_VOCAB in body and body[POINT_VOCAB] is not True:
         raise FormatError(f"{at}: vocab {body[POINT_VOCAB]!r} must be true (or left out)")
+    warmup = body.get(POINT_WARMUP, 0)
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or (POINT_WARMUP in body and warmup < 1):
+        raise FormatError(f"{at}: warmup {warmup!r} is not a whole number of decode steps from 1 (or left out)")
     return Point(name, threshold=threshold, skip=layers[POINT_SKIP], heal=heal, thin=layers[POINT_THIN],
-                 vocab=POINT_VOCAB in body)
+                 vocab=POINT_VOCAB in body, warmup=warmup)

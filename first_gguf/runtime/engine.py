@@ -10,7 +10,9 @@ is the prefill (the first one) and keeps the KV cache consistent with docs/FORMA
   prefill they are removed and evaluated again at full depth;
 - p_i is the mean over every prompt position of the sequence, however much of it the
   cache reused: the router sums of reused positions are kept per evaluated segment, so
-  a multi-turn chat routes exactly as if the whole conversation were evaluated anew.
+  a multi-turn chat routes exactly as if the whole conversation were evaluated anew;
+- with a warm-up of W steps, the first W decode positions after a prefill run every layer
+  (and so have complete KV); the reduced decode takes over from the next one.
 
 The scoring methods (``fork``, ``branch_logits``, ``layer_inputs``, ...) are ``scoring.py``'s, the
 healing adapters' ``healing.py``'s. A FiRST-GGUF's named operating points (``points``) are
@@ -55,6 +57,7 @@ class PrefillReport:
         thin: layers the decode runs with their thin FFN (docs/FORMAT.md section 7).
         vocab: the extra tokens (the context's, outside the list) when the decode that follows
             runs with the short output vocabulary (docs/FORMAT.md section 8), else None.
+        warmup: decode steps after this prefill that run every layer before the reduced decode.
     """
 
     mode: str
@@ -67,6 +70,7 @@ class PrefillReport:
     point: str | None = None
     thin: tuple[int, ...] = ()
     vocab: int | None = None
+    warmup: int = 0
 
     @property
     def skipped(self) -> tuple[int, ...]:
@@ -102,6 +106,9 @@ class FirstModel(KvSegments, Scoring, Healing, Llama):
         heal: healing adapters (``first-gguf heal``, docs/FORMAT.md section 6), one path or
             several (one per skip set): llama.cpp's LoRA support applies an adapter while a
             decode mask that skips exactly its set runs, never to a prefill or to ``full``.
+        warmup: decode steps after each prefill that run at full depth (every layer, no thin
+            FFN, adapter or short vocabulary) before the reduced decode ("first" and "mask"
+            modes); 0 (the default) for none.
         **kwargs: passed to ``llama_cpp.Llama`` (n_ctx, n_threads, n_batch, chat_format, ...).
 
     Attributes:
@@ -112,7 +119,7 @@ class FirstModel(KvSegments, Scoring, Healing, Llama):
     def __init__(self, model_path: str | Path, *, point: str | None = None, mode: str | None = None,
                  mask: Sequence[bool] | None = None, prefill: str | None = None, threshold: float | None = None,
                  heal: str | Path | Sequence[str | Path] | None = None, thin: Sequence[int] | None = None,
-                 vocab: bool | None = None, **kwargs: Any) -> None:
+                 vocab: bool | None = None, warmup: int | None = None, **kwargs: Any) -> None:
         from ..format import Points, is_first_gguf, read_first
 
         self._flib = _lib.load()  # a clear error on a stock llama-cpp-python, before loading
@@ -130,6 +137,7 @@ class FirstModel(KvSegments, Scoring, Healing, Llama):
         self._healing: int | None = None  # the adapter on the context now
         self.heal_on = True
         self._prompt_logits = bool(kwargs.get("logits_all", False))  # a draft model turns logits_all on
+        self._warm_end = 0  # decode positions below this run at full depth (the warm-up)
         try:
             super().__init__(model_path=str(path), **kwargs)
         except ValueError as exc:  # llama-cpp-python's "Failed to load model from file: ..."
@@ -143,13 +151,14 @@ class FirstModel(KvSegments, Scoring, Healing, Llama):
         self.mode, self.mask, self.prefill_kind, self.threshold, self.point = "full", None, "full", None, None
         self.thin: tuple[int, ...] = ()
         self.vocab = False
-        settings = (mode, mask, prefill, threshold, thin, vocab)
+        self.warmup = 0
+        settings = (mode, mask, prefill, threshold, thin, vocab, warmup)
         if point is None and all(v is None for v in settings):
             point = self.points.default
         if point is None:
             mode = mode or ("first" if self.has_routers else "full")
         self.configure(mode=mode, mask=mask, prefill=prefill, threshold=threshold, point=point, thin=thin,
-                       vocab=vocab)
+                       vocab=vocab, warmup=warmup)
         if self.draft_model is not None:  # a FirstDraft: the same vocabulary, a long enough context
             self.use_draft(self.draft_model)
 
@@ -176,12 +185,14 @@ class FirstModel(KvSegments, Scoring, Healing, Llama):
 
     def configure(self, mode: str | None = None, mask: Sequence[bool] | None = None,
                   prefill: str | None = None, threshold: float | None = None, heal: bool | None = None,
-                  point: str | None = None, thin: Sequence[int] | None = None, vocab: bool | None = None) -> None:
+                  point: str | None = None, thin: Sequence[int] | None = None, vocab: bool | None = None,
+                  warmup: int | None = None) -> None:
         """Set the mode, mask, prefill kind, threshold and whether healing adapters apply
         (``heal``; on by default when adapters are loaded), the layers decoded with their
-        thin FFN (``thin``; ``()`` for none; None leaves them) and whether the decode uses the
-        short output vocabulary (``vocab``; None leaves it), or all of them by naming an
-        operating point of the file (``point``, alone); the next generation uses them.
+        thin FFN (``thin``; ``()`` for none; None leaves them), whether the decode uses the
+        short output vocabulary (``vocab``; None leaves it) and the decode steps after each
+        prefill that run at full depth (``warmup``; 0 for none; None leaves it), or all of them
+        by naming an operating point of the file (``point``, alone); the next generation uses them.
 
         A threshold point is "first" mode at its threshold; a skip point is "mask" mode with
         ``prefill="full"`` and its mask. A point decodes healed exactly when it names an
@@ -192,21 +203,26 @@ class FirstModel(KvSegments, Scoring, Healing, Llama):
                 mask of the wrong length or skipping every layer, a threshold outside [0, 1],
                 "first" mode without routers, a point's adapter missing or for another set,
                 a thin layer without a thin FFN in the file, ``vocab`` without a short
-                vocabulary in the file.
+                vocabulary in the file, a warm-up that is not a whole number in 0..4096.
         """
         if point is not None:
             given = [k for k, v in (("mode", mode), ("mask", mask), ("prefill", prefill), ("threshold", threshold),
-                                    ("heal", heal), ("thin", thin), ("vocab", vocab)) if v is not None]
+                                    ("heal", heal), ("thin", thin), ("vocab", vocab), ("warmup", warmup))
+                     if v is not None]
             if given:
                 raise FirstError(f"point {point!r} sets the mode, mask, prefill, threshold and healing itself; "
                                  f"give either the point or {', '.join(given)}")
             self._configure_point(point)
             return
+        if warmup is not None:
+            self._check_warmup(warmup)
         self._configure(mode, mask, prefill, threshold, heal)
         if thin is not None:
             self._set_thin(thin)
         if vocab is not None:
             self._set_vocab(vocab)
+        if warmup is not None:
+            self.warmup = int(warmup)
         self.point = None
 
     def _configure_point(self, name: str) -> None:
@@ -223,7 +239,15 @@ class FirstModel(KvSegments, Scoring, Healing, Llama):
             self._configure("mask", p.mask(self.n_layer) or [True] * self.n_layer, "full", None, p.heal is not None)
         self._set_thin(p.thin or ())
         self._set_vocab(p.vocab)
+        self.warmup = p.warmup
         self.point = p.name
+
+    @staticmethod
+    def _check_warmup(warmup: Any) -> None:
+        from ..constants import MAX_WARMUP
+
+        if isinstance(warmup, bool) or not isinstance(warmup, (int, np.integer)) or not 0 <= warmup <= MAX_WARMUP:
+            raise FirstError(f"warmup {warmup!r} must be a whole number of decode steps in 0..{MAX_WARMUP}")
 
     def _configure(self, mode: str | None, mask: Sequence[bool] | None, prefill: str | None,
                    threshold: float | None, heal: bool | None) -> None:
@@ -324,15 +348,37 @@ class FirstModel(KvSegments, Scoring, Healing, Llama):
         """``Llama.eval``: the first call of a generation is the prefill, the rest decode."""
         self._truncate_segments(self.n_tokens)
         if not self._pending_prefill:
-            start = self.n_tokens
-            if not self.logprobs_ok:
-                self._verify(tokens)
-            else:
-                super().eval(tokens)
-            self._record(start, self.n_tokens, self._decode_kv(), None)
+            warm = min(max(self._warm_end - self.n_tokens, 0), len(tokens))
+            if 0 < warm < len(tokens) and self.draft_model is not None:
+                warm = len(tokens)  # the sampler reads a verified batch's logits from one evaluation
+            if warm:
+                self._decode_full_depth(tokens[:warm])
+            if warm < len(tokens):
+                start = self.n_tokens
+                self._decode(tokens[warm:])
+                self._record(start, self.n_tokens, self._decode_kv(), None)
             return
         self._pending_prefill = False
         self._prefill(list(tokens))
+
+    def _decode(self, tokens: Sequence[int]) -> None:
+        if not self.logprobs_ok:
+            self._verify(tokens)
+        else:
+            super().eval(tokens)
+
+    def _decode_full_depth(self, tokens: Sequence[int]) -> None:
+        """Decode ``tokens`` with every layer (a warm-up): ``full`` mode in the library for these
+        positions, no adapter; the configured decode comes back for the next ones."""
+        start, adapter = self.n_tokens, self._healing
+        self._check(self._flib.set_mode(self.ctx, _lib.MODE_FULL), "set_mode")
+        try:
+            self._set_adapter(None)
+            self._decode(tokens)
+        finally:
+            self._check(self._flib.set_mode(self.ctx, MODES[self.mode]), "set_mode")
+            self._set_adapter(adapter)
+        self._record(start, self.n_tokens, None, None)
 
     def _verify(self, tokens: Sequence[int]) -> None:
         """``Llama.eval`` with every position's logits computed for the sampler but not copied into
@@ -396,8 +442,10 @@ class FirstModel(KvSegments, Scoring, Healing, Llama):
         self._record(start, self.n_tokens, self._prefill_kv(), sums)
         report = self._report(self.n_tokens - start)
         healable = self.mode != "full" and self.prefill_kind == "full" and not self.thin and not self.vocab
+        warmup = self.warmup if self.mode != "full" else 0
+        self._warm_end = self.n_tokens + warmup
         self.last_prefill = dataclasses.replace(report, healed=self._use_heal(report.mask if healable else None),
-                                                point=self.point)
+                                                point=self.point, warmup=warmup)
 
     def _report(self, n_evaluated: int) -> PrefillReport:
         buf = (ctypes.c_uint8 * self.n_layer)()

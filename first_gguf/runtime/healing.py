@@ -42,6 +42,11 @@ class Healing:
         """Apply the healing adapter whose skip set ``decode_mask`` skips, if any; returns whether one is on."""
         pick = None if decode_mask is None or not self.heal_on else next(
             (i for i, h in enumerate(self.heals) if h.heals(decode_mask)), None)
+        self._set_adapter(pick)
+        return pick is not None
+
+    def _set_adapter(self, pick: int | None) -> None:
+        """Put the loaded adapter number ``pick`` on the context (None: none)."""
         if pick != self._healing:
             if pick is not None:
                 adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._adapters[pick])
@@ -51,7 +56,6 @@ class Healing:
             if rc != 0:
                 raise FirstError(f"llama_set_adapters_lora failed (code {rc})")
             self._healing = pick
-        return pick is not None
 
     def _load_point_heal(self, p: Any) -> None:
         """Load the adapter a skip point names, from the GGUF's directory, unless it is already loaded."""

@@ -129,7 +129,8 @@ class Scoring:
         The cache is cut back to the fork's prompt first, so any number of continuations and
         masks can be scored on one prefill; each call equals a prefill of that prompt followed
         by the decode of ``continuation`` under ``mask`` (None: the mask the fork's prefill
-        chose; a healing adapter runs when the branch's mask is its set). Row 0 is the prefill's last row (the prompt's own prediction). After a
+        chose; a healing adapter runs when the branch's mask is its set), the configured
+        warm-up included (its first ``warmup`` decode steps at full depth). Row 0 is the prefill's last row (the prompt's own prediction). After a
         ``prefill="masked"`` fork, ``mask`` may run only layers that prefill ran. The
         configuration (mode, mask) is left as it was. ``heal``: whether a healing adapter may run
         (None: the model's setting). Returns [len(continuation), n_vocab].
@@ -149,8 +150,9 @@ class Scoring:
                              f"(it skipped {list(fork.report.skipped)})")
         if not continuation:
             return np.zeros((0, self.n_vocab()), dtype=np.float32)
-        saved_mode, saved_mask, saved_heal = self.mode, self.mask, self.heal_on
+        saved_mode, saved_mask, saved_heal, saved_warm = self.mode, self.mask, self.heal_on, self._warm_end
         self.n_tokens = end
+        self._warm_end = end + self.warmup
         try:
             self._set_mask(run)
             self._set_mode("mask")
@@ -159,6 +161,7 @@ class Scoring:
             self.eval(list(continuation[:-1]))
             rows = np.array(self.scores[end: self.n_tokens], dtype=np.float32)
         finally:
+            self._warm_end = saved_warm
             self.heal_on = True
             self._use_heal(fork.report.mask if fork.report.healed else None)
             self.heal_on = saved_heal
