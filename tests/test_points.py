@@ -396,7 +396,8 @@ def test_the_shipped_points_file_is_valid_for_its_model():
     tokens, _, _ = shipped.shipped_vocab(models.DEFAULT_MODEL)
     assert len(tokens) == 49445 and tokens == sorted(set(tokens))
     assert points.as_json() == {"default": "fast-quality-short", "points": {
-        "quality": {"skip": [4]}, "balanced": {"skip": [3, 4]}, "fast": {"thin": list(range(24))},
+        "quality": {"skip": [4]}, "balanced": {"skip": [3, 4]}, "balanced-warm": {"skip": [3, 4], "warmup": 3},
+        "fast": {"thin": list(range(24))},
         "short": {"vocab": True}, "quality-short": {"skip": [4], "vocab": True},
         "fast-short": {"thin": list(range(24)), "vocab": True},
         "fast-quality-short": {"skip": [4], "thin": [i for i in range(24) if i != 4], "vocab": True}}}
