@@ -726,6 +726,8 @@ def test_warmup_positions_keep_their_kv_for_the_next_prefill(tiny, warm_file):
         assert llm.point is None and llm.warmup == 0 and llm.prefill(prompt).warmup == 0
         llm.configure(mode="full", warmup=3)
         assert llm.prefill(prompt).warmup == 0  # full mode has nothing to warm up
+        llm.configure(mode="mask", mask=[True, False, True, True], prefill="masked")
+        assert llm.prefill(prompt).warmup == 0  # nor a masked prompt (its skipped layers have no KV)
     finally:
         llm.close()
 

@@ -107,8 +107,8 @@ class FirstModel(KvSegments, Scoring, Healing, Llama):
             several (one per skip set): llama.cpp's LoRA support applies an adapter while a
             decode mask that skips exactly its set runs, never to a prefill or to ``full``.
         warmup: decode steps after each prefill that run at full depth (every layer, no thin
-            FFN, adapter or short vocabulary) before the reduced decode ("first" and "mask"
-            modes); 0 (the default) for none.
+            FFN, adapter or short vocabulary) before the reduced decode ("first" mode, and "mask"
+            with ``prefill="full"``); 0 (the default) for none.
         **kwargs: passed to ``llama_cpp.Llama`` (n_ctx, n_threads, n_batch, chat_format, ...).
 
     Attributes:
@@ -442,7 +442,8 @@ class FirstModel(KvSegments, Scoring, Healing, Llama):
         self._record(start, self.n_tokens, self._prefill_kv(), sums)
         report = self._report(self.n_tokens - start)
         healable = self.mode != "full" and self.prefill_kind == "full" and not self.thin and not self.vocab
-        warmup = self.warmup if self.mode != "full" else 0
+        # a masked prompt lacks the skipped layers' KV, which a full-depth step would read
+        warmup = self.warmup if self.mode != "full" and self.prefill_kind == "full" else 0
         self._warm_end = self.n_tokens + warmup
         self.last_prefill = dataclasses.replace(report, healed=self._use_heal(report.mask if healable else None),
                                                 point=self.point, warmup=warmup)
