@@ -322,8 +322,9 @@ def test_default_point_and_the_point_command():
         assert re.search(r"(?m)^\s+quality-short: skip \[4\], short vocabulary\s*$", listing)
         assert "fast: thin [0, 1, 2" in listing
         assert "fast-short: thin [0, 1, 2" in listing and "short: short vocabulary" in listing
-        assert ("no operating point 'nonsense'; it has quality, balanced, fast, short, quality-short, fast-short, "
-                "fast-quality-short; unchanged") in t.ask("/point nonsense")
+        assert "balanced-warm: skip [3, 4], first 3 decode steps at full depth" in listing
+        assert ("no operating point 'nonsense'; it has quality, balanced, balanced-warm, fast, short, quality-short, "
+                "fast-short, fast-quality-short; unchanged") in t.ask("/point nonsense")
         assert "(point balanced" in t.ask("/point balanced")
         answer = t.ask("Say hi.")
         assert "[mask: skipped 2/24 layers (point balanced)" in answer, answer

@@ -846,14 +846,17 @@ def test_default_model_carries_the_shipped_points():
 
     llm = FirstModel(path, n_ctx=256, n_threads=1)
     try:
-        assert llm.point == "fast-quality-short" and llm.points.names == ["quality", "balanced", "fast", "short",
-                                                         "quality-short", "fast-short", "fast-quality-short"]
+        assert llm.point == "fast-quality-short" and llm.points.names == [
+            "quality", "balanced", "balanced-warm", "fast", "short", "quality-short", "fast-short", "fast-quality-short"]
         llm.configure(point="quality-short")
         g = greedy(llm, llm.tokenize(b"def fibonacci(n):"), 4)
         assert g.report.point == "quality-short" and g.report.skipped == (4,) and g.report.mode == "mask"
         assert g.report.vocab is not None and g.report.thin == ()
         llm.configure(point="balanced")
         assert greedy(llm, llm.tokenize(b"def fibonacci(n):"), 2).report.skipped == (3, 4)
+        llm.configure(point="balanced-warm")
+        report = greedy(llm, llm.tokenize(b"def fibonacci(n):"), 2).report
+        assert report.skipped == (3, 4) and report.warmup == 3 and report.point == "balanced-warm"
         llm.configure(point="fast")
         report = greedy(llm, llm.tokenize(b"def fibonacci(n):"), 2).report
         assert report.skipped == () and report.thin == tuple(range(24)) and report.point == "fast"
