@@ -732,6 +732,23 @@ def test_warmup_positions_keep_their_kv_for_the_next_prefill(tiny, warm_file):
         llm.close()
 
 
+def test_a_branch_of_a_fork_runs_the_warmup_as_a_decode(tiny, warm_file):
+    prompt, cont = tiny[2]
+    want, _ = _logits(warm_file, (prompt, cont), point="two-warm")
+    llm = _model(warm_file, point="two-warm")
+    try:
+        llm.fork(prompt)
+        for _ in range(2):  # each branch starts its warm-up again
+            got = llm.branch_logits(cont)
+            assert np.allclose(got, want[len(prompt) - 1:len(prompt) - 1 + len(cont)], atol=1e-5)
+        llm.configure(mode="mask", mask=[True, False, False, True], prefill="masked")
+        llm.fork(prompt)
+        masked = _logits(warm_file, (prompt, cont), mode="mask", mask=[True, False, False, True], prefill="masked")[0]
+        assert np.allclose(llm.branch_logits(cont), masked[len(prompt) - 1:len(prompt) - 1 + len(cont)], atol=1e-5)
+    finally:
+        llm.close()
+
+
 def test_bad_warmup_requests_are_clear_errors(warm_file):
     for bad in (-1, 4097, 1.5, True, "3"):
         with pytest.raises(FirstError, match=r"^warmup .* must be a whole number of decode steps in 0\.\.4096$"):

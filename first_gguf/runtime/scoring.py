@@ -130,7 +130,7 @@ class Scoring:
         masks can be scored on one prefill; each call equals a prefill of that prompt followed
         by the decode of ``continuation`` under ``mask`` (None: the mask the fork's prefill
         chose; a healing adapter runs when the branch's mask is its set), the configured
-        warm-up included (its first ``warmup`` decode steps at full depth). Row 0 is the prefill's last row (the prompt's own prediction). After a
+        warm-up included (its first ``warmup`` decode steps at full depth, after a full-depth fork). Row 0 is the prefill's last row (the prompt's own prediction). After a
         ``prefill="masked"`` fork, ``mask`` may run only layers that prefill ran. The
         configuration (mode, mask) is left as it was. ``heal``: whether a healing adapter may run
         (None: the model's setting). Returns [len(continuation), n_vocab].
@@ -152,7 +152,7 @@ class Scoring:
             return np.zeros((0, self.n_vocab()), dtype=np.float32)
         saved_mode, saved_mask, saved_heal, saved_warm = self.mode, self.mask, self.heal_on, self._warm_end
         self.n_tokens = end
-        self._warm_end = end + self.warmup
+        self._warm_end = end + (self.warmup if fork.kv is None else 0)  # no warm-up after a masked prompt
         try:
             self._set_mask(run)
             self._set_mode("mask")
