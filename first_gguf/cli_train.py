@@ -235,6 +235,8 @@ _TUNE = TuneConfig()  # tune's defaults, shown by --help
 @click.option("--max-skip", default=_TUNE.max_skip, show_default=True, help="Candidates skip up to this many layers.")
 @click.option("--thresholds", default=",".join(f"{t:g}" for t in _TUNE.thresholds), show_default=True,
               help="Routed candidates: a FiRST-GGUF's own routers at these thresholds ('none': no routed candidates).")
+@click.option("--warmup", default=_TUNE.warmup, show_default=True,
+              help="Skipping candidates are also measured after this many full-depth decode steps (0: not).")
 @click.option("--copies", default=_TUNE.copies, show_default=True, metavar="TYPE",
               help="ggml type of the decode-only FFN copies, or 'none'.")
 @click.option("--vocab-size", default=_TUNE.vocab_size, show_default=True, help="Short output vocabulary size (0: none).")
@@ -252,14 +254,15 @@ _TUNE = TuneConfig()  # tune's defaults, shown by --help
 @click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
-def tune(model: str, output: Path, labels: Path | None, max_skip: int, thresholds: str, copies: str, vocab_size: int, text_mb: float,
-         max_kl: float, min_gain: float, max_point_kl: float, label_prompts: int, eval_prompts: int, repeats: int, threads: int | None,
-         as_json: bool, force: bool) -> None:
+def tune(model: str, output: Path, labels: Path | None, max_skip: int, thresholds: str, warmup: int, copies: str,
+         vocab_size: int, text_mb: float, max_kl: float, min_gain: float, max_point_kl: float, label_prompts: int,
+         eval_prompts: int, repeats: int, threads: int | None, as_json: bool, force: bool) -> None:
     """Give MODEL (a GGUF or FiRST-GGUF, or zoo name) operating points chosen by measurement.
 
     Skip sets follow measured damage; every candidate (skip sets, decode-only FFN copies, short
-    output vocabulary) is measured against full for quality and decode speed on this machine;
-    the candidates nothing beats on both become points, the fastest within --max-kl the default.
+    output vocabulary, a warm-up of full-depth decode steps) is measured against full for quality
+    and decode speed on this machine; the candidates nothing beats on both become points, the
+    fastest within --max-kl the default.
     """
     import json
     from dataclasses import replace
@@ -269,7 +272,7 @@ def tune(model: str, output: Path, labels: Path | None, max_skip: int, threshold
     from .tune import table, tune as run
 
     levels = () if thresholds.strip().lower() == "none" else _csv(thresholds, float, "--thresholds") or ()
-    cfg = replace(_TUNE, max_skip=max_skip, thresholds=levels, copies=None if copies.lower() == "none" else copies.upper(),
+    cfg = replace(_TUNE, max_skip=max_skip, thresholds=levels, warmup=warmup, copies=None if copies.lower() == "none" else copies.upper(),
                   vocab_size=vocab_size, text_mb=text_mb, max_kl=max_kl, min_gain=min_gain, max_point_kl=max_point_kl,
                   label_prompts=label_prompts, eval_prompts=eval_prompts, repeats=repeats)
     report = run(resolve_model(model), output, cfg, labels=labels, threads=threads, force=force, log=logger("tune"))

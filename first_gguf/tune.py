@@ -9,7 +9,8 @@ model the same kinds of points in minutes, from measurements on the machine that
    (``train.thin``) and a short output vocabulary (``train.vocab``), unless the file has them;
 3. every candidate (the first 0..``max_skip`` layers of the order skipped, or a FiRST-GGUF's
    own routers at each of ``thresholds``; with or without the copies, with or without the short
-   vocabulary) is measured against ``full``: quality
+   vocabulary; a skipping one also after a warm-up of ``warmup`` full-depth decode steps) is
+   measured against ``full``: quality
    teacher-forced along full's own greedy continuation of held-out prompts of each family the
    model's template allows (never HumanEval), decode speed as the median of interleaved
    repeats in one process;
@@ -36,7 +37,7 @@ import numpy as np
 
 from .errors import FirstError
 
-FAST, SHORT = "fast", "short"
+FAST, SHORT, WARM = "fast", "short", "warm"
 SKIP_NAMES = {1: "quality", 2: "balanced"}  # more layers: skipN
 
 
@@ -46,6 +47,7 @@ class TuneConfig:
 
     max_skip: int = 2            # candidates skip 0..max_skip layers of the damage order
     thresholds: tuple[float, ...] = (0.25, 0.5)  # routed candidates: the file's own routers at these thresholds
+    warmup: int = 3              # skipping candidates also with this many full-depth decode steps first (0: not)
     copies: str | None = "IQ4_NL"  # ggml type of the decode-only FFN copies (None: no copies)
     vocab_size: int = 49152      # short output vocabulary size (0: none)
     text_mb: float = 30.0        # megabytes of local text counted for the short vocabulary
@@ -72,6 +74,7 @@ class Candidate:
     short: bool
     thin: list[int] = field(default_factory=list)  # the layers decoded with their FFN copies
     threshold: float | None = None  # a routed candidate: the routers choose the skip set per prompt
+    warmup: int = 0                # decode steps after the prompt at full depth before the candidate's decode
     mean_skip: float = float("nan")  # layers skipped, mean over the held-out prompts
     kl: float = float("nan")       # mean KL(full || candidate) over the candidate's possible tokens (nats)
     top1: float = float("nan")     # fraction of positions whose argmax is full's
@@ -86,16 +89,19 @@ class Candidate:
         return self.kl + self.outside
 
 
-def candidate_name(k: int, fast: bool, short: bool) -> str:
+def candidate_name(k: int, fast: bool, short: bool, warm: bool = False) -> str:
     """The zoo's names: quality (1 layer), balanced (2), skipN beyond; ``fast-`` with the FFN
-    copies, ``-short`` with the short vocabulary (``fast-quality-short``, ``short``, ...)."""
-    parts = ([FAST] if fast else []) + ([SKIP_NAMES.get(k, f"skip{k}")] if k else []) + ([SHORT] if short else [])
+    copies, ``-warm`` after a warm-up, ``-short`` with the short vocabulary (``fast-quality-short``,
+    ``balanced-warm``, ``short``, ...)."""
+    parts = (([FAST] if fast else []) + ([SKIP_NAMES.get(k, f"skip{k}")] if k else []) + ([WARM] if warm else [])
+             + ([SHORT] if short else []))
     return "-".join(parts)
 
 
-def routed_name(threshold: float, fast: bool, short: bool) -> str:
-    """``routed25`` for the routers at 0.25, with ``fast-`` and ``-short`` as ``candidate_name``'s."""
-    return "-".join(([FAST] if fast else []) + [f"routed{round(threshold * 100):02d}"] + ([SHORT] if short else []))
+def routed_name(threshold: float, fast: bool, short: bool, warm: bool = False) -> str:
+    """``routed25`` for the routers at 0.25, with ``fast-``, ``-warm`` and ``-short`` as ``candidate_name``'s."""
+    return "-".join(([FAST] if fast else []) + [f"routed{round(threshold * 100):02d}"] + ([WARM] if warm else [])
+                    + ([SHORT] if short else []))
 
 
 def front(cands: Sequence[Candidate], min_gain: float = 0.0, max_damage: float = float("inf")) -> list[Candidate]:
@@ -155,6 +161,9 @@ def tune(model: str | os.PathLike, out: str | os.PathLike, cfg: TuneConfig = Tun
         raise FirstError(f"max_point_kl ({cfg.max_point_kl}) must be >= max_kl ({cfg.max_kl})")
     if cfg.repeats < 1 or cfg.decode_tokens < 2 or cfg.eval_prompts < 1 or cfg.cont_tokens < 2:
         raise FirstError("repeats, eval_prompts must be >= 1 and decode_tokens, cont_tokens >= 2")
+    if not 0 <= cfg.warmup < min(cfg.cont_tokens, cfg.decode_tokens):
+        raise FirstError(f"warmup must be 0 or more and fewer than the {min(cfg.cont_tokens, cfg.decode_tokens)} "
+                         f"decode steps measured, got {cfg.warmup}")
     run = out.parent / f"{out.name}.tune"
     run.mkdir(parents=True, exist_ok=True)
     _claim(run, src)
@@ -170,9 +179,10 @@ def tune(model: str | os.PathLike, out: str | os.PathLike, cfg: TuneConfig = Tun
         raise FirstError(f"{labels}: {len(order)} layers measured, fewer than max_skip {cfg.max_skip}")
     work, made = _stand_ins(routed, run, cfg, threads, log)
 
-    cands = _candidates(work, order, cfg.max_skip, cfg.thresholds if routed == src else ())
+    cands = _candidates(work, order, cfg.max_skip, cfg.thresholds if routed == src else (), cfg.warmup)
     log(f"{len(cands)} candidates over layers {order[:cfg.max_skip]} (damage order)"
-        f"{', the routers at ' + ', '.join(map(str, cfg.thresholds)) if routed == src and cfg.thresholds else ''}, "
+        f"{', the routers at ' + ', '.join(map(str, cfg.thresholds)) if routed == src and cfg.thresholds else ''}"
+        f"{f', with and without a warm-up of {cfg.warmup} steps' if cfg.warmup else ''}, "
         f"{'with' if any(c.fast for c in cands) else 'without'} FFN copies, "
         f"{'with' if any(c.short for c in cands) else 'without'} a short vocabulary")
     _measure_quality(work, cands, cfg, threads)
@@ -294,36 +304,43 @@ def _stand_ins(path: Path, run: Path, cfg: TuneConfig, threads: int | None, log)
     return work, made
 
 
-def _candidates(work: Path, order: Sequence[int], max_skip: int, thresholds: Sequence[float] = ()) -> list[Candidate]:
+def _candidates(work: Path, order: Sequence[int], max_skip: int, thresholds: Sequence[float] = (),
+                warmup: int = 0) -> list[Candidate]:
     """Skip sets of 0..``max_skip`` layers of ``order`` and the routers at ``thresholds``, each with
-    and without the FFN copies and the short vocabulary the file has (not ``full`` itself)."""
+    and without the FFN copies and the short vocabulary the file has (not ``full`` itself), the
+    skipping ones also after ``warmup`` full-depth decode steps (when not 0)."""
     _, _, thin, has_short = _parts(work)
+    stand_ins = [(fast, short) for fast in ((False, True) if thin else (False,))
+                 for short in ((False, True) if has_short else (False,))]
+    warms = (0, warmup) if warmup else (0,)
     out = []
     for k in range(max_skip + 1):
         skip = sorted(order[:k])
-        for fast in (False, True) if thin else (False,):
-            for short in (False, True) if has_short else (False,):
+        for w in warms if k else (0,):
+            for fast, short in stand_ins:
                 if k or fast or short:
-                    out.append(Candidate(candidate_name(k, fast, short), skip, fast, short,
-                                         thin=[i for i in thin if i not in skip] if fast else [], mean_skip=k))
+                    out.append(Candidate(candidate_name(k, fast, short, bool(w)), skip, fast, short,
+                                         thin=[i for i in thin if i not in skip] if fast else [], mean_skip=k,
+                                         warmup=w))
     for t in thresholds:
-        for fast in (False, True) if thin else (False,):
-            for short in (False, True) if has_short else (False,):
-                out.append(Candidate(routed_name(t, fast, short), [], fast, short, thin=list(thin) if fast else [],
-                                     threshold=float(t)))
+        for w in warms:
+            for fast, short in stand_ins:
+                out.append(Candidate(routed_name(t, fast, short, bool(w)), [], fast, short,
+                                     thin=list(thin) if fast else [], threshold=float(t), warmup=w))
     return out
 
 
 def _configure(llm, c: Candidate | None) -> None:
     """``full`` for None, else the candidate: ``first`` mode at its threshold (routed) or ``mask``
-    mode (its skip set), the prompt at full depth either way."""
+    mode (its skip set), the prompt at full depth either way, with its warm-up."""
     if c is None:
-        llm.configure(mode="full", thin=(), vocab=False)
+        llm.configure(mode="full", thin=(), vocab=False, warmup=0)
     elif c.threshold is not None:
-        llm.configure(mode="first", threshold=c.threshold, prefill="full", thin=c.thin, vocab=c.short)
+        llm.configure(mode="first", threshold=c.threshold, prefill="full", thin=c.thin, vocab=c.short,
+                      warmup=c.warmup)
     else:
         llm.configure(mode="mask", mask=[i not in c.skip for i in range(llm.n_layer)], prefill="full",
-                      thin=c.thin, vocab=c.short)
+                      thin=c.thin, vocab=c.short, warmup=c.warmup)
 
 
 def _measure_quality(work: Path, cands: Sequence[Candidate], cfg: TuneConfig, threads: int | None) -> None:
@@ -333,7 +350,8 @@ def _measure_quality(work: Path, cands: Sequence[Candidate], cfg: TuneConfig, th
     branch equals that configuration's own prefill and decode), the short-vocabulary candidates
     first, while the prompt's tokens the fork gave the short vocabulary still stand. With routed
     candidates the fork runs in ``first`` mode (the same prompt KV) and each takes the mask its
-    routers choose there at its threshold (``router_mask``)."""
+    routers choose there at its threshold (``router_mask``). A warm-up applies per branch, as in
+    that configuration's own decode (its first steps at full depth)."""
     from tqdm import tqdm
 
     from .evaluation.items import LlamaTokenizer, tf_items
@@ -364,12 +382,12 @@ def _measure_quality(work: Path, cands: Sequence[Candidate], cfg: TuneConfig, th
             for c in ordered:
                 if not c.short and llm.vocab:
                     llm.configure(vocab=False)
-                llm.configure(thin=c.thin)
+                llm.configure(thin=c.thin, warmup=c.warmup)
                 run = (list(llm.router_mask(c.threshold)) if c.threshold is not None
                        else [i not in c.skip for i in range(llm.n_layer)])
                 skips[c.name].append(run.count(False))
                 got[c.name] = llm.branch_logits(cont, run)
-            llm.configure(thin=(), vocab=False)
+            llm.configure(thin=(), vocab=False, warmup=0)
             ref = llm.branch_logits(cont, everything)
             for c in cands:
                 rows[c.name].append(compare(ref, got[c.name]))
@@ -468,18 +486,19 @@ def _points(chosen: Sequence[Candidate], default: Candidate | None):
     from .format import Point, Points
 
     items = [Point(c.name, threshold=c.threshold, skip=tuple(c.skip) if c.skip else None,
-                   thin=tuple(c.thin) if c.fast else None, vocab=c.short) for c in chosen]
+                   thin=tuple(c.thin) if c.fast else None, vocab=c.short, warmup=c.warmup) for c in chosen]
     return Points(tuple(items), default.name if default else None)
 
 
 def table(report: dict) -> str:
     """The candidates as a text table, the points marked (* the default)."""
-    lines = [f"{'candidate':<22} {'skip':<12} {'damage':>7} {'KL':>7} {'outside':>8} {'top-1':>6} "
+    lines = [f"{'candidate':<26} {'skip':<16} {'damage':>7} {'KL':>7} {'outside':>8} {'top-1':>6} "
              f"{'decode x full':>19}  point"]
     for c in sorted(report["candidates"], key=lambda c: c["damage"]):
         mark = "*" if c["name"] == report["default"] else ("+" if c["name"] in report["points"] else "")
         skip = str(c["skip"]) if c.get("threshold") is None else f"p<{c['threshold']:g}: {c['mean_skip']:.1f}"
-        lines.append(f"{c['name']:<22} {skip:<12} {c['damage']:7.4f} {c['kl']:7.4f} {c['outside']:8.4f} "
+        skip += f" w{c['warmup']}" if c.get("warmup") else ""
+        lines.append(f"{c['name']:<26} {skip:<16} {c['damage']:7.4f} {c['kl']:7.4f} {c['outside']:8.4f} "
                      f"{c['top1']:6.3f} "
                      f"{c['speed']:6.3f} ({c['spread'][0]:.2f}-{c['spread'][1]:.2f})  {mark}")
     lines.append(f"points: {', '.join(report['points']) or 'none'}; default: {report['default'] or 'none'} "

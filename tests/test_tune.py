@@ -29,6 +29,9 @@ def test_names_are_the_zoos():
     assert candidate_name(2, False, False) == "balanced"
     assert candidate_name(3, True, False) == "fast-skip3"
     assert routed_name(0.25, True, True) == "fast-routed25-short" and routed_name(0.5, False, False) == "routed50"
+    assert candidate_name(2, False, False, warm=True) == "balanced-warm"  # the zoo's 0.5B ships one
+    assert candidate_name(1, True, True, warm=True) == "fast-quality-warm-short"
+    assert routed_name(0.25, False, True, warm=True) == "routed25-warm-short"
 
 
 def test_front_keeps_what_nothing_beats_and_the_default_is_the_fastest_within_budget():
@@ -79,7 +82,10 @@ def test_tune_writes_the_front_of_its_own_measurements(tuned):
     assert json.loads((out.parent / f"{out.name}.tune" / "tune.json").read_text()) == report
     assert (out.parent / f"{out.name}.tune" / "routed.gguf").is_file()  # a plain GGUF got keep-every-layer routers
     cands = [Candidate(**{k: v for k, v in c.items() if k != "damage"}) for c in report["candidates"]]
-    assert len(cands) == 7  # skip 0 or 1 layer x copies or not x short vocabulary or not, but full itself
+    # skip 0 or 1 layer x copies or not x short vocabulary or not, but full itself; the one-layer
+    # sets also after the warm-up
+    assert len(cands) == 11 and sum(c.warmup == SMALL.warmup > 0 for c in cands) == 4
+    assert all(c.warmup in (0, SMALL.warmup) and (c.warmup > 0) == ("-warm" in c.name) for c in cands)
     assert all(np.isfinite(c.kl) and 0 <= c.top1 <= 1 and c.speed > 0 for c in cands)
     assert [c.name for c in front(cands, SMALL.min_gain, SMALL.max_point_kl)] == report["points"]
     best = choose_default(front(cands, SMALL.min_gain, SMALL.max_point_kl), SMALL.max_kl)
@@ -90,7 +96,7 @@ def test_tune_writes_the_front_of_its_own_measurements(tuned):
     for p in parts.points:
         c = next(c for c in cands if c.name == p.name)
         assert list(p.skip or ()) == ([first] if "quality" in p.name else [])
-        assert p.vocab == p.name.endswith("short")
+        assert p.vocab == p.name.endswith("short") and p.warmup == c.warmup
         assert list(p.thin or ()) == ([i for i in range(n_layer) if i not in c.skip] if c.fast else [])
     assert (parts.thin is not None) == any(c.fast for c in front(cands, SMALL.min_gain, SMALL.max_point_kl))
     assert (parts.vocab is not None) == any(c.short for c in front(cands, SMALL.min_gain, SMALL.max_point_kl))
@@ -98,32 +104,41 @@ def test_tune_writes_the_front_of_its_own_measurements(tuned):
 
 def test_each_point_measures_in_the_written_file_what_tune_measured(tuned):
     """The points run through their names on the output file (a prefill and decode, not tune's
-    fork and branch) give the KL and top-1 tune recorded for them."""
+    fork and branch) give the KL and top-1 tune recorded for them; so does every other candidate
+    the file can run (its stand-ins there), set up by hand, the warm-up ones included."""
     from first_gguf.evaluation.items import LlamaTokenizer, tf_items
+    from first_gguf.format import read_first_parts
     from first_gguf.runtime import FirstModel
     from first_gguf.runtime.greedy import greedy
 
     out, report = tuned
+    parts = read_first_parts(out, deep=False)
+    runnable = [c for c in report["candidates"] if c["name"] in report["points"]
+                or ((not c["fast"] or parts.thin is not None) and (not c["short"] or parts.vocab is not None))]
+    assert any(c["warmup"] for c in runnable) and any(not c["warmup"] and c["skip"] for c in runnable)
     llm = FirstModel(out, mode="full", logits_all=True, n_ctx=SMALL.max_prompt_tokens + SMALL.cont_tokens + 8,
                      n_threads=2)
     try:
         items = tf_items(LlamaTokenizer(llm), SMALL.eval_prompts, SMALL.max_prompt_tokens, 8, SMALL.seed)
-        rows = {name: [] for name in report["points"]}
+        rows = {c["name"]: [] for c in runnable}
         for it in items:
-            llm.configure(mode="full", thin=(), vocab=False)
+            llm.configure(mode="full", thin=(), vocab=False, warmup=0)
             cont = greedy(llm, it.prompt, SMALL.cont_tokens).tokens
             n = len(it.prompt)
             ref = llm.teacher_forced_logits(it.prompt, cont[:-1])[n - 1:]
-            for name in rows:
-                llm.configure(point=name)
-                rows[name].append(compare(ref, llm.teacher_forced_logits(it.prompt, cont[:-1])[n - 1:]))
+            for c in runnable:
+                if c["name"] in report["points"]:
+                    llm.configure(point=c["name"])
+                else:
+                    llm.configure(mode="mask", mask=[i not in c["skip"] for i in range(llm.n_layer)], prefill="full",
+                                  thin=c["thin"], vocab=c["short"], warmup=c["warmup"])
+                rows[c["name"]].append(compare(ref, llm.teacher_forced_logits(it.prompt, cont[:-1])[n - 1:]))
     finally:
         llm.close()
-    for c in report["candidates"]:
-        if c["name"] in rows:
-            kl, top1, outside = np.mean(rows[c["name"]], axis=0)
-            assert (kl, top1, outside) == (pytest.approx(c["kl"], abs=1e-5), pytest.approx(c["top1"]),
-                                           pytest.approx(c["outside"], abs=1e-7)), c["name"]
+    for c in runnable:
+        kl, top1, outside = np.mean(rows[c["name"]], axis=0)
+        assert (kl, top1, outside) == (pytest.approx(c["kl"], abs=1e-5), pytest.approx(c["top1"]),
+                                       pytest.approx(c["outside"], abs=1e-7)), c["name"]
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +158,8 @@ def test_routed_candidates_measure_what_the_routers_choose(default_first, tuned_
 
     out, report = tuned_routed
     routed = [c for c in report["candidates"] if c["threshold"] is not None]
-    assert {c["name"] for c in routed} == {"routed50", "routed50-short", "fast-routed50", "fast-routed50-short"}
+    assert {c["name"] for c in routed} == {f"{f}routed50{w}{s}" for f in ("", "fast-") for w in ("", "-warm")
+                                           for s in ("", "-short")}
     work = out.parent / f"{out.name}.tune"
     # the working file: the input's routers, the copies and the vocabulary tune added
     made = max(work.glob("copies-*vocab*.gguf"), key=lambda p: p.stat().st_mtime)
@@ -153,12 +169,13 @@ def test_routed_candidates_measure_what_the_routers_choose(default_first, tuned_
         items = tf_items(LlamaTokenizer(llm), SMALL.eval_prompts, SMALL.max_prompt_tokens, 8, SMALL.seed)
         rows, skips = {c["name"]: [] for c in routed}, {c["name"]: [] for c in routed}
         for it in items:
-            llm.configure(mode="full", thin=(), vocab=False)
+            llm.configure(mode="full", thin=(), vocab=False, warmup=0)
             cont = greedy(llm, it.prompt, SMALL.cont_tokens).tokens
             n = len(it.prompt)
             ref = llm.teacher_forced_logits(it.prompt, cont[:-1])[n - 1:]
             for c in routed:
-                llm.configure(mode="first", threshold=c["threshold"], prefill="full", thin=c["thin"], vocab=c["short"])
+                llm.configure(mode="first", threshold=c["threshold"], prefill="full", thin=c["thin"], vocab=c["short"],
+                              warmup=c["warmup"])
                 got = llm.teacher_forced_logits(it.prompt, cont[:-1])[n - 1:]
                 skips[c["name"]].append(len(llm.last_prefill.skipped))
                 rows[c["name"]].append(compare(ref, got))
@@ -172,7 +189,7 @@ def test_routed_candidates_measure_what_the_routers_choose(default_first, tuned_
     parts = read_first_parts(out, deep=False)
     for p in parts.points:  # a routed point is a threshold point
         c = next(c for c in report["candidates"] if c["name"] == p.name)
-        assert p.threshold == c["threshold"] and p.vocab == c["short"], p.name
+        assert p.threshold == c["threshold"] and p.vocab == c["short"] and p.warmup == c["warmup"], p.name
 
 
 def test_a_plain_gguf_gets_no_routed_candidates(tuned):
@@ -203,6 +220,10 @@ def test_bad_input_is_refused_by_name(tiny_base, tmp_path, tuned):
         tune(tiny_base, tmp_path / "o.gguf", replace(SMALL, max_point_kl=0.01))
     with pytest.raises(FirstError, match="thresholds must lie in"):
         tune(tiny_base, tmp_path / "o.gguf", replace(SMALL, thresholds=(1.0,)))
+    with pytest.raises(FirstError, match="warmup must be 0 or more and fewer than the 4 decode steps measured, got 4"):
+        tune(tiny_base, tmp_path / "o.gguf", replace(SMALL, warmup=4))
+    with pytest.raises(FirstError, match="warmup must be"):
+        tune(tiny_base, tmp_path / "o.gguf", replace(SMALL, warmup=-1))
     with pytest.raises(FirstError, match="one name"):
         tune(tiny_base, tmp_path / "o.gguf", replace(SMALL, thresholds=(0.25, 0.251)))
     with pytest.raises(FirstError, match="base.gguf: nothing to choose from"):
