@@ -9,7 +9,7 @@ model the same kinds of points in minutes, from measurements on the machine that
    (``train.thin``) and a short output vocabulary (``train.vocab``), unless the file has them;
 3. every candidate (the first 0..``max_skip`` layers of the order skipped, or a FiRST-GGUF's
    own routers at each of ``thresholds``; with or without the copies, with or without the short
-   vocabulary; a skipping one also after a warm-up of ``warmup`` full-depth decode steps) is
+   vocabulary; with ``warmup``, a skipping one also after that many full-depth decode steps) is
    measured against ``full``: quality
    teacher-forced along full's own greedy continuation of held-out prompts of each family the
    model's template allows (never HumanEval), decode speed as the median of interleaved
@@ -47,7 +47,7 @@ class TuneConfig:
 
     max_skip: int = 2            # candidates skip 0..max_skip layers of the damage order
     thresholds: tuple[float, ...] = (0.25, 0.5)  # routed candidates: the file's own routers at these thresholds
-    warmup: int = 3              # skipping candidates also with this many full-depth decode steps first (0: not)
+    warmup: int = 0              # skipping candidates also with this many full-depth decode steps first (0: not)
     copies: str | None = "IQ4_NL"  # ggml type of the decode-only FFN copies (None: no copies)
     vocab_size: int = 49152      # short output vocabulary size (0: none)
     text_mb: float = 30.0        # megabytes of local text counted for the short vocabulary

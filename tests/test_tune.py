@@ -15,7 +15,7 @@ from first_gguf.tune import (Candidate, TuneConfig, candidate_name, choose_defau
                              tune)
 
 SMALL = TuneConfig(max_skip=1, text_mb=0.3, label_prompts=1, label_tokens=6, eval_prompts=1, cont_tokens=8,
-                   max_prompt_tokens=64, repeats=1, decode_tokens=4)
+                   max_prompt_tokens=64, repeats=1, decode_tokens=4, warmup=3)
 
 
 def _cand(name, damage, speed, outside=0.0):
@@ -190,6 +190,20 @@ def test_routed_candidates_measure_what_the_routers_choose(default_first, tuned_
     for p in parts.points:  # a routed point is a threshold point
         c = next(c for c in report["candidates"] if c["name"] == p.name)
         assert p.threshold == c["threshold"] and p.vocab == c["short"] and p.warmup == c["warmup"], p.name
+
+
+def test_warm_candidates_only_when_asked(tuned):
+    """``warmup`` 0 (the default) measures no warm-up; W > 0 adds a warm twin of every skipping candidate."""
+    from first_gguf.tune import _candidates
+
+    out, report = tuned
+    cold = _candidates(out, report["order"], 1)
+    warm = _candidates(out, report["order"], 1, warmup=3)
+    assert TuneConfig().warmup == 0 and all(c.warmup == 0 for c in cold)
+    twins = [c for c in warm if c.warmup]
+    assert len(warm) == len(cold) + len(twins) and len(twins) == sum(bool(c.skip) for c in cold)
+    assert sorted(c.name.replace("-warm", "") for c in twins) == sorted(c.name for c in cold if c.skip)
+    assert all(c.warmup == 3 and c.skip for c in twins)
 
 
 def test_a_plain_gguf_gets_no_routed_candidates(tuned):
