@@ -3,6 +3,7 @@
     python examples/decode_probe.py layout FILE[@SKIP] ...        # page-cache layout + streaming read
     python examples/decode_probe.py decode mask|full|pruned FILE [--skip 9-14] [--threads 1] [--ctx 128] [--tokens 64]
                                                                  [--no-mmap]
+    python examples/decode_probe.py icount OUT.callgrind ...      # instructions per decode step
 
 ``layout``: for each GGUF, the pages holding the tensors a decode step reads (every tensor
 but the routers and the blocks in SKIP, e.g. ``model.first.gguf@9,10,11,12,13,14``), how many
@@ -16,6 +17,18 @@ and wall ms per step, llama.cpp's graph-reuse count and the peak resident set. W
 
     mkfifo ctl ack; PERF_CTL=ctl PERF_ACK=ack perf stat -e task-clock,page-faults -D -1 \\
         --control fifo:ctl,ack -- python examples/decode_probe.py decode mask MODEL.first.gguf
+
+``icount``: instructions executed per decode step, counted by valgrind (repeatable whatever else
+the machine does, unlike any timing). Run ``decode`` under callgrind with a dump after every
+``llama_decode`` (1 thread: valgrind serialises threads anyway)::
+
+    valgrind --tool=callgrind --dump-after='llama_context::decode(llama_batch const&)' \\
+        --callgrind-out-file=mask.cg python examples/decode_probe.py decode mask MODEL.first.gguf --ctx 128 --tokens 8
+
+then ``icount mask.cg pruned.cg ...`` reads the dumps of the measured steps (those after the
+second prefill: dump 1 is the load and first prefill, then 4 warm-up steps, the second
+prefill, the measured steps) and prints, per file, the median instructions per step: in all,
+inside ``llama_decode``, inside ggml's graph compute, and in its matrix products.
 """
 
 from __future__ import annotations
@@ -133,6 +146,32 @@ def decode(strategy: str, path: str, skip: list[int], threads: int, ctx: int, to
                       "decode_calls": perf.n_eval, "peak_rss_mb": peak_rss_mb()}))
 
 
+ICOUNT_FUNCTIONS = {"decode": "llama_context::decode(llama_batch const&)", "compute": "ggml_graph_compute",
+                   "mul_mat": "ggml_compute_forward_mul_mat"}
+
+
+def icount(outs: list[str]) -> None:
+    import glob
+    import re
+    import subprocess
+
+    for out in outs:
+        dumps = sorted(glob.glob(f"{out}.*"), key=lambda p: int(p.rsplit(".", 1)[1]))[6:]
+        if not dumps:
+            raise SystemExit(f"{out}: no callgrind dumps of measured decode steps ({out}.7 and on)")
+        rows = []
+        for path in dumps:
+            row = {"total": int(re.search(r"^summary: (\d+)", open(path).read(), re.M).group(1))}
+            text = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=100", path],
+                                  capture_output=True, text=True, check=True).stdout
+            for key, name in ICOUNT_FUNCTIONS.items():
+                row[key] = next((int(line.split()[0].replace(",", "")) for line in text.splitlines()
+                                 if line.strip()[:1].isdigit() and re.search(rf":{re.escape(name)}( |$)", line)), 0)
+            rows.append(row)
+        print(json.dumps({"file": out, "steps": len(rows)} |
+                         {k: statistics.median(r[k] for r in rows) for k in ("total", *ICOUNT_FUNCTIONS)}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -147,9 +186,13 @@ def main() -> None:
     dec.add_argument("--ctx", type=int, default=128)
     dec.add_argument("--tokens", type=int, default=64)
     dec.add_argument("--no-mmap", action="store_true", help="read the weights into memory instead of mapping the file")
+    cnt = sub.add_parser("icount")
+    cnt.add_argument("outs", nargs="+", help="--callgrind-out-file of each decode run")
     a = ap.parse_args()
     if a.cmd == "layout":
         layout(a.files, a.passes)
+    elif a.cmd == "icount":
+        icount(a.outs)
     else:
         lo, _, hi = a.skip.partition("-")
         decode(a.strategy, a.file, list(range(int(lo), int(hi or lo) + 1)), a.threads, a.ctx, a.tokens, not a.no_mmap)
