@@ -272,8 +272,9 @@ def tune(model: str, output: Path, labels: Path | None, max_skip: int, threshold
     from .tune import table, tune as run
 
     levels = () if thresholds.strip().lower() == "none" else _csv(thresholds, float, "--thresholds") or ()
-    cfg = replace(_TUNE, max_skip=max_skip, thresholds=levels, warmup=warmup, copies=None if copies.lower() == "none" else copies.upper(),
-                  vocab_size=vocab_size, text_mb=text_mb, max_kl=max_kl, min_gain=min_gain, max_point_kl=max_point_kl,
-                  label_prompts=label_prompts, eval_prompts=eval_prompts, repeats=repeats)
+    cfg = replace(_TUNE, max_skip=max_skip, thresholds=levels, warmup=warmup,
+                  copies=None if copies.lower() == "none" else copies.upper(), vocab_size=vocab_size, text_mb=text_mb,
+                  max_kl=max_kl, min_gain=min_gain, max_point_kl=max_point_kl, label_prompts=label_prompts,
+                  eval_prompts=eval_prompts, repeats=repeats)
     report = run(resolve_model(model), output, cfg, labels=labels, threads=threads, force=force, log=logger("tune"))
     click.echo(json.dumps(report, indent=1) if as_json else f"{table(report)}\nwrote {output}")

@@ -255,3 +255,14 @@ def test_the_command_refuses_a_missing_model_in_one_line(tmp_path):
     res = CliRunner().invoke(cli, ["tune", str(tmp_path / "missing.gguf"), "-o", str(tmp_path / "o.gguf")])
     assert res.exit_code == 1 and res.output.startswith("Error: ") and "missing.gguf: no such file" in res.output
     assert not (tmp_path / "o.gguf").exists()
+
+
+def test_the_command_passes_the_warmup_on_and_refuses_a_bad_one(tiny_base, tmp_path):
+    from click.testing import CliRunner
+
+    from first_gguf.cli import cli
+
+    res = CliRunner().invoke(cli, ["tune", str(tiny_base), "-o", str(tmp_path / "o.gguf"), "--warmup", "48"])
+    assert res.exit_code == 1 and res.output.startswith("Error: ")
+    assert "warmup must be 0 or more and fewer than the 48 decode steps measured, got 48" in res.output
+    assert not (tmp_path / "o.gguf").exists() and not (tmp_path / "o.gguf.tune").exists()
